@@ -1,0 +1,161 @@
+"""ShapesBench: does a sampled video do what the text says?
+
+    python eval.py --ckpt out/shapes/ckpt.pt            # sample the held-out pairs and score them
+    python eval.py --baselines                          # score ground truth and copy-the-first-frame
+
+The held-out set is data.held_out_pairs(): test-split first frames, never seen in training, each
+with several prompts. Every pair is sampled (batched), then scored by tracking each shape by its
+colour in every frame:
+- direction accuracy: a shape told to move left/right/up/down travelled at least MIN_TRAVEL of the
+  frame width, mostly along that way;
+- still accuracy: a shape told to stay still (or not mentioned) travelled less than that;
+- static-video rate: of the prompts that ask for motion, the share of clips that barely change
+  (the conditional-image-leakage symptom);
+- first-frame PSNR: frame 0 against the conditioning image;
+- image alignment: mean PSNR of all frames against the conditioning image. A static video scores
+  best here, which is the paper's point that such metrics reward not moving.
+Writes a JSON of the figures and a gif grid (conditioning image | exact heatmap | sample).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import DIRECTIONS, PALETTE, held_out_pairs, render_clip
+from flow import heatmap_from_flow
+
+MIN_TRAVEL = 0.1  # of the frame width: the least travel that counts as moving
+COLOUR_TOLERANCE = 60  # max distance in RGB (0..255) for a pixel to belong to a shape's colour
+STATIC_CHANGE = 2.0  # mean absolute change (0..255) between first and last frame under which a clip is static
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def track(video, colour):
+    """Centre (x, y) of the pixels of `colour` in each frame of a uint8 (T, H, W, 3) video; NaN if absent."""
+    distance = np.linalg.norm(video.astype(np.float32) - np.array(colour, np.float32), axis=-1)  # (T, H, W)
+    mask = distance < COLOUR_TOLERANCE
+    ys, xs = np.mgrid[0:video.shape[1], 0:video.shape[2]]
+    count = mask.sum(axis=(1, 2))  # (T,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack([(mask * xs).sum(axis=(1, 2)) / count, (mask * ys).sum(axis=(1, 2)) / count], 1)  # (T, 2)
+
+
+def judge(displacement, motion, width):
+    """Did a shape that moved by `displacement` (dx, dy) pixels follow `motion`?"""
+    if np.isnan(displacement).any():
+        return False  # the shape vanished
+    travel = np.abs(displacement).max()
+    if motion == "still":
+        return travel < MIN_TRAVEL * width
+    direction = np.array(DIRECTIONS[motion])
+    along = float(displacement @ direction)
+    return along >= MIN_TRAVEL * width and along > np.abs(displacement).sum() - along  # mostly that way
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)
+    return float(10 * np.log10(255 ** 2 / max(mse, 1e-2)))  # identical images: 68 dB
+
+
+def score(entries, videos):
+    """entries from held_out_pairs, videos uint8 (T, H, W, 3) each -> dict of figures."""
+    moves, stills, static, first, aligned = [], [], [], [], []
+    for entry, video in zip(entries, videos):
+        width = video.shape[2]
+        for index, obj in enumerate(entry["scene"]["objects"]):
+            centres = track(video, PALETTE[obj["colour"]])
+            motion = entry["motions"].get(index, "still")
+            ok = judge(centres[-1] - centres[0], motion, width)
+            (stills if motion == "still" else moves).append(ok)
+        if any(m != "still" for m in entry["motions"].values()):  # the prompt asks for motion
+            static.append(np.abs(video[-1].astype(np.float32) - video[0]).mean() < STATIC_CHANGE)
+        first.append(psnr(video[0], entry["image"]))
+        aligned.append(np.mean([psnr(frame, entry["image"]) for frame in video]))
+    return {"pairs": len(entries), "direction_accuracy": float(np.mean(moves)), "still_accuracy": float(np.mean(stills)),
+            "static_video_rate": float(np.mean(static)), "first_frame_psnr": float(np.mean(first)),
+            "image_alignment_psnr": float(np.mean(aligned))}
+
+
+# ----------------------------------------------------------------------------- what gets scored
+
+def ground_truth(entries, frames):
+    return [render_clip(e["scene"], e["motions"], frames)[0] for e in entries]
+
+
+def copy_first_frame(entries, frames):
+    return [np.repeat(e["image"][None], frames, axis=0) for e in entries]
+
+
+def sample_all(model, cfg, entries, steps, cfg_scale, seed, batch):
+    from sample import ddim_sample, to_uint8_frames
+    videos = []
+    for start in tqdm(range(0, len(entries), batch), desc="eval"):
+        chunk = entries[start:start + batch]
+        images = torch.stack([torch.from_numpy(e["image"]).permute(2, 0, 1).float() / 127.5 - 1 for e in chunk])
+        out = ddim_sample(model, images, [e["caption"] for e in chunk], cfg.frames, 8, steps, cfg_scale,
+                          seed + start, progress=False)
+        videos += [to_uint8_frames(v) for v in out]
+    return videos
+
+
+def write_grid(entries, videos, path, count=12, scale=4):
+    """A gif: one row per pair, conditioning image | exact heatmap of the intended motion | sample."""
+    rows = []
+    for entry, video in zip(entries[:count], videos[:count]):
+        t = video.shape[0]
+        _, flow = render_clip(entry["scene"], entry["motions"], t)
+        heat = (heatmap_from_flow(flow).numpy()[..., None].repeat(3, -1) * 255).astype(np.uint8)  # (T, H, W, 3)
+        image = np.repeat(entry["image"][None], t, axis=0)
+        rows.append(np.concatenate([image, heat, video], axis=2))  # (T, H, 3W, 3)
+    grid = np.concatenate(rows, axis=1).repeat(scale, 1).repeat(scale, 2)
+    iio.imwrite(path, grid, duration=250, loop=0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="ShapesBench: score text-following on held-out shapes pairs")
+    p.add_argument("--ckpt", help="a train.py checkpoint of a shapes model")
+    p.add_argument("--baselines", action="store_true", help="also score ground truth and copy-the-first-frame")
+    p.add_argument("--images", type=int, default=64, help="held-out first frames (3-5 prompts each)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--out", default="out/eval", help="folder for results.json and grid.gif")
+    args = p.parse_args(argv)
+    if not args.ckpt and not args.baselines:
+        raise SystemExit("error: give --ckpt CKPT (a shapes model) and/or --baselines")
+    out = Path(args.out)
+    results = {}
+    frames = 8
+    if args.ckpt:
+        from sample import load_model
+        try:
+            model, cfg, step = load_model(args.ckpt, "cuda" if torch.cuda.is_available() else "cpu")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        if cfg.data != "shapes":
+            raise SystemExit(f"error: {args.ckpt} was trained on {cfg.data!r}, not the shapes videos")
+        frames = cfg.frames
+        entries = held_out_pairs(args.images, size=cfg.height)
+        videos = sample_all(model, cfg, entries, args.steps, args.cfg, args.seed, args.batch)
+        results["model"] = {"ckpt": str(args.ckpt), "step": step, **score(entries, videos)}
+        out.mkdir(parents=True, exist_ok=True)
+        write_grid(entries, videos, out / "grid.gif")
+    if args.baselines:
+        entries = held_out_pairs(args.images)
+        results["ground_truth"] = score(entries, ground_truth(entries, frames))
+        results["copy_first_frame"] = score(entries, copy_first_frame(entries, frames))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    for name, figures in results.items():
+        print(name, " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

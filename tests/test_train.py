@@ -1,0 +1,158 @@
+"""train.py and sample.py end to end on tiny shapes runs: config, resume, torchrun, sampling, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--preset=shapes", "--height=16", "--width=16", "--frames=4", "--batch_size=4", "--micro_batch=2",
+        "--log_every=1", "--warmup_steps=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+
+
+def losses(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_layers_defaults_preset_and_flags():
+    cfg = train.load_config(["--preset", "shapes", "--lr=3e-4", "--steps", "7", "--resume", "--gradient_checkpointing=true"])
+    assert cfg.data == "shapes" and cfg.model == "demo" and cfg.frames == 8  # from config/shapes.toml
+    assert cfg.lr == 3e-4 and cfg.steps == 7 and cfg.resume == "latest" and cfg.gradient_checkpointing is True
+    assert train.load_config([]).lr == 5e-5  # the paper's recipe is the default
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lerning_rate=1"], "unknown config key 'lerning_rate'"),
+    (["--lr=fast"], "--lr takes a float"),
+    (["--steps=1.5"], "--steps takes a int"),
+    (["--gradient_checkpointing=maybe"], "takes true or false"),
+    (["--preset=nope"], "unknown preset 'nope'"),
+    (["stray"], "cannot read argument"),
+])
+def test_bad_config_is_a_clear_error(argv, message):
+    with pytest.raises(ValueError, match=message):
+        train.load_config(argv)
+
+
+def test_user_errors_exit_with_one_line():
+    no_data = run(["train.py"])
+    assert no_data.returncode != 0 and no_data.stderr.strip().count("\n") == 0
+    assert "--data=DIR" in no_data.stderr and "--preset shapes" in no_data.stderr
+    bad_batch = run(["train.py", "--preset=shapes", "--batch_size=6", "--micro_batch=4"])
+    assert bad_batch.returncode != 0 and "multiple of 4" in bad_batch.stderr and "Traceback" not in bad_batch.stderr
+    bad_size = run(["train.py", "--preset=shapes", "--height=20", "--width=20"])
+    assert bad_size.returncode != 0 and "multiples of 8" in bad_size.stderr and "Traceback" not in bad_size.stderr
+
+
+# ----------------------------------------------------------------------------- resume and torchrun
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    torch.set_num_threads(1)
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.train(train.load_config(TINY + ["--steps=4", f"--out_dir={full}"]))
+    train.train(train.load_config(TINY + ["--steps=2", f"--out_dir={part}"]))
+    ckpt = torch.load(part / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["steps"] == 2 and len(ckpt["ema"]) > 0
+    train.train(train.load_config(TINY + ["--steps=4", f"--out_dir={part}", "--resume"]))
+    a, b = losses(full), losses(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("loss", "diffusion", "motif", "moving", "static"):
+            assert x[key] == y[key], (x["step"], key)
+    final_full = torch.load(full / "ckpt.pt", weights_only=True)
+    final_part = torch.load(part / "ckpt.pt", weights_only=True)
+    for k, v in final_full["model"].items():
+        assert torch.equal(v, final_part["model"][k]), k
+    assert all(torch.equal(x, y) for x, y in zip(final_full["ema"], final_part["ema"]))
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    args = TINY + ["--steps=3", "--micro_batch=1", "--device=cpu"]
+    one = run(["tests/ddp_worker.py", *args, f"--out_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "tests/ddp_worker.py",
+               *args, f"--out_dir={tmp_path / 'two'}"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 process(es)" in two.stdout
+    rank0, rank1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    single = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
+    initial = train.MotifModel(train.model_config(train.load_config(args)))
+    moved = 0
+    for k, v in rank0.items():
+        assert torch.equal(v, rank1[k]), k  # DDP keeps the ranks identical
+        assert torch.allclose(v, single[k], atol=2e-5, rtol=1e-4), k  # same maths whatever the world size
+        moved += not torch.equal(v, initial.state_dict()[k])
+    assert moved > len(rank0) // 2  # training changed the weights
+    l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [round(r["loss"], 4) for r in l1] == [round(r["loss"], 4) for r in l2]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    torch.set_num_threads(1)
+    train.train(train.load_config(TINY + ["--steps=2", f"--out_dir={out}"]))
+    return out / "ckpt.pt"
+
+
+def test_sample_writes_a_readable_video(tiny_ckpt, tmp_path):
+    image = tmp_path / "img.png"
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 128
+    iio.imwrite(image, rgba)  # RGBA, not square, not the model's size
+    result = run(["sample.py", str(image), "the red circle moves right", f"--ckpt={tiny_ckpt}", "--steps=3",
+                  "--upscale=2", "--fps=4", f"--out={tmp_path / 'clip'}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "EMA" in result.stdout
+    frames = iio.imread(tmp_path / "clip.mp4", plugin="pyav")
+    assert frames.shape == (4, 32, 32, 3)  # 4 frames of 16x16, upscaled 2x
+    gif = iio.imread(tmp_path / "clip.gif")
+    assert gif.shape[0] == 4
+
+
+def test_sampling_is_deterministic_for_a_seed(tiny_ckpt):
+    from sample import ddim_sample, load_model
+    model, cfg, _ = load_model(tiny_ckpt, "cpu")
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    a = ddim_sample(model, image, ["the red circle moves up"], 4, 8, steps=3, seed=5, progress=False)
+    b = ddim_sample(model, image, ["the red circle moves up"], 4, 8, steps=3, seed=5, progress=False)
+    c = ddim_sample(model, image, ["the red circle moves up"], 4, 8, steps=3, seed=6, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sample_rejects_bad_input(tiny_ckpt, tmp_path):
+    image = tmp_path / "img.png"
+    iio.imwrite(image, np.zeros((16, 16), np.uint8))  # grey is fine
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    other_ckpt = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other_ckpt)
+    cases = [
+        ([str(tmp_path / "missing.png"), "x"], "does not exist"),
+        ([str(tmp_path), "x"], "folder"),
+        ([str(not_image), "x"], "cannot read"),
+        ([str(image), "   "], "prompt is empty"),
+        ([str(image), "x" * 500], "at most"),
+        ([str(image), "x", f"--ckpt={other_ckpt}"], "not a MotiF checkpoint"),
+        ([str(image), "x", f"--ckpt={tmp_path / 'none.pt'}"], "does not exist"),
+    ]
+    for args, message in cases:
+        result = run(["sample.py", *args, f"--out={tmp_path / 'o'}"] + ([] if any("--ckpt" in a for a in args) else [f"--ckpt={tiny_ckpt}"]))
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
+        assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
