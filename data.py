@@ -1,0 +1,518 @@
+"""The training data: synthetic "shapes" videos and real captioned video folders.
+
+Where it sits: train.py asks a dataset for items by global sample index; each item is a clip
+with its caption, its fps and its motion heatmap (from flow.py), which loss.py uses as the
+weights of the motion focal loss:
+
+    {"video":   float32 (3, T, H, W) in [-1, 1],
+     "heatmap": float32 (T, H, W) in [0, 1], at pixel resolution,
+     "caption": str,
+     "fps":     float32 scalar tensor, source fps / frame stride}
+
+Every dataset answers ANY non-negative index (an infinite, deterministic stream), so a resumed
+run or a different world size sees exactly the same samples; `len()` is only nominal.
+
+1. Shapes: procedural clips of 1-3 coloured shapes on a textured background. The caption says
+   which shape moves where ("the red circle moves left"); the same first frame appears with
+   several captions, so only the text tells the motion. The exact optical flow is known, and
+   goes through the same heatmap code as RAFT's flow on real videos.
+2. Video folders: ROOT/captions.csv (or .jsonl) lists videos; clips are drawn with a random frame
+   stride; heatmaps come from the cache written by `python flow.py cache ROOT`.
+
+    python data.py --demo-image first_frame.png      # a held-out first frame + prompts for it
+    python data.py --demo-video clip.gif              # a training clip, its caption, its heatmap
+    python data.py check ROOT --frames 16             # which videos of a folder are usable
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from flow import frame_heatmaps, heatmap_from_flow, video_heatmap
+
+# ---- the synthetic "shapes" videos ----
+
+PALETTE = {"red": (220, 50, 50), "green": (40, 170, 60), "blue": (50, 90, 230), "yellow": (235, 205, 40)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+PHRASES = {"left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down",
+           "still": "stays still"}
+SPEED = 3 / 32          # frame widths per source frame: 3 px at 32 px, heatmap sigma(0.094) = 0.99
+MIN_TRAVEL = 1 / 4      # a shape may be told to move a way only if it has this much room (in widths)
+CLIPS_PER_SCENE = 4     # consecutive indices share a first frame, with different captions
+NOMINAL_LENGTH = 1_000_000
+# Seed streams: item i of a split draws from numpy's SeedSequence([seed, split, stream, i]).
+# Train and test differ in the split entry, so their scenes are independent draws that never
+# share a seed; the held-out benchmark lives in the test split.
+SPLITS = {"train": 0, "test": 1}
+SCENE_STREAM, CLIP_STREAM, HELD_OUT_SCENE_STREAM, HELD_OUT_PROMPT_STREAM = 0, 1, 2, 3
+HELD_OUT_SEED = 2025
+
+
+def textured_background(rng, size):
+    """A static, low-contrast grey texture: a few random plane waves and a faint tint."""
+    ys, xs = np.mgrid[0:size, 0:size] / size                             # (H, W) each, in [0, 1)
+    texture = np.zeros((size, size))                                     # (H, W)
+    for _ in range(3):
+        fx, fy = rng.uniform(-3, 3, size=2)                              # cycles per frame
+        texture += np.sin(2 * np.pi * (fx * xs + fy * ys) + rng.uniform(0, 2 * np.pi))
+    tint = rng.uniform(-0.05, 0.05, size=3)                              # (3,)
+    return 0.5 + tint + 0.04 * texture[..., None]                        # (H, W, 3) in [0.33, 0.67]
+
+
+def allowed_motions(obj, size):
+    """The motions a shape may be told to make: 'still', and each direction with enough room.
+
+    Shapes are at most size/3 wide, so along each axis one side always has >= size/3 of room:
+    every shape can move at least one way horizontally and one way vertically."""
+    x, y, radius = obj["x"], obj["y"], obj["radius"]
+    room = {"left": x - radius, "right": size - radius - x, "up": y - radius, "down": size - radius - y}
+    return ["still"] + [name for name, free in room.items() if free >= MIN_TRAVEL * size]
+
+
+def make_scene(rng, size=32, num_objects=None):
+    """The content of a first frame: a background and 1-3 non-overlapping shapes, unique colours.
+
+    Returns {"size": int, "background": float (H, W, 3) in [0, 1],
+             "objects": [{"colour", "shape", "x", "y", "radius"}]}: centres and half-sizes in
+    pixels, each shape fully inside the frame, between 1/4 and 1/3 of the frame wide."""
+    num_objects = num_objects or int(rng.integers(1, 4))
+    colours = rng.choice(list(PALETTE), size=num_objects, replace=False)
+    objects = []
+    for _ in range(100 * num_objects):                  # rejection sampling of free positions
+        radius = rng.uniform(size / 8, size / 6)
+        x, y = rng.uniform(radius, size - radius, size=2)
+        apart = all(max(abs(x - o["x"]), abs(y - o["y"])) >= radius + o["radius"] + 1 for o in objects)
+        if apart:
+            objects.append({"colour": str(colours[len(objects)]), "shape": str(rng.choice(SHAPES)),
+                            "x": float(x), "y": float(y), "radius": float(radius)})
+        if len(objects) == num_objects:
+            break
+    return {"size": size, "background": textured_background(rng, size), "objects": objects}
+
+
+def make_caption_and_motions(rng, scene):
+    """Mention 1 or 2 shapes and give each a motion; shapes not mentioned stay still.
+
+    Returns (caption, motions): motions maps object index -> 'left'|'right'|'up'|'down'|'still'
+    for the mentioned shapes, in caption order, e.g.
+    "the blue square moves up and the green triangle stays still", {2: "up", 0: "still"}."""
+    objects = scene["objects"]
+    count = 1 if len(objects) == 1 or rng.random() < 0.5 else 2
+    mentioned = rng.choice(len(objects), size=count, replace=False)
+    motions = {int(i): str(rng.choice(allowed_motions(objects[i], scene["size"]))) for i in mentioned}
+    caption = " and ".join(f"the {objects[i]['colour']} {objects[i]['shape']} {PHRASES[motion]}"
+                           for i, motion in motions.items())
+    return caption, motions
+
+
+def shape_masks(shape, xs, ys, radius):
+    """Which pixel centres (xs, ys) fall inside a circle/square/triangle of half-size radius.
+
+    xs, ys are pixel-centre coordinates relative to the shape centre, broadcast to any shape."""
+    if shape == "circle":
+        return xs ** 2 + ys ** 2 <= radius ** 2
+    if shape == "square":
+        return (np.abs(xs) <= radius) & (np.abs(ys) <= radius)
+    # triangle pointing up: apex at (0, -radius), base from (-radius, radius) to (radius, radius)
+    return (ys <= radius) & (np.abs(xs) <= (ys + radius) / 2)
+
+
+def render_clip(scene, motions, frames=8, stride=1, speed=SPEED):
+    """Draw the clip in which each shape makes its motion, and its exact optical flow.
+
+    A moving shape travels speed * stride * width pixels per frame and stops at the frame's edge.
+    Returns (video uint8 (T, H, W, 3), flow float32 tensor (T-1, 2, H, W)): flow[i] is, on every
+    pixel of frame i, the displacement (x, y) in pixels to frame i+1 of the shape drawn there
+    (later shapes are drawn on top), and 0 on the background."""
+    size, objects = scene["size"], scene["objects"]
+    step = speed * stride * size                                         # pixels per frame
+    pixel_centres = np.arange(size) + 0.5                                # (W,)
+    video = np.repeat(scene["background"][None], frames, axis=0)         # (T, H, W, 3)
+    owner = np.full((frames, size, size), -1)                            # (T, H, W) shape index
+    centres = []
+    for index, obj in enumerate(objects):
+        dx, dy = DIRECTIONS[motions.get(index, "still")]
+        travel = step * np.arange(frames)                                # (T,)
+        low, high = obj["radius"], size - obj["radius"]
+        cx = np.clip(obj["x"] + dx * travel, low, high)                  # (T,)
+        cy = np.clip(obj["y"] + dy * travel, low, high)                  # (T,)
+        inside = shape_masks(obj["shape"], pixel_centres[None, None, :] - cx[:, None, None],
+                             pixel_centres[None, :, None] - cy[:, None, None], obj["radius"])  # (T, H, W)
+        video[inside] = np.array(PALETTE[obj["colour"]]) / 255
+        owner[inside] = index
+        centres.append(np.stack([cx, cy], axis=1))                       # (T, 2)
+    flow = np.zeros((frames - 1, 2, size, size), dtype=np.float32)       # (T-1, 2, H, W)
+    for index, centre in enumerate(centres):
+        displacement = (centre[1:] - centre[:-1])[:, :, None, None]      # (T-1, 2, 1, 1)
+        flow = np.where(owner[:-1, None] == index, displacement, flow)   # (T-1, 2, H, W)
+    video = (video * 255).round().astype(np.uint8)                       # (T, H, W, 3)
+    return video, torch.from_numpy(flow.astype(np.float32))
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Shapes clips: item i is a pure function of (seed, split, i).
+
+    Items 4k..4k+3 share one scene (the same first frame) with independently drawn captions,
+    motions and strides. The frame stride s ~ U{1..max_stride} scales the motion per frame,
+    and fps = base_fps / s tells the model which it was."""
+
+    def __init__(self, split="train", size=32, frames=8, max_stride=2, base_fps=8, seed=0, speed=SPEED):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        self.split, self.size, self.frames, self.max_stride = split, size, frames, max_stride
+        self.base_fps, self.seed, self.speed = base_fps, seed, speed
+
+    def __len__(self):
+        return NOMINAL_LENGTH
+
+    def __getitem__(self, index):
+        split = SPLITS[self.split]
+        scene_rng = np.random.default_rng([self.seed, split, SCENE_STREAM, index // CLIPS_PER_SCENE])
+        scene = make_scene(scene_rng, self.size)
+        rng = np.random.default_rng([self.seed, split, CLIP_STREAM, index])
+        caption, motions = make_caption_and_motions(rng, scene)
+        stride = int(rng.integers(1, self.max_stride + 1))
+        video, flow = render_clip(scene, motions, self.frames, stride, self.speed)  # (T,H,W,3), (T-1,2,H,W)
+        return {"video": frames_to_tensor(video).transpose(0, 1),                  # (3, T, H, W)
+                "heatmap": heatmap_from_flow(flow),                               # (T, H, W)
+                "caption": caption,
+                "fps": torch.tensor(self.base_fps / stride, dtype=torch.float32)}
+
+
+def held_out_pairs(num_images=64, prompts_per_image=(3, 5), size=32, seed=HELD_OUT_SEED):
+    """The fixed benchmark: test-split first frames, each with several prompts.
+
+    Image k has 1 + k % 3 shapes (so two thirds of the images hold distractors of other
+    colours) and between prompts_per_image[0] and [1] distinct prompts (at least 3: every shape
+    can stay still or move two ways). Returns a list of dicts, one per (image, prompt):
+        "image_id": k,  "image": uint8 (H, W, 3) first frame,  "caption": str,
+        "motions": {object index: motion} for the shapes the caption names (others stay still),
+        "scene": the scene dict of make_scene (shapes' colours, kinds, positions, sizes)."""
+    entries = []
+    for image_id in range(num_images):
+        split = SPLITS["test"]
+        scene = make_scene(np.random.default_rng([seed, split, HELD_OUT_SCENE_STREAM, image_id]),
+                           size, num_objects=1 + image_id % 3)
+        rng = np.random.default_rng([seed, split, HELD_OUT_PROMPT_STREAM, image_id])
+        wanted = int(rng.integers(prompts_per_image[0], prompts_per_image[1] + 1))
+        prompts = {}
+        for _ in range(100):
+            caption, motions = make_caption_and_motions(rng, scene)
+            prompts.setdefault(caption, motions)
+            if len(prompts) == wanted:
+                break
+        first_frame = render_clip(scene, {}, frames=1)[0][0]              # (H, W, 3)
+        entries += [{"image_id": image_id, "image": first_frame, "caption": caption,
+                     "motions": motions, "scene": scene} for caption, motions in prompts.items()]
+    return entries
+
+
+# ---- video files: read, write, resize ----
+
+def read_video(path):
+    """Decode every frame of a video file: (frames uint8 (N, H, W, 3), fps or None).
+
+    GIFs go through Pillow, everything else through PyAV; both convert to RGB (grey frames get
+    3 channels, alpha is dropped)."""
+    path = Path(path)
+    if path.suffix.lower() == ".gif":
+        frames = iio.imread(path, plugin="pillow", index=None, mode="RGB")            # (N, H, W, 3)
+        duration_ms = iio.immeta(path, plugin="pillow").get("duration") or 0
+        return frames, (1000 / duration_ms if duration_ms > 0 else None)
+    with iio.imopen(path, "r", plugin="pyav") as video:
+        frames = video.read()                                                          # (N, H, W, 3)
+        fps = video.metadata().get("fps")
+    return frames, (float(fps) if fps else None)
+
+
+def write_video(path, frames, fps):
+    """Write uint8 frames (T, H, W, 3) as .gif (looping) or .mp4 (H.264, odd sizes padded)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gif":
+        iio.imwrite(path, frames, plugin="pillow", duration=1000 / fps, loop=0)
+    elif path.suffix.lower() == ".mp4":
+        frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
+        iio.imwrite(path, frames, plugin="pyav", codec="libx264", fps=fps)
+    else:
+        raise SystemExit(f"error: cannot write {path}: use a .mp4 or .gif file name")
+
+
+def resize_center_crop(frames, size):
+    """Resize uint8 frames (N, H, W, 3) to cover size = (h, w), then crop the centre: (N, h, w, 3)."""
+    height, width = frames.shape[1:3]
+    scale = max(size[0] / height, size[1] / width)
+    cover = [max(size[0], round(height * scale)), max(size[1], round(width * scale))]
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)                              # (N, 3, H, W)
+    video = TF.center_crop(TF.resize(video, cover, antialias=True), list(size))      # (N, 3, h, w)
+    return video.permute(0, 2, 3, 1).numpy()                                          # (N, h, w, 3)
+
+
+def frames_to_tensor(frames):
+    """uint8 frames (T, H, W, 3) -> float32 (T, 3, H, W) in [-1, 1], the range the models use."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ---- a folder of captioned videos ----
+
+ORDER_STREAM, PICK_STREAM = 0, 1    # seed streams: the per-epoch video order, and each item's clip
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_captions(root):
+    """Parse ROOT/captions.csv (header path,caption[,fps]) or ROOT/captions.jsonl.
+
+    Returns (videos, skipped): videos = [{"path": relative str, "caption": str, "fps": float or
+    None}] for rows whose file exists; skipped = [(reason, where)] for the others."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"error: video folder {root} does not exist")
+    candidates = [root / "captions.csv", root / "captions.jsonl"]
+    present = [path for path in candidates if path.is_file()]
+    if len(present) != 1:
+        raise SystemExit(f"error: {root} needs exactly one of captions.csv or captions.jsonl, found "
+                         f"{len(present)}")
+    captions_file = present[0]
+    if captions_file.suffix == ".csv":
+        with open(captions_file, newline="", encoding="utf-8") as file:
+            rows = [(f"line {number + 2}", row) for number, row in enumerate(csv.DictReader(file))]
+    else:
+        rows = []
+        for number, line in enumerate(captions_file.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError:
+                    rows.append((f"line {number}", None))
+    videos, skipped = [], []
+    for where, row in rows:
+        where = f"{captions_file.name} {where}"
+        video = parse_caption_row(row)
+        if video is None:
+            skipped.append(("bad caption row", where))
+        elif not (root / video["path"]).is_file():
+            skipped.append(("missing file", video["path"]))
+        else:
+            videos.append(video)
+    return videos, skipped
+
+
+def parse_caption_row(row):
+    """A caption row as {"path", "caption", "fps"}, or None if it is unusable."""
+    if not isinstance(row, dict):
+        return None
+    path, caption, fps = row.get("path"), row.get("caption"), row.get("fps")
+    if not isinstance(path, str) or not path.strip() or Path(path).is_absolute():
+        return None
+    if not isinstance(caption, str) or not caption.strip():
+        return None
+    if fps in (None, ""):
+        fps = None
+    else:
+        try:
+            fps = float(fps)
+        except (TypeError, ValueError):
+            return None
+        if not fps > 0:
+            return None
+    return {"path": path.strip(), "caption": caption.strip(), "fps": fps}
+
+
+def cache_path(root, relpath, size):
+    """Where `python flow.py cache` stores a video's pair heatmaps at size (H, W)."""
+    return Path(root) / ".motion_cache" / f"{relpath}.{size[0]}x{size[1]}.npz"
+
+
+class UnusableVideo(Exception):
+    """A video that cannot give a clip; reason is one of a few short categories."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}{f' ({detail})' if detail else ''}")
+        self.reason = reason
+
+
+def load_frames(path, min_frames):
+    """read_video, turning every way a file can fail into UnusableVideo."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnusableVideo("missing file")
+    if path.stat().st_size == 0:
+        raise UnusableVideo("empty file")
+    try:
+        frames, fps = read_video(path)
+    except Exception as error:       # decoders raise many types for a corrupt file
+        raise UnusableVideo("unreadable", str(error).splitlines()[0] if str(error) else type(error).__name__)
+    if len(frames) == 0:
+        raise UnusableVideo("no frames")
+    if len(frames) < min_frames:
+        raise UnusableVideo("too short", f"{len(frames)} frames < {min_frames}")
+    return frames, fps
+
+
+def summarise(skipped, shown=3):
+    """[(reason, where)] -> '2 missing file: a.mp4, b.mp4; 1 unreadable: c.mp4'."""
+    by_reason = {}
+    for reason, where in skipped:
+        by_reason.setdefault(reason, []).append(where)
+    return "; ".join(f"{len(wheres)} {reason}: {', '.join(wheres[:shown])}{', ...' if len(wheres) > shown else ''}"
+                     for reason, wheres in by_reason.items())
+
+
+class VideoFolderDataset(torch.utils.data.Dataset):
+    """Clips of T frames from the captioned videos in ROOT, with a random frame stride.
+
+    Item i: video = epoch permutation (epoch = i // num_videos) at position i % num_videos; then
+    stride s ~ U{1..min(max_stride, (N-1)//(T-1))} and a uniform start a, from an RNG seeded by
+    (seed, i). Frames a, a+s, ..., are resized and center-cropped to size. The heatmap is
+    frame_heatmaps of the cached stride-s pair heatmaps (a, a+s), (a+s, a+2s), ...; videos
+    without a cache need a flow.RAFT passed as raft. A video that turns out unusable is skipped
+    (the next one in the permutation is used) and reported once on stderr. Videos are decoded
+    whole: keep them short (seconds, like WebVid's), or cut long ones first."""
+
+    def __init__(self, root, frames=16, size=(320, 512), max_stride=8, seed=0, raft=None):
+        self.root, self.frames, self.size = Path(root), frames, tuple(size)
+        self.max_stride, self.seed, self.raft = max_stride, seed, raft
+        self.videos, skipped = read_captions(self.root)
+        if skipped:
+            warn(f"{len(skipped)} of {len(skipped) + len(self.videos)} listed videos skipped: {summarise(skipped)}")
+        if not self.videos:
+            raise SystemExit(f"error: no usable video listed in {self.root}")
+        uncached = [v for v in self.videos if not cache_path(self.root, v["path"], self.size).is_file()]
+        if uncached and raft is None:
+            raise SystemExit(
+                f"error: {len(uncached)} of {len(self.videos)} videos in {self.root} have no cached heatmaps "
+                f"at {self.size[0]}x{self.size[1]}; run: python flow.py cache {self.root} "
+                f"--size {self.size[0]}x{self.size[1]} --max-stride {max_stride}")
+        self.unusable = []             # [(reason, path)] found while reading, in this process
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, index):
+        count = len(self.videos)
+        order = np.random.default_rng([self.seed, ORDER_STREAM, index // count]).permutation(count)
+        rng = np.random.default_rng([self.seed, PICK_STREAM, index])
+        bad_paths = {path for _, path in self.unusable}
+        for offset in range(count):
+            video = self.videos[order[(index + offset) % count]]
+            if video["path"] in bad_paths:
+                continue
+            try:
+                return self.clip(video, rng)
+            except UnusableVideo as error:
+                self.unusable.append((error.reason, video["path"]))
+                warn(f"skipping {video['path']}: {error}; {len(self.unusable)} unusable so far: "
+                     f"{summarise(self.unusable)}")
+        raise SystemExit(f"error: no usable clip of {self.frames} frames in {self.root}: {summarise(self.unusable)}")
+
+    def clip(self, video, rng):
+        frames, container_fps = load_frames(self.root / video["path"], self.frames)   # (N, H, W, 3)
+        max_stride = min(self.max_stride, (len(frames) - 1) // (self.frames - 1))
+        stride = int(rng.integers(1, max_stride + 1))
+        start = int(rng.integers(0, len(frames) - (self.frames - 1) * stride))
+        picked = start + stride * np.arange(self.frames)                               # (T,)
+        clip = frames_to_tensor(resize_center_crop(frames[picked], self.size))         # (T, 3, H, W)
+        heatmap = self.cached_heatmap(video["path"], len(frames), picked[:-1], stride)
+        if heatmap is None:
+            if self.raft is None:
+                raise UnusableVideo("stale heatmap cache", f"re-run python flow.py cache {self.root}")
+            heatmap = video_heatmap(clip, self.raft)                                   # (T, H, W)
+        fps = video["fps"] or container_fps or 30.0
+        return {"video": clip.transpose(0, 1),                                        # (3, T, H, W)
+                "heatmap": heatmap,
+                "caption": video["caption"],
+                "fps": torch.tensor(fps / stride, dtype=torch.float32)}
+
+    def cached_heatmap(self, relpath, num_frames, pair_starts, stride):
+        """frame_heatmaps of the cached pairs (j, j+stride) for j in pair_starts, or None if the
+        cache is missing or was made from a different video or with a smaller max stride."""
+        path = cache_path(self.root, relpath, self.size)
+        if not path.is_file():
+            return None
+        with np.load(path) as cache:
+            key = f"stride_{stride}"
+            if key not in cache.files or len(cache[key]) != num_frames - stride:
+                return None
+            pairs = torch.from_numpy(cache[key][pair_starts]).float() / 255            # (T-1, H, W)
+        return frame_heatmaps(pairs)                                                   # (T, H, W)
+
+
+# ---- command line ----
+
+def check_folder(root, frames):
+    """Decode every listed video and report which are usable; exit 1 if none is."""
+    videos, skipped = read_captions(root)
+    usable = 0
+    for video in tqdm(videos, desc="decoding", unit="video"):
+        try:
+            load_frames(Path(root) / video["path"], frames)
+            usable += 1
+        except UnusableVideo as error:
+            skipped.append((error.reason, video["path"]))
+    print(f"{root}: {usable} usable, {len(skipped)} skipped (clips of {frames} frames)")
+    for line in summarise(skipped).split("; ") if skipped else []:
+        print(f"  skipped {line}")
+    if usable == 0:
+        raise SystemExit(f"error: no usable video in {root}")
+
+
+def upscale(image, size):
+    """Nearest-neighbour resize of uint8 (H, W, 3) to size x size, for looking at 32 px frames."""
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.NEAREST))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo-image", type=Path, help="write held-out first frame number --seed here (.png)")
+    parser.add_argument("--demo-video", type=Path, help="write training clip number --seed here (.gif/.mp4)")
+    parser.add_argument("--size", type=int, default=256, help="upscale the demo to this many pixels "
+                        "(only for viewing: sample.py resizes images to the model's resolution)")
+    parser.add_argument("--seed", type=int, default=0, help="which held-out image / training clip")
+    commands = parser.add_subparsers(dest="command")
+    check = commands.add_parser("check", help="decode every video of a folder, report usable ones")
+    check.add_argument("root", type=Path)
+    check.add_argument("--frames", type=int, default=16, help="frames a clip needs")
+    args = parser.parse_args(argv)
+    if args.size <= 0 or args.seed < 0 or (args.command == "check" and args.frames < 2):
+        parser.error("--size and --frames must be positive (frames >= 2), --seed non-negative")
+
+    if args.command == "check":
+        check_folder(args.root, args.frames)
+    elif args.demo_image or args.demo_video:
+        if args.demo_image:
+            held_out = held_out_pairs()
+            prompts = [entry for entry in held_out if entry["image_id"] == args.seed]
+            if not prompts:
+                raise SystemExit(f"error: --seed must pick a held-out image, 0..{held_out[-1]['image_id']}")
+            args.demo_image.parent.mkdir(parents=True, exist_ok=True)
+            iio.imwrite(args.demo_image, upscale(prompts[0]["image"], args.size))
+            print(f"wrote {args.demo_image}; prompts that fit it:")
+            for entry in prompts:
+                print(f"  {entry['caption']}")
+        if args.demo_video:
+            item = ShapesDataset("train")[args.seed]
+            video = ((item["video"].transpose(0, 1).permute(0, 2, 3, 1) + 1) * 127.5).round()  # (T, H, W, 3)
+            heatmap = (item["heatmap"][..., None] * 255).round().expand_as(video)            # (T, H, W, 3)
+            panels = torch.cat([video, heatmap], dim=2).to(torch.uint8).numpy()            # (T, H, 2W, 3)
+            scale = args.size // panels.shape[1] or 1
+            panels = panels.repeat(scale, axis=1).repeat(scale, axis=2)
+            write_video(args.demo_video, panels, float(item["fps"]))
+            print(f"wrote {args.demo_video} (clip | motion heatmap) at {float(item['fps']):g} fps: {item['caption']}")
+    else:
+        parser.print_usage(sys.stderr)
+        raise SystemExit("error: give --demo-image, --demo-video or the check command")
+
+
+if __name__ == "__main__":
+    main()
