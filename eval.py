@@ -1,6 +1,6 @@
 """ShapesBench: does a sampled video do what the text says?
 
-    python eval.py --ckpt out/shapes/ckpt.pt            # sample the held-out pairs and score them
+    python eval.py --ckpt out/shapes                      # sample the held-out pairs and score them
     python eval.py --baselines                          # score ground truth and copy-the-first-frame
 
 The held-out set is data.held_out_pairs(): test-split first frames, never seen in training, each

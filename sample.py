@@ -76,8 +76,8 @@ def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, se
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(z_img.shape, generator=generator).to(device)  # (B, C, T, h, w)
     fps = torch.full((2 * b,), float(fps), device=device)
-    timesteps = list(range(0, schedule.num_steps, schedule.num_steps // steps))
-    timesteps = [t + 1 for t in timesteps][::-1]
+    stride = schedule.num_steps // steps  # VideoCrafter's uniform DDIM timesteps 1, 1 + stride, ...
+    timesteps = [1 + i * stride for i in range(steps)][::-1]
     for i, t in enumerate(tqdm(timesteps, desc="sample", disable=not progress)):
         a_t = abar[t].item()
         a_prev = abar[timesteps[i + 1]].item() if i + 1 < len(timesteps) else abar[0].item()
@@ -112,7 +112,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("image", help="the first frame (any size or mode; resized and center-cropped)")
     p.add_argument("prompt", help="what should move, and how")
-    p.add_argument("--ckpt", default="out/shapes/ckpt.pt", help="a train.py checkpoint")
+    p.add_argument("--ckpt", default="out/shapes", help="a train.py checkpoint, or its run folder (uses its latest)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
@@ -125,8 +125,8 @@ def main(argv=None):
     try:
         if not args.prompt.strip():
             raise ValueError("the prompt is empty: describe the motion, e.g. \"the red circle moves right\"")
-        if not 1 <= args.steps <= 1000 or args.fps <= 0:
-            raise ValueError(f"--steps must be in 1..1000 and --fps positive (got {args.steps}, {args.fps})")
+        if not 1 <= args.steps <= 500 or args.fps <= 0:
+            raise ValueError(f"--steps must be in 1..500 and --fps positive (got {args.steps}, {args.fps})")
         model, cfg, step = load_model(args.ckpt, args.device, use_ema=not args.no_ema)
         limit = model.text_encoder.max_len
         if len(args.prompt.encode("utf-8")) > limit:

@@ -19,6 +19,7 @@ import difflib
 import json
 import math
 import os
+import signal
 import sys
 import time
 import tomllib
@@ -35,6 +36,10 @@ from loss import Schedule, diffusion_loss, latent_heatmap, q_sample, v_target
 from model import SIZES, ModelConfig, MotifModel, load_t2v_unet
 
 CHECKPOINT_KIND = "motif-ti2v"
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (non-finite training); its message is for the user, the last checkpoint is safe."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -75,7 +80,9 @@ class Config:
     seed: int = 0
     log_every: int = 20
     ckpt_every: int = 1000
-    resume: str = ""  # "latest" (the out_dir's checkpoint) or a checkpoint path
+    keep_checkpoints: int = 3  # the newest N of out_dir/ckpt_STEP.pt are kept
+    resume: str = ""  # "latest" (out_dir/latest, or a fresh start if there is none) or a checkpoint path
+    max_bad_steps: int = 20  # stop after this many steps in a row with a non-finite loss or gradient
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
 
@@ -219,21 +226,51 @@ def draw_randomness(cfg, step, indices, latent_shape, num_timesteps):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+# out_dir/ckpt_0001000.pt, ... and out_dir/latest, a one-line text file naming the newest complete
+# one. Every file is written to a temporary name, fsynced, then renamed: a run killed at any moment
+# leaves the previous checkpoint and pointer intact.
 
-def save_checkpoint(path, state):
-    """Write atomically: a temporary file in the same folder, fsync, then rename over the old one."""
+def write_atomically(path, write):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(out_dir, state, keep):
+    """Write ckpt_STEP.pt, point `latest` at it, then delete all but the newest `keep`."""
+    out_dir = Path(out_dir)
+    path = out_dir / f"ckpt_{state['step']:07d}.pt"
+    write_atomically(path, lambda f: torch.save(state, f))
+    write_atomically(out_dir / "latest", lambda f: f.write(path.name.encode() + b"\n"))
+    for old in sorted(out_dir.glob("ckpt_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or a run folder -> the file its `latest` pointer names."""
+    path = Path(path)
+    if path.is_dir():
+        pointer = path / "latest"
+        if not pointer.is_file():
+            raise ValueError(f"{path} is a folder without a 'latest' checkpoint pointer (no checkpoint saved there yet)")
+        return path / pointer.read_text().strip()
+    return path
 
 
 def load_checkpoint(path):
-    """Load a checkpoint of ours; a clear error for anything else. weights_only: never unpickles code."""
-    path = Path(path)
+    """Load a checkpoint of ours (a file or a run folder); a clear error for anything else.
+    weights_only=True: a checkpoint is untrusted input and is never allowed to run code."""
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist" + (" or is a folder" if path.exists() else ""))
     try:
@@ -292,7 +329,11 @@ def train(cfg: Config):
     ema = [p.detach().clone().float() for p in trainable]
 
     step = 0
-    resume = str(out_dir / "ckpt.pt") if cfg.resume == "latest" else cfg.resume
+    resume = cfg.resume
+    if resume == "latest":
+        resume = str(out_dir) if (out_dir / "latest").is_file() else ""
+        if not resume and master:
+            print(f"no checkpoint in {out_dir} yet: starting from step 0")
     if resume:
         ckpt = load_checkpoint(resume)
         model.load_state_dict(ckpt["model"])
@@ -305,9 +346,10 @@ def train(cfg: Config):
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     accum = cfg.batch_size // (cfg.micro_batch * world)
+    workers = 0 if cfg.flow_weights else cfg.workers  # on-the-fly RAFT runs on the training device, in this process
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=StepIndices(cfg, rank, world, step),
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=cfg.workers > 0)
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=workers > 0)
     batches = iter(loader)
 
     if master:
@@ -322,17 +364,26 @@ def train(cfg: Config):
         peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
 
     def save(at_step):
+        if not all(torch.isfinite(p).all() for p in trainable):  # never write a broken model over a good one
+            raise TrainingStopped(f"non-finite weights at step {at_step}: not saving; the last good checkpoint stays")
         if world > 1:
             dist.barrier()
         if master:
-            save_checkpoint(out_dir / "ckpt.pt", {
+            save_checkpoint(out_dir, {
                 "kind": CHECKPOINT_KIND, "step": at_step, "config": asdict(cfg),
-                "model": model.state_dict(), "ema": ema, "optimizer": optimizer.state_dict()})
+                "model": model.state_dict(), "ema": ema, "optimizer": optimizer.state_dict()},
+                cfg.keep_checkpoints)
         if world > 1:
             dist.barrier()
 
+    # SIGTERM (schedulers, preemption) or SIGUSR1: finish the step, save, exit cleanly on every rank
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda number, frame: stop_signal.append(number))
+
     model.train()
     window = {"loss": 0.0, "diffusion": 0.0, "motif": 0.0, "moving": 0.0, "static": 0.0, "n": 0}
+    bad_in_a_row, skipped = 0, 0
     timer, clips = time.time(), 0
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     while step < cfg.steps:
@@ -341,6 +392,7 @@ def train(cfg: Config):
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
+        finite = True
         for micro in range(accum):
             batch = next(batches)
             first = step * cfg.batch_size + (micro * world + rank) * cfg.micro_batch
@@ -369,12 +421,26 @@ def train(cfg: Config):
                 flops_per_step = flop_counter.get_total_flops() * accum
             for k in ("loss", "diffusion", "motif", "moving", "static"):
                 window[k] += losses[k].item() / accum
+            finite = finite and math.isfinite(losses["loss"].item())
         window["n"] += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)  # synced gradients: same on all ranks
+        finite = finite and math.isfinite(grad_norm.item())
+        if world > 1:  # a rank's non-finite loss skips the step on every rank
+            flag = torch.tensor([float(not finite)], device=device)
+            dist.all_reduce(flag)
+            finite = flag.item() == 0
+        if finite:
+            optimizer.step()
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach().float() for p in trainable], 1 - decay)
+            bad_in_a_row = 0
+        else:  # a non-finite loss or gradient: skip the update, count it
+            skipped += 1
+            bad_in_a_row += 1
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step + 1}); "
+                                   f"stopping. Lower lr (now {cfg.lr}) or check the data; the last good checkpoint is kept")
         optimizer.zero_grad(set_to_none=True)
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(ema, [p.detach().float() for p in trainable], 1 - decay)
         step += 1
         clips += cfg.batch_size
         bar.update(1)
@@ -385,6 +451,7 @@ def train(cfg: Config):
             elapsed = time.time() - timer
             n = window.pop("n")
             record = {"step": step, **{k: v / n for k, v in window.items()}, "lr": lr, "grad_norm": grad_norm.item(),
+                      "skipped_steps": skipped,
                       "clips_per_s": clips / elapsed, "peak_mem_gb": peak_memory_gb(device)}
             if flops_per_step and peak_flops:
                 record["mfu"] = flops_per_step / world * n / elapsed / peak_flops  # per GPU
@@ -401,12 +468,21 @@ def train(cfg: Config):
                 bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             window = {k: 0.0 for k in ("loss", "diffusion", "motif", "moving", "static")} | {"n": 0}
             timer, clips = time.time(), 0
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        stopping = bool(stop_signal)
+        if world > 1:  # stop together: any rank that got the signal stops them all
+            flag = torch.tensor([float(stopping)], device=device)
+            dist.all_reduce(flag)
+            stopping = flag.item() > 0
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
             save(step)
+        if stopping:
+            if master:
+                bar.write(f"stop signal: saved step {step} to {out_dir}; continue with --resume")
+            break
     bar.close()
     if master:
         log_file.close()
-        print(f"done: {step} steps, checkpoint {out_dir / 'ckpt.pt'}")
+        print(f"done: step {step}, checkpoint {out_dir / (out_dir / 'latest').read_text().strip()}")
     if world > 1:
         dist.destroy_process_group()
     return model
@@ -416,7 +492,7 @@ def main(argv=None):
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         train(cfg)
-    except ValueError as e:
+    except (ValueError, TrainingStopped) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -65,7 +65,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     train.train(train.load_config(TINY + ["--steps=4", f"--out_dir={full}"]))
     train.train(train.load_config(TINY + ["--steps=2", f"--out_dir={part}"]))
-    ckpt = torch.load(part / "ckpt.pt", weights_only=True)
+    ckpt = torch.load(train.resolve_checkpoint(part), weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["steps"] == 2 and len(ckpt["ema"]) > 0
     train.train(train.load_config(TINY + ["--steps=4", f"--out_dir={part}", "--resume"]))
     a, b = losses(full), losses(part)
@@ -73,8 +73,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for x, y in zip(a, b):
         for key in ("loss", "diffusion", "motif", "moving", "static"):
             assert x[key] == y[key], (x["step"], key)
-    final_full = torch.load(full / "ckpt.pt", weights_only=True)
-    final_part = torch.load(part / "ckpt.pt", weights_only=True)
+    final_full = torch.load(train.resolve_checkpoint(full), weights_only=True)
+    final_part = torch.load(train.resolve_checkpoint(part), weights_only=True)
     for k, v in final_full["model"].items():
         assert torch.equal(v, final_part["model"][k]), k
     assert all(torch.equal(x, y) for x, y in zip(final_full["ema"], final_part["ema"]))
@@ -108,7 +108,7 @@ def tiny_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
     torch.set_num_threads(1)
     train.train(train.load_config(TINY + ["--steps=2", f"--out_dir={out}"]))
-    return out / "ckpt.pt"
+    return train.resolve_checkpoint(out)
 
 
 def test_sample_writes_a_readable_video(tiny_ckpt, tmp_path):
@@ -156,3 +156,25 @@ def test_sample_rejects_bad_input(tiny_ckpt, tmp_path):
         result = run(["sample.py", *args, f"--out={tmp_path / 'o'}"] + ([] if any("--ckpt" in a for a in args) else [f"--ckpt={tiny_ckpt}"]))
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
         assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_init_from_a_text_to_video_unet(tmp_path):
+    from dataclasses import replace
+
+    from model import SIZES, UNet
+    t2v = UNet(replace(SIZES["demo"], in_channels=48, out_channels=48))  # pixel_patch 4: 48 latent channels
+    with torch.no_grad():
+        for p in t2v.parameters():
+            p.normal_(0, 0.02)
+    path = tmp_path / "t2v.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model." + k: v for k, v in t2v.state_dict().items()}}, path)
+    torch.set_num_threads(1)
+    model = train.train(train.load_config(TINY + ["--steps=1", "--lr=0", f"--init={path}", f"--out_dir={tmp_path / 'run'}"]))
+    ours = model.unet.state_dict()
+    for k, v in t2v.state_dict().items():
+        if k == "input_blocks.0.0.weight":
+            assert torch.equal(ours[k][:, :48], v) and ours[k][:, 48:].abs().max() == 0  # image channels start at 0
+        else:
+            assert torch.equal(ours[k], v), k
+    bad = run(["train.py", *TINY, f"--init={tmp_path / 'missing.ckpt'}", f"--out_dir={tmp_path / 'x'}"])
+    assert bad.returncode != 0 and "no such file" in bad.stderr

@@ -1,0 +1,148 @@
+"""Crashes, preemption, NaNs and untrusted checkpoints: nothing beyond one checkpoint interval is lost."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+TINY = ["--preset=shapes", "--height=16", "--width=16", "--frames=4", "--batch_size=4", "--micro_batch=2",
+        "--log_every=1", "--warmup_steps=2", "--device=cpu"]
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, "train.py", *TINY, *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def last_losses(out_dir):
+    """step -> the last logged record of that step (a resumed run logs re-done steps again)."""
+    records = {}
+    for line in (Path(out_dir) / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+def wait_for_step(out_dir, step, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = Path(out_dir) / "log.jsonl"
+        if log.exists() and any(json.loads(l)["step"] >= step for l in log.read_text().splitlines()):
+            return
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_sigkill_at_random_moments_loses_nothing(tmp_path):
+    steps = ["--steps=30", "--ckpt_every=2", "--keep_checkpoints=2"]
+    reference = start(steps + [f"--out_dir={tmp_path / 'ref'}"])
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(6):
+        process = start(steps + [f"--out_dir={out}", "--resume"])
+        time.sleep(rng.uniform(3.0, 7.0))  # torch import + setup take ~3 s: kills land in setup, steps and saves
+        if process.poll() is not None:
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+        if (out / "latest").exists():  # whatever the moment, the pointer names a complete checkpoint
+            assert train.load_checkpoint(out)["step"] >= 1
+    final = start(steps + [f"--out_dir={out}", "--resume"])
+    assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
+    assert kills >= 2
+    ref, got = last_losses(tmp_path / "ref"), last_losses(out)
+    assert sorted(got) == list(range(1, 31))
+    for step in ref:
+        assert ref[step]["loss"] == got[step]["loss"], step
+    a, b = train.load_checkpoint(tmp_path / "ref"), train.load_checkpoint(out)
+    assert a["step"] == b["step"] == 30
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert len(list(out.glob("ckpt_*.pt"))) == 2  # keep_checkpoints
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    process = start(["--steps=1000", "--ckpt_every=500", f"--out_dir={tmp_path}"])
+    wait_for_step(tmp_path, 3, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    saved = train.load_checkpoint(tmp_path)["step"]
+    assert saved >= 3 and saved == max(last_losses(tmp_path))  # nothing trained was lost
+    assert "continue with --resume" in process.stdout.read()
+
+
+def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                                "train.py", *TINY, "--steps=1000", "--ckpt_every=500", "--micro_batch=1",
+                                f"--out_dir={tmp_path}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path, 2, process)
+    workers = subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}"], capture_output=True, text=True).stdout.split()
+    ranks = [int(p) for p in workers if int(p) != process.pid]
+    assert len(ranks) >= 2
+    os.kill(ranks[-1], signal.SIGUSR1)
+    assert process.wait(timeout=120) == 0, process.stderr.read()[-2000:]
+    assert train.load_checkpoint(tmp_path)["step"] >= 2
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    real = train.diffusion_loss
+    calls = []
+
+    def flaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) in (3, 4):  # step 2's two micro-steps: a NaN loss
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train, "diffusion_loss", flaky)
+    model = train.train(train.load_config(TINY + ["--steps=4", f"--out_dir={tmp_path / 'a'}"]))
+    log = last_losses(tmp_path / "a")
+    assert log[1]["skipped_steps"] == 0 and log[2]["skipped_steps"] == 1 and log[4]["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    monkeypatch.setattr(train, "diffusion_loss", lambda *a, **k: {**real(*a, **k), "loss": torch.tensor(float("inf"), requires_grad=True)})
+    with pytest.raises(train.TrainingStopped, match="3 steps in a row"):
+        train.train(train.load_config(TINY + ["--steps=10", "--max_bad_steps=3", f"--out_dir={tmp_path / 'b'}"]))
+    assert not (tmp_path / "b" / "latest").exists()  # nothing broken was saved
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create a file when unpickled
+
+
+def test_a_checkpoint_carrying_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"kind": train.CHECKPOINT_KIND, "model": Payload(str(marker))}, evil)
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        train.load_checkpoint(evil)
+    result = subprocess.run([sys.executable, "sample.py", str(evil), "x", f"--ckpt={evil}"], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert not marker.exists()
+    truncated = tmp_path / "half.pt"
+    good = tmp_path / "good.pt"
+    torch.save({"kind": train.CHECKPOINT_KIND, "x": torch.zeros(1000)}, good)
+    truncated.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        train.load_checkpoint(truncated)
