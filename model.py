@@ -7,8 +7,10 @@ prompt -> text encoder -> context (B, L, D); UNet(cat[z_t, z_img], t, context, f
 The U-Net follows VideoCrafter2 (lvdm/modules/networks/openaimodel3d.py) module for module, and
 its attribute names are that code's parameter names (`input_blocks.1.0.in_layers.2.weight`, even
 the upstream spelling `temopral_conv`), so a VideoCrafter2 checkpoint and the reference vectors
-in shared/reference load with no key map. Attention goes through PyTorch's
-scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+in shared/reference load with no key map. The same holds for the full recipe's frozen parts: the
+KL-f8 autoencoder (lvdm's `first_stage_model.*` names) and the OpenCLIP ViT-H-14 text tower
+(`cond_stage_model.model.*`); `load_videocrafter2` loads all three from VideoCrafter2's model.ckpt.
+Attention goes through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
 """
 import math
 from dataclasses import dataclass, replace
@@ -315,30 +317,45 @@ class UNet(nn.Module):
         return y.view(b, frames, -1, height, width).transpose(1, 2)  # (B, C_out, T, H, W)
 
 
-def load_t2v_unet(unet: UNet, state_dict: dict) -> None:
-    """Load a text-to-video U-Net (C input channels) into our x-cat U-Net (2C): the C image-latent
-    input channels of the first conv start at zero, so the loaded model computes what it did before.
-    Accepts VideoCrafter2's `model.diffusion_model.` prefix and `module.` / `_orig_mod.` wrappers."""
-    prefix = "model.diffusion_model."
-    if any(k.startswith(prefix) for k in state_dict):
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    state_dict = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state_dict.items()}
-    key = "input_blocks.0.0.weight"
-    if key not in state_dict:
-        raise ValueError("not a VideoCrafter-style U-Net state dict (no input_blocks.0.0.weight)")
-    ours = unet.input_blocks[0][0].weight
-    theirs = state_dict[key]
-    if theirs.shape[1] * 2 == ours.shape[1] and theirs.shape[0] == ours.shape[0]:
-        state_dict[key] = torch.cat([theirs, torch.zeros_like(theirs)], dim=1)  # new image-latent channels = 0
-    expected = unet.state_dict()
+def strip_wrappers(state_dict: dict) -> dict:
+    """Drop the `module.` of DistributedDataParallel and the `_orig_mod.` of torch.compile from every key."""
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def check_fits(module: nn.Module, state_dict: dict, what: str) -> None:
+    """Strict loading's checks, as one line: a ValueError that says how the state dict does not fit."""
+    expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"U-Net does not fit this model size: {len(missing)} missing keys (e.g. {missing[:2]}), "
+        raise ValueError(f"{what} does not fit this model size: {len(missing)} missing keys (e.g. {missing[:2]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(wrong)} of another shape "
                          f"(e.g. {wrong[:2]})")
-    unet.load_state_dict(state_dict)
+
+
+def xcat_unet_state(unet: UNet, state_dict: dict) -> dict:
+    """A text-to-video U-Net's weights (C input channels) made fit for our x-cat U-Net (2C): the C image-latent
+    input channels of the first conv start at zero, so the model computes what it did before. Checked to fit."""
+    key = "input_blocks.0.0.weight"
+    if key not in state_dict:
+        raise ValueError("not a VideoCrafter-style U-Net state dict (no input_blocks.0.0.weight)")
+    ours = unet.input_blocks[0][0].weight
+    theirs = state_dict[key]  # (C_out, C, 3, 3)
+    if theirs.shape[1] * 2 == ours.shape[1] and theirs.shape[0] == ours.shape[0]:
+        state_dict = {**state_dict, key: torch.cat([theirs, torch.zeros_like(theirs)], dim=1)}  # (C_out, 2C, 3, 3)
+    check_fits(unet, state_dict, "U-Net")
+    return state_dict
+
+
+def load_t2v_unet(unet: UNet, state_dict: dict) -> None:
+    """Load a text-to-video U-Net (C input channels) into our x-cat U-Net (2C), new channels at zero.
+    Accepts VideoCrafter2's `model.diffusion_model.` prefix and `module.` / `_orig_mod.` wrappers."""
+    prefix = "model.diffusion_model."
+    state_dict = strip_wrappers(state_dict)
+    if any(k.startswith(prefix) for k in state_dict):
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    unet.load_state_dict(xcat_unet_state(unet, state_dict))
 
 
 # ----------------------------------------------------------------------------- text encoder
@@ -352,12 +369,17 @@ class BytesTextEncoder(nn.Module):
     def __init__(self, dim, max_len=64, layers=2, heads=4):
         super().__init__()
         self.max_len = max_len
+        self.width = dim
         self.token = nn.Embedding(257, dim)
         self.position = nn.Parameter(torch.randn(max_len, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
+
+    def length(self, caption):
+        """Tokens the caption needs (its UTF-8 bytes); more than max_len are cut."""
+        return len(caption.encode("utf-8"))
 
     def tokenize(self, captions):
         tokens = torch.full((len(captions), self.max_len), self.PAD, dtype=torch.long)
@@ -372,7 +394,66 @@ class BytesTextEncoder(nn.Module):
         return self.norm(self.encoder(x))  # (B, L, D)
 
 
-# ----------------------------------------------------------------------------- autoencoder
+def import_open_clip():
+    try:
+        import open_clip
+    except ImportError:
+        raise ImportError("the openclip text encoder needs the open_clip_torch package: "
+                          "pip install open_clip_torch") from None
+    return open_clip
+
+
+class OpenCLIPTextEncoder(nn.Module):
+    """VideoCrafter2's text encoder (FrozenOpenCLIPEmbedder, layer "penultimate"), frozen: captions ->
+    OpenCLIP tokens (B, 77) -> token + position embedding -> every transformer block but the last -> ln_final
+    -> (B, 77, width). `model` is open_clip's own text tower (the vision tower is never built), so the
+    names are those of VideoCrafter2's `cond_stage_model.model.*` and its checkpoint loads with no key map.
+    The empty prompt is "" tokenised as any other: start token, end token, then zeros."""
+
+    def __init__(self, name="ViT-H-14"):
+        super().__init__()
+        open_clip = import_open_clip()
+        clip_cfg = open_clip.get_model_config(name)
+        if clip_cfg is None:
+            raise ValueError(f"open_clip has no model config {name!r} (try ViT-H-14)")
+        # the builder open_clip's CLIP uses for its text half: token_embedding, positional_embedding,
+        # transformer.resblocks.*, ln_final, text_projection; batch-first blocks, causal attention mask
+        self.model = open_clip.model._build_text_tower(clip_cfg["embed_dim"], clip_cfg["text_cfg"],
+                                                       quick_gelu=clip_cfg.get("quick_gelu", False))
+        # CLIP's temperature: unused here, kept because the checkpoint has it (cond_stage_model.model.logit_scale)
+        self.model.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.max_len = self.model.context_length  # tokens, start and end included
+        self.width = self.model.width
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: always in eval mode
+
+    def length(self, caption):
+        """Tokens the caption needs, start and end tokens included; more than max_len are cut."""
+        return len(import_open_clip().get_tokenizer("ViT-H-14").encode(caption)) + 2
+
+    def tokenize(self, captions):
+        return import_open_clip().tokenize(captions, context_length=self.max_len)  # (B, L), cut to fit
+
+    def forward(self, captions):
+        tokens = self.tokenize(captions).to(self.model.positional_embedding.device)
+        x = self.model.token_embedding(tokens) + self.model.positional_embedding  # (B, L, D)
+        for block in self.model.transformer.resblocks[:-1]:  # the penultimate layer's output
+            x = block(x, attn_mask=self.model.attn_mask)
+        return self.model.ln_final(x)  # (B, L, D)
+
+
+# ----------------------------------------------------------------------------- autoencoders
+
+def framewise(fn, video, chunk):
+    """Apply fn to the frames of video (B, C, T, H, W), `chunk` frames at a time -> (B, C', T, H', W')."""
+    b, c, t, h, w = video.shape
+    frames = video.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
+    out = torch.cat([fn(part) for part in frames.split(chunk)])  # (B*T, C', H', W')
+    return out.view(b, t, *out.shape[1:]).transpose(1, 2)  # (B, C', T, H', W')
+
 
 class PixelAutoencoder(nn.Module):
     """No weights: frames as they are, folded space-to-depth by `patch` (3 -> 3*patch^2 channels)."""
@@ -383,7 +464,8 @@ class PixelAutoencoder(nn.Module):
         self.latent_channels = 3 * patch * patch
         self.factor = patch
 
-    def encode(self, video):  # (B, 3, T, H, W) in [-1, 1]
+    def encode(self, video, sample=False, generator=None):  # (B, 3, T, H, W) in [-1, 1]
+        """Deterministic: `sample` has nothing to draw (it is here for the interface the KL autoencoder shares)."""
         b, c, t, h, w = video.shape
         frames = video.transpose(1, 2).reshape(b * t, c, h, w)
         z = F.pixel_unshuffle(frames, self.patch)  # (B*T, 3p^2, H/p, W/p)
@@ -395,35 +477,227 @@ class PixelAutoencoder(nn.Module):
         return frames.view(b, t, *frames.shape[1:]).transpose(1, 2)  # (B, 3, T, H, W)
 
 
+@dataclass(frozen=True)
+class KLConfig:
+    ch: int = 128  # width of the first level
+    ch_mult: tuple = (1, 2, 4, 4)  # widths of the levels; each level but the last halves the frame
+    num_res_blocks: int = 2  # per level in the encoder (the decoder has one more)
+    latent_channels: int = 4
+
+
+KL_SIZES = {
+    # the size of shared/reference/vae_kl_f8_tiny.pt (parity test)
+    "tiny": KLConfig(ch=32, num_res_blocks=1),
+    # Stable Diffusion's / VideoCrafter2's autoencoder (83.7 M parameters)
+    "full": KLConfig(),
+}
+
+
+def group_norm(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class VAEResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, plus a 1x1 conv on the skip when the width changes. No time embedding."""
+
+    def __init__(self, channels, out_channels):
+        super().__init__()
+        self.norm1 = group_norm(channels)
+        self.conv1 = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x):  # (N, C, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h  # (N, C', H, W)
+
+
+class VAEAttention(nn.Module):
+    """One-head self-attention over the pixels of each frame, 1x1 conv projections, residual."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):  # (N, C, H, W)
+        n, c, h, w = x.shape
+        x_norm = self.norm(x)
+        q, k, v = (proj(x_norm).flatten(2).transpose(1, 2)[:, None]  # (N, 1, HW, C): one head
+                   for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, 1, HW, C)
+        return x + self.proj_out(out[:, 0].transpose(1, 2).reshape(n, c, h, w))
+
+
+class VAEDownsample(nn.Module):
+    """Stride-2 3x3 conv after padding one pixel on the right and bottom only (the checkpoint's convention)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class VAELevel(nn.Module):
+    """One resolution: ResBlocks, then the encoder's `downsample` or the decoder's `upsample`, or neither."""
+
+    def __init__(self, channels, out_channels, num_blocks, resample=None):
+        super().__init__()
+        self.block = nn.ModuleList([VAEResBlock(channels if i == 0 else out_channels, out_channels)
+                                    for i in range(num_blocks)])
+        self.resample = resample
+        if resample == "downsample":
+            self.downsample = VAEDownsample(out_channels)
+        elif resample == "upsample":
+            self.upsample = Upsample(out_channels)  # nearest x2, 3x3 conv: the U-Net's, with the same names
+
+    def forward(self, x):
+        for block in self.block:
+            x = block(x)
+        return getattr(self, self.resample)(x) if self.resample else x
+
+
+class VAEMiddle(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.block_1 = VAEResBlock(channels, channels)
+        self.attn_1 = VAEAttention(channels)
+        self.block_2 = VAEResBlock(channels, channels)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class VAEEncoder(nn.Module):
+    """frames (N, 3, H, W) -> (N, 2 * latent_channels, H/f, W/f): the posterior's moments before quant_conv."""
+
+    def __init__(self, cfg: KLConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        last = len(widths) - 1
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList([VAELevel(c_in, c_out, cfg.num_res_blocks, "downsample" if i < last else None)
+                                   for i, (c_in, c_out) in enumerate(zip([cfg.ch] + widths[:-1], widths))])
+        self.mid = VAEMiddle(widths[-1])
+        self.norm_out = group_norm(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class VAEDecoder(nn.Module):
+    """latents (N, latent_channels, h, w) -> frames (N, 3, h*f, w*f). `up` is indexed by level, run deepest first."""
+
+    def __init__(self, cfg: KLConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
+        self.mid = VAEMiddle(widths[-1])
+        # level i starts from the width of level i+1 (the deepest from its own)
+        self.up = nn.ModuleList([VAELevel(c_in, c_out, cfg.num_res_blocks + 1, "upsample" if i > 0 else None)
+                                 for i, (c_in, c_out) in enumerate(zip(widths[1:] + widths[-1:], widths))])
+        self.norm_out = group_norm(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class KLAutoencoder(nn.Module):
+    """Stable Diffusion's KL-regularised autoencoder as VideoCrafter2 uses it, frozen: each frame on its own,
+    8x smaller, 4 channels, latents scaled by 0.18215 (about unit variance). The names are lvdm's
+    (`encoder.down.0.block.0.conv1.weight`), so a checkpoint's `first_stage_model.*` loads with no key map.
+    Frames go through `frames_per_chunk` at a time, so a long or large clip needs bounded memory."""
+
+    scale_factor = 0.18215
+
+    def __init__(self, cfg: KLConfig, frames_per_chunk=8):
+        super().__init__()
+        c = cfg.latent_channels
+        self.encoder = VAEEncoder(cfg)
+        self.decoder = VAEDecoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+        self.post_quant_conv = nn.Conv2d(c, c, 1)
+        self.latent_channels = c
+        self.factor = 2 ** (len(cfg.ch_mult) - 1)
+        self.frames_per_chunk = frames_per_chunk
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: always in eval mode
+
+    def encode(self, video, sample=False, generator=None):
+        """video (B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H/8, W/8): the posterior mean (or, with sample, a draw
+        from the posterior, noise from `generator`) x 0.18215."""
+        def encode_frames(frames):
+            mean, logvar = self.quant_conv(self.encoder(frames)).chunk(2, dim=1)  # (N, 4, h, w) each
+            if sample:
+                noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+                mean = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise
+            return mean * self.scale_factor
+        return framewise(encode_frames, video.to(self.quant_conv.weight.dtype), self.frames_per_chunk)
+
+    def decode(self, z):
+        """(B, 4, T, h, w) -> video (B, 3, T, 8h, 8w), about [-1, 1] (not clamped)."""
+        def decode_frames(latents):
+            return self.decoder(self.post_quant_conv(latents / self.scale_factor))
+        return framewise(decode_frames, z.to(self.post_quant_conv.weight.dtype), self.frames_per_chunk)
+
+
 # ----------------------------------------------------------------------------- the TI2V model
 
 @dataclass
 class ModelConfig:
     size: str = "demo"  # a key of SIZES
-    text_encoder: str = "bytes"
-    autoencoder: str = "pixel"
+    text_encoder: str = "bytes"  # "bytes" (small, trained with the U-Net) or "openclip" (frozen, VideoCrafter2's)
+    autoencoder: str = "pixel"  # "pixel" (no weights) or "kl-f8" (frozen, VideoCrafter2's)
     pixel_patch: int = 2
-    max_text_len: int = 64
+    kl_size: str = "full"  # a key of KL_SIZES
+    openclip_model: str = "ViT-H-14"  # an open_clip model config; only its text tower is built
+    max_text_len: int = 64  # of the bytes text encoder
     temporal_dropout: float = 0.1
     gradient_checkpointing: bool = False
 
 
 class MotifModel(nn.Module):
-    """Autoencoder + text encoder + x-cat U-Net. Trainable: the U-Net and the bytes text encoder."""
+    """Autoencoder + text encoder + x-cat U-Net. Trainable: the U-Net and the bytes text encoder; the KL
+    autoencoder and the OpenCLIP text encoder are frozen. The U-Net's context_dim is the text encoder's width."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.size not in SIZES:
             raise ValueError(f"unknown model size {cfg.size!r}; choose one of {sorted(SIZES)}")
-        if cfg.autoencoder != "pixel" or cfg.text_encoder != "bytes":
+        if cfg.autoencoder not in ("pixel", "kl-f8") or cfg.text_encoder not in ("bytes", "openclip"):
             raise ValueError(f"unknown autoencoder/text encoder {cfg.autoencoder!r}/{cfg.text_encoder!r}; "
-                             "this build has autoencoder 'pixel' and text encoder 'bytes'")
+                             "autoencoders: pixel, kl-f8; text encoders: bytes, openclip")
+        if cfg.autoencoder == "kl-f8" and cfg.kl_size not in KL_SIZES:
+            raise ValueError(f"unknown kl-f8 size {cfg.kl_size!r}; choose one of {sorted(KL_SIZES)}")
         self.cfg = cfg
-        self.autoencoder = PixelAutoencoder(cfg.pixel_patch)
         unet_cfg = SIZES[cfg.size]
-        self.text_encoder = BytesTextEncoder(unet_cfg.context_dim, cfg.max_text_len)
+        if cfg.autoencoder == "pixel":
+            self.autoencoder = PixelAutoencoder(cfg.pixel_patch)
+        else:
+            self.autoencoder = KLAutoencoder(KL_SIZES[cfg.kl_size])
+        if cfg.text_encoder == "bytes":
+            self.text_encoder = BytesTextEncoder(unet_cfg.context_dim, cfg.max_text_len)
+        else:
+            self.text_encoder = OpenCLIPTextEncoder(cfg.openclip_model)
         c = self.autoencoder.latent_channels
-        self.unet = UNet(replace(unet_cfg, in_channels=2 * c, out_channels=c, temporal_dropout=cfg.temporal_dropout,
+        self.unet = UNet(replace(unet_cfg, context_dim=self.text_encoder.width, in_channels=2 * c, out_channels=c,
+                                 temporal_dropout=cfg.temporal_dropout,
                                  gradient_checkpointing=cfg.gradient_checkpointing))
 
     @property
@@ -431,8 +705,9 @@ class MotifModel(nn.Module):
         """Frame sides must be multiples of this: the autoencoder's factor times the U-Net's downsamplings."""
         return self.autoencoder.factor * 2 ** (len(self.unet.cfg.channel_mult) - 1)
 
-    def encode_video(self, video):
-        return self.autoencoder.encode(video)  # (B, C, T, h, w)
+    def encode_video(self, video, sample=False, generator=None):
+        """video (B, 3, T, H, W) in [-1, 1] -> z0 (B, C, T, h, w); `sample`: a posterior draw (kl-f8), not its mean."""
+        return self.autoencoder.encode(video, sample, generator)  # (B, C, T, h, w)
 
     @staticmethod
     def image_latent(z0):
@@ -446,3 +721,42 @@ class MotifModel(nn.Module):
     def forward(self, z_t, z_img, t, captions, fps):
         """The training call: text encoding inside, so DDP sees every trainable parameter."""
         return self.denoise(z_t, z_img, t, self.text_encoder(captions), fps)  # (B, C, T, h, w)
+
+
+# ----------------------------------------------------------------------------- VideoCrafter2's checkpoint
+
+VIDEOCRAFTER2_PARTS = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.",
+                       "text_encoder": "cond_stage_model."}
+
+
+def load_videocrafter2(model: MotifModel, checkpoint: dict) -> dict:
+    """Load VideoCrafter2's released text-to-video model.ckpt (or any checkpoint of that layout, possibly inside
+    {"state_dict": ...}, with `module.` / `_orig_mod.` wrappers) into `model`, each part strictly:
+    model.diffusion_model.* -> the U-Net (its C-channel first conv into our 2C x-cat conv, image-latent channels
+    at zero), first_stage_model.* -> the kl-f8 autoencoder, cond_stage_model.* -> the openclip text encoder.
+    A part the model does not use (the pixel autoencoder, the bytes text encoder) is ignored, as are the other
+    keys (the noise schedule's buffers). Every part is checked before any is loaded: a checkpoint that does not
+    fit (missing, unexpected or misshapen keys, or no keys for a part the model needs) raises a one-line
+    ValueError with the counts and leaves the model as it was.
+    Returns {"unet" | "autoencoder" | "text_encoder" | "other": {"loaded": n, "ignored": n}}, in tensors."""
+    state_dict = strip_wrappers(checkpoint.get("state_dict", checkpoint))
+    parts = {part: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+             for part, prefix in VIDEOCRAFTER2_PARTS.items()}
+    used = {"unet": True, "autoencoder": isinstance(model.autoencoder, KLAutoencoder),
+            "text_encoder": isinstance(model.text_encoder, OpenCLIPTextEncoder)}
+    for part, prefix in VIDEOCRAFTER2_PARTS.items():
+        if used[part] and not parts[part]:
+            raise ValueError(f"the checkpoint has no {prefix}* keys, which this model's {part} needs "
+                             f"(is it a VideoCrafter2 checkpoint? model {model.cfg.size}, autoencoder "
+                             f"{model.cfg.autoencoder}, text encoder {model.cfg.text_encoder})")
+    parts["unet"] = xcat_unet_state(model.unet, parts["unet"])
+    for part in ("autoencoder", "text_encoder"):
+        if used[part]:
+            check_fits(getattr(model, part), parts[part], f"{VIDEOCRAFTER2_PARTS[part]}* ({part})")
+    report = {}
+    for part, weights in parts.items():
+        if used[part]:
+            getattr(model, part).load_state_dict(weights)
+        report[part] = {"loaded": len(weights), "ignored": 0} if used[part] else {"loaded": 0, "ignored": len(weights)}
+    report["other"] = {"loaded": 0, "ignored": len(state_dict) - sum(len(weights) for weights in parts.values())}
+    return report
