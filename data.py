@@ -16,8 +16,10 @@ run or a different world size sees exactly the same samples; `len()` is only nom
    which shape moves where ("the red circle moves left"); the same first frame appears with
    several captions, so only the text tells the motion. The exact optical flow is known, and
    goes through the same heatmap code as RAFT's flow on real videos.
-2. Video folders: ROOT/captions.csv (or .jsonl) lists videos; clips are drawn with a random frame
-   stride; heatmaps come from the cache written by `python flow.py cache ROOT`.
+2. Video folders: ROOT/captions.csv (or .jsonl) lists videos (any format FFmpeg reads); clips are
+   drawn with a random frame stride; heatmaps come from the cache written by `python flow.py
+   cache ROOT`. Rows and videos that cannot be used are skipped and counted in warnings; only a
+   folder with nothing usable stops the run.
 
     python data.py --demo-image first_frame.png      # a held-out first frame + prompts for it
     python data.py --demo-video clip.gif              # a training clip, its caption, its heatmap
@@ -25,10 +27,14 @@ run or a different world size sees exactly the same samples; `len()` is only nom
 """
 import argparse
 import csv
+import io
 import json
+import math
 import sys
+import zipfile
 from pathlib import Path
 
+import av
 import imageio.v3 as iio
 import numpy as np
 import torch
@@ -218,20 +224,54 @@ def held_out_pairs(num_images=64, prompts_per_image=(3, 5), size=32, seed=HELD_O
 
 # ---- video files: read, write, resize ----
 
-def read_video(path):
-    """Decode every frame of a video file: (frames uint8 (N, H, W, 3), fps or None).
+FALLBACK_FPS = 30.0     # when neither the caption row nor the container says
 
-    GIFs go through Pillow, everything else through PyAV; both convert to RGB (grey frames get
-    3 channels, alpha is dropped)."""
+
+class UnusableVideo(Exception):
+    """A video that cannot give a clip; reason is one of a few short categories."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}{f' ({detail})' if detail else ''}")
+        self.reason = reason
+
+
+def read_video(path):
+    """Decode every frame of a video file with PyAV (FFmpeg): (frames uint8 (N, H, W, 3), fps or None).
+
+    Any container FFmpeg reads (mp4, webm, gif, animated png ...); grey, palette and RGBA frames
+    become RGB (alpha is dropped). A file without a video stream raises UnusableVideo; a corrupt
+    one raises whatever the decoder raises: use load_frames to get a reason for every failure."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise UnusableVideo("no video stream")
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]  # N x (H, W, 3)
+        rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else None
+    frames = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)         # (N, H, W, 3)
+    return frames, (fps if fps and math.isfinite(fps) and fps > 0 else None)
+
+
+def load_frames(path, min_frames=1):
+    """read_video, turning every way a file can fail into UnusableVideo with a short reason:
+    missing file, empty file, no video stream, unreadable (not a video, truncated, corrupt, a codec
+    FFmpeg cannot decode), no frames, too short (fewer than min_frames)."""
     path = Path(path)
-    if path.suffix.lower() == ".gif":
-        frames = iio.imread(path, plugin="pillow", index=None, mode="RGB")            # (N, H, W, 3)
-        duration_ms = iio.immeta(path, plugin="pillow").get("duration") or 0
-        return frames, (1000 / duration_ms if duration_ms > 0 else None)
-    with iio.imopen(path, "r", plugin="pyav") as video:
-        frames = video.read()                                                          # (N, H, W, 3)
-        fps = video.metadata().get("fps")
-    return frames, (float(fps) if fps else None)
+    if not path.is_file():
+        raise UnusableVideo("missing file")
+    if path.stat().st_size == 0:
+        raise UnusableVideo("empty file")
+    try:
+        frames, fps = read_video(path)
+    except UnusableVideo:
+        raise
+    except Exception as error:       # decoders raise many types for a corrupt file
+        raise UnusableVideo("unreadable", str(error).splitlines()[0] if str(error) else type(error).__name__)
+    if len(frames) == 0:
+        raise UnusableVideo("no frames")
+    if len(frames) < min_frames:
+        raise UnusableVideo("too short", f"{len(frames)} frames < {min_frames}")
+    return frames, fps
 
 
 def write_video(path, frames, fps):
@@ -271,10 +311,13 @@ def warn(message):
 
 
 def read_captions(root):
-    """Parse ROOT/captions.csv (header path,caption[,fps]) or ROOT/captions.jsonl.
+    """Parse ROOT/captions.csv (a header with path and caption columns, optionally fps) or
+    ROOT/captions.jsonl (one {"path", "caption"[, "fps"]} object per line), UTF-8 with or without BOM.
 
     Returns (videos, skipped): videos = [{"path": relative str, "caption": str, "fps": float or
-    None}] for rows whose file exists; skipped = [(reason, where)] for the others."""
+    None}] for good rows whose file exists; skipped = [(reason, where)] for the others (bad
+    encoding, bad JSON, no path, bad path, empty caption, bad fps, missing file). A captions file
+    that cannot be parsed at all, or a CSV without path and caption columns, is a SystemExit."""
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"error: video folder {root} does not exist")
@@ -284,23 +327,17 @@ def read_captions(root):
         raise SystemExit(f"error: {root} needs exactly one of captions.csv or captions.jsonl, found "
                          f"{len(present)}")
     captions_file = present[0]
-    if captions_file.suffix == ".csv":
-        with open(captions_file, newline="", encoding="utf-8") as file:
-            rows = [(f"line {number + 2}", row) for number, row in enumerate(csv.DictReader(file))]
-    else:
-        rows = []
-        for number, line in enumerate(captions_file.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((f"line {number}", json.loads(line)))
-                except json.JSONDecodeError:
-                    rows.append((f"line {number}", None))
+    try:   # undecodable bytes become lone surrogates here, and make their row a "bad encoding" skip
+        text = captions_file.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    except OSError as error:
+        raise SystemExit(f"error: cannot read {captions_file}: {error.strerror}")
+    rows = read_csv_rows(captions_file, text) if captions_file.suffix == ".csv" else read_jsonl_rows(captions_file, text)
     videos, skipped = [], []
     for where, row in rows:
         where = f"{captions_file.name} {where}"
-        video = parse_caption_row(row)
+        video, reason = parse_caption_row(row)
         if video is None:
-            skipped.append(("bad caption row", where))
+            skipped.append((reason, where))
         elif not (root / video["path"]).is_file():
             skipped.append(("missing file", video["path"]))
         else:
@@ -308,56 +345,74 @@ def read_captions(root):
     return videos, skipped
 
 
+def read_csv_rows(captions_file, text):
+    """[(where, {column: value})] of a captions.csv's text; the header names are matched without
+    case or surrounding spaces."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = [name.strip().lower() for name in reader.fieldnames or []]
+        if not {"path", "caption"} <= set(header):
+            found = ", ".join(header[:5]) or "nothing"
+            raise SystemExit(f"error: {captions_file} needs a header line with path and caption columns "
+                             f"(and optionally fps), found: {found}")
+        reader.fieldnames = header
+        return [(f"line {reader.line_num}", row) for row in reader]
+    except csv.Error as error:
+        raise SystemExit(f"error: {captions_file} is not a readable CSV file (line {reader.line_num}: {error})")
+
+
+def read_jsonl_rows(captions_file, text):
+    """[(where, parsed object or None)] of a captions.jsonl's non-blank lines; None where a line is
+    not JSON. A file in which no line is JSON is a SystemExit."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError:
+                rows.append((f"line {number}", None))
+    if rows and all(row is None for _, row in rows):
+        raise SystemExit(f"error: {captions_file} is not JSON lines: no line is a JSON object")
+    return rows
+
+
+def is_utf8(text):
+    """False for strings holding undecodable bytes (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def parse_caption_row(row):
-    """A caption row as {"path", "caption", "fps"}, or None if it is unusable."""
+    """A caption row -> ({"path", "caption", "fps"}, None) if usable, else (None, why not)."""
     if not isinstance(row, dict):
-        return None
+        return None, "bad JSON"
     path, caption, fps = row.get("path"), row.get("caption"), row.get("fps")
-    if not isinstance(path, str) or not path.strip() or Path(path).is_absolute():
-        return None
+    if not all(is_utf8(value) for value in (path, caption, fps) if isinstance(value, str)):
+        return None, "bad encoding"
+    if not isinstance(path, str) or not path.strip():
+        return None, "no path"
+    if "\0" in path or Path(path.strip()).is_absolute() or ".." in Path(path.strip()).parts:
+        return None, "bad path"        # paths stay inside the folder (and its heatmap cache)
     if not isinstance(caption, str) or not caption.strip():
-        return None
+        return None, "empty caption"
     if fps in (None, ""):
         fps = None
     else:
         try:
             fps = float(fps)
         except (TypeError, ValueError):
-            return None
-        if not fps > 0:
-            return None
-    return {"path": path.strip(), "caption": caption.strip(), "fps": fps}
+            return None, "bad fps"
+        if not (math.isfinite(fps) and fps > 0):
+            return None, "bad fps"
+    return {"path": path.strip(), "caption": caption.strip(), "fps": fps}, None
 
 
 def cache_path(root, relpath, size):
     """Where `python flow.py cache` stores a video's pair heatmaps at size (H, W)."""
     return Path(root) / ".motion_cache" / f"{relpath}.{size[0]}x{size[1]}.npz"
-
-
-class UnusableVideo(Exception):
-    """A video that cannot give a clip; reason is one of a few short categories."""
-
-    def __init__(self, reason, detail=""):
-        super().__init__(f"{reason}{f' ({detail})' if detail else ''}")
-        self.reason = reason
-
-
-def load_frames(path, min_frames):
-    """read_video, turning every way a file can fail into UnusableVideo."""
-    path = Path(path)
-    if not path.is_file():
-        raise UnusableVideo("missing file")
-    if path.stat().st_size == 0:
-        raise UnusableVideo("empty file")
-    try:
-        frames, fps = read_video(path)
-    except Exception as error:       # decoders raise many types for a corrupt file
-        raise UnusableVideo("unreadable", str(error).splitlines()[0] if str(error) else type(error).__name__)
-    if len(frames) == 0:
-        raise UnusableVideo("no frames")
-    if len(frames) < min_frames:
-        raise UnusableVideo("too short", f"{len(frames)} frames < {min_frames}")
-    return frames, fps
 
 
 def summarise(skipped, shown=3):
@@ -374,11 +429,13 @@ class VideoFolderDataset(torch.utils.data.Dataset):
 
     Item i: video = epoch permutation (epoch = i // num_videos) at position i % num_videos; then
     stride s ~ U{1..min(max_stride, (N-1)//(T-1))} and a uniform start a, from an RNG seeded by
-    (seed, i). Frames a, a+s, ..., are resized and center-cropped to size. The heatmap is
-    frame_heatmaps of the cached stride-s pair heatmaps (a, a+s), (a+s, a+2s), ...; videos
-    without a cache need a flow.RAFT passed as raft. A video that turns out unusable is skipped
-    (the next one in the permutation is used) and reported once on stderr. Videos are decoded
-    whole: keep them short (seconds, like WebVid's), or cut long ones first."""
+    (seed, i). Frames a, a+s, ..., are resized and center-cropped to size; fps = (the row's fps,
+    else the container's, else 30) / s. The heatmap is frame_heatmaps of the cached stride-s pair
+    heatmaps (a, a+s), (a+s, a+2s), ...; without a flow.RAFT passed as raft, videos with no cache
+    are left out (with a warning). Unusable rows and videos are skipped and counted in warnings
+    on stderr naming the first few: a video that turns out unusable is replaced by the next one
+    in the permutation. A folder where no video decodes is a SystemExit at construction. Videos
+    are decoded whole: keep them short (seconds, like WebVid's), or cut long ones first."""
 
     def __init__(self, root, frames=16, size=(320, 512), max_stride=8, seed=0, raft=None):
         self.root, self.frames, self.size = Path(root), frames, tuple(size)
@@ -388,13 +445,29 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             warn(f"{len(skipped)} of {len(skipped) + len(self.videos)} listed videos skipped: {summarise(skipped)}")
         if not self.videos:
             raise SystemExit(f"error: no usable video listed in {self.root}")
-        uncached = [v for v in self.videos if not cache_path(self.root, v["path"], self.size).is_file()]
-        if uncached and raft is None:
-            raise SystemExit(
-                f"error: {len(uncached)} of {len(self.videos)} videos in {self.root} have no cached heatmaps "
-                f"at {self.size[0]}x{self.size[1]}; run: python flow.py cache {self.root} "
-                f"--size {self.size[0]}x{self.size[1]} --max-stride {max_stride}")
+        if raft is None:
+            uncached = [v["path"] for v in self.videos if not cache_path(self.root, v["path"], self.size).is_file()]
+            hint = (f"run: python flow.py cache {self.root} --size {self.size[0]}x{self.size[1]} "
+                    f"--max-stride {max_stride}")
+            if len(uncached) == len(self.videos):
+                raise SystemExit(f"error: no video in {self.root} has cached heatmaps at "
+                                 f"{self.size[0]}x{self.size[1]}; {hint}")
+            if uncached:
+                warn(f"{len(uncached)} of {len(self.videos)} videos skipped: "
+                     f"{summarise([('no cached heatmaps', path) for path in uncached])}; to use them, {hint}")
+                uncached = set(uncached)
+                self.videos = [v for v in self.videos if v["path"] not in uncached]
         self.unusable = []             # [(reason, path)] found while reading, in this process
+        for video in self.videos:      # fail now, not in the middle of training, if no video decodes
+            try:
+                load_frames(self.root / video["path"], self.frames)
+                break
+            except UnusableVideo as error:
+                self.unusable.append((error.reason, video["path"]))
+        else:
+            raise SystemExit(f"error: no usable clip of {frames} frames in {self.root}: {summarise(self.unusable)}")
+        if self.unusable:
+            warn(f"{len(self.unusable)} unusable videos skipped so far: {summarise(self.unusable)}")
 
     def __len__(self):
         return len(self.videos)
@@ -402,14 +475,13 @@ class VideoFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         count = len(self.videos)
         order = np.random.default_rng([self.seed, ORDER_STREAM, index // count]).permutation(count)
-        rng = np.random.default_rng([self.seed, PICK_STREAM, index])
         bad_paths = {path for _, path in self.unusable}
         for offset in range(count):
             video = self.videos[order[(index + offset) % count]]
             if video["path"] in bad_paths:
                 continue
-            try:
-                return self.clip(video, rng)
+            try:   # a fresh RNG per try: the clip does not depend on which failures were seen before
+                return self.clip(video, np.random.default_rng([self.seed, PICK_STREAM, index]))
             except UnusableVideo as error:
                 self.unusable.append((error.reason, video["path"]))
                 warn(f"skipping {video['path']}: {error}; {len(self.unusable)} unusable so far: "
@@ -426,9 +498,10 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         heatmap = self.cached_heatmap(video["path"], len(frames), picked[:-1], stride)
         if heatmap is None:
             if self.raft is None:
-                raise UnusableVideo("stale heatmap cache", f"re-run python flow.py cache {self.root}")
+                raise UnusableVideo("stale heatmap cache", f"re-run python flow.py cache {self.root} "
+                                    f"--size {self.size[0]}x{self.size[1]} --max-stride {self.max_stride}")
             heatmap = video_heatmap(clip, self.raft)                                   # (T, H, W)
-        fps = video["fps"] or container_fps or 30.0
+        fps = video["fps"] or container_fps or FALLBACK_FPS
         return {"video": clip.transpose(0, 1),                                        # (3, T, H, W)
                 "heatmap": heatmap,
                 "caption": video["caption"],
@@ -436,15 +509,16 @@ class VideoFolderDataset(torch.utils.data.Dataset):
 
     def cached_heatmap(self, relpath, num_frames, pair_starts, stride):
         """frame_heatmaps of the cached pairs (j, j+stride) for j in pair_starts, or None if the
-        cache is missing or was made from a different video or with a smaller max stride."""
+        cache is missing or damaged, or was made from a different video or with a smaller max stride."""
         path = cache_path(self.root, relpath, self.size)
-        if not path.is_file():
+        key = f"stride_{stride}"
+        try:
+            with np.load(path) as cache:
+                if key not in cache.files or len(cache[key]) != num_frames - stride:
+                    return None
+                pairs = torch.from_numpy(cache[key][pair_starts]).float() / 255        # (T-1, H, W)
+        except (OSError, ValueError, zipfile.BadZipFile):
             return None
-        with np.load(path) as cache:
-            key = f"stride_{stride}"
-            if key not in cache.files or len(cache[key]) != num_frames - stride:
-                return None
-            pairs = torch.from_numpy(cache[key][pair_starts]).float() / 255            # (T-1, H, W)
         return frame_heatmaps(pairs)                                                   # (T, H, W)
 
 
@@ -454,7 +528,7 @@ def check_folder(root, frames):
     """Decode every listed video and report which are usable; exit 1 if none is."""
     videos, skipped = read_captions(root)
     usable = 0
-    for video in tqdm(videos, desc="decoding", unit="video"):
+    for video in tqdm(videos, desc="decoding", unit="video", disable=None):
         try:
             load_frames(Path(root) / video["path"], frames)
             usable += 1
@@ -486,6 +560,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.size <= 0 or args.seed < 0 or (args.command == "check" and args.frames < 2):
         parser.error("--size and --frames must be positive (frames >= 2), --seed non-negative")
+    if args.demo_image and args.demo_image.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        parser.error(f"--demo-image must end in .png or .jpg, got {args.demo_image}")
+    if args.demo_video and args.demo_video.suffix.lower() not in (".gif", ".mp4"):
+        parser.error(f"--demo-video must end in .gif or .mp4, got {args.demo_video}")
 
     if args.command == "check":
         check_folder(args.root, args.frames)

@@ -16,6 +16,7 @@ The synthetic shapes videos know their exact flow and skip RAFT, not the rest.
 """
 import argparse
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -134,17 +135,31 @@ def video_heatmap(frames, raft):
 # ---- command line: cache a folder's heatmaps, show one video's ----
 
 
+def cache_is_complete(path, max_stride):
+    """Whether the cache file at path holds every stride up to max_stride that its video allows
+    (False for a missing or damaged file, or one written with a smaller --max-stride)."""
+    try:
+        with np.load(path) as cache:
+            needed = min(max_stride, int(cache["num_frames"]) - 1)
+            return all(f"stride_{stride}" in cache.files for stride in range(1, needed + 1))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+
+
 def cache_folder(root, weights, size, max_stride, device):
     """Store, for every listed video, the pair heatmaps of frames (j, j+s) for all j and each
-    stride s <= max_stride, as uint8 (round(255 h)) in data.cache_path(root, video, size)."""
+    stride s <= max_stride, as uint8 (round(255 h)) under "stride_s", and the video's frame count
+    under "num_frames", in data.cache_path(root, video, size). Complete caches are kept; missing,
+    damaged or too-few-strides ones are (re)computed. Unusable videos are skipped and counted;
+    a folder where nothing is usable is a SystemExit."""
     from data import UnusableVideo, cache_path, frames_to_tensor, load_frames, read_captions, resize_center_crop, summarise
     videos, skipped = read_captions(root)
-    todo = [video for video in videos if not cache_path(root, video["path"], size).is_file()]
+    todo = [video for video in videos if not cache_is_complete(cache_path(root, video["path"], size), max_stride)]
     print(f"{root}: {len(videos)} videos listed, {len(videos) - len(todo)} already cached, {len(skipped)} "
           f"skipped{': ' + summarise(skipped) if skipped else ''}")
-    raft = RAFT(weights, device)
+    raft = RAFT(weights, device) if todo else None
     started, done, pairs, unusable = time.perf_counter(), 0, 0, []
-    for video in tqdm(todo, desc="caching heatmaps", unit="video"):
+    for video in tqdm(todo, desc="caching heatmaps", unit="video", disable=None):
         try:
             frames, _ = load_frames(Path(root) / video["path"], min_frames=2)   # (N, H0, W0, 3)
         except UnusableVideo as error:
@@ -152,8 +167,9 @@ def cache_folder(root, weights, size, max_stride, device):
             continue
         frames = resize_center_crop(frames, size)                               # (N, H, W, 3)
         strides = range(1, min(max_stride, len(frames) - 1) + 1)
-        heatmaps = {}
-        with tqdm(total=sum(len(frames) - s for s in strides), desc=video["path"], unit="pair", leave=False) as bar:
+        heatmaps = {"num_frames": np.array(len(frames))}
+        with tqdm(total=sum(len(frames) - s for s in strides), desc=video["path"], unit="pair", leave=False,
+                  disable=None) as bar:
             for stride in strides:
                 chunks = []
                 for start in range(0, len(frames) - stride, raft.chunk):
@@ -173,11 +189,13 @@ def cache_folder(root, weights, size, max_stride, device):
     seconds = time.perf_counter() - started
     print(f"cached {done} videos ({pairs} frame pairs) in {seconds:.1f} s ({seconds / max(done, 1):.1f} s/clip)"
           f"; {len(unusable)} unusable{': ' + summarise(unusable) if unusable else ''}")
+    if len(videos) == len(unusable):
+        raise SystemExit(f"error: no usable video in {root}")
 
 
 def show(video_path, weights, size, num_frames, stride, out, device):
     """Write an animation: frame | flow (colour = direction, white = still) | heatmap."""
-    from data import UnusableVideo, frames_to_tensor, load_frames, resize_center_crop, write_video
+    from data import FALLBACK_FPS, UnusableVideo, frames_to_tensor, load_frames, resize_center_crop, write_video
     try:
         frames, fps = load_frames(video_path, (num_frames - 1) * stride + 1)    # (N, H0, W0, 3)
     except UnusableVideo as error:
@@ -188,7 +206,7 @@ def show(video_path, weights, size, num_frames, stride, out, device):
     flow_colours = flow_to_image(torch.cat([flow, torch.zeros_like(flow[:1])]))  # (T, 3, H, W), last: none
     heatmap_grey = (heatmap * 255).round().to(torch.uint8)[:, None].expand(-1, 3, -1, -1)  # (T, 3, H, W)
     panels = torch.cat([torch.from_numpy(clip).permute(0, 3, 1, 2), flow_colours, heatmap_grey], dim=3)
-    write_video(out, panels.permute(0, 2, 3, 1).numpy(), (fps or 30.0) / stride)  # (T, H, 3W, 3)
+    write_video(out, panels.permute(0, 2, 3, 1).numpy(), (fps or FALLBACK_FPS) / stride)  # (T, H, 3W, 3)
     print(f"wrote {out}: {num_frames} frames of {video_path} at stride {stride}, "
           f"moving (heatmap > 0.5): {(heatmap > 0.5).float().mean():.1%} of pixels")
 

@@ -1,0 +1,376 @@
+"""data.py: the shapes videos (determinism, captions that match the motion, heatmaps, strides, the
+held-out split) and captioned video folders full of broken files, odd encodings and odd formats."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import flow
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+PHRASE_TO_MOTION = {phrase: motion for motion, phrase in data.PHRASES.items()}
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(result):
+    return result.returncode != 0 and "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def uint8_frames(item):
+    """An item's video back to uint8 (T, H, W, 3), exactly as rendered."""
+    return ((item["video"].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def colour_mask(frames, colour):
+    return (frames == np.array(data.PALETTE[colour], dtype=np.uint8)).all(-1)   # (..., H, W)
+
+
+def centroid(mask):
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
+def named_motions(caption):
+    """'the red circle moves left and the blue square stays still' -> {'red': 'left', 'blue': 'still'}."""
+    found = re.findall(r"the (\w+) (?:circle|square|triangle) (moves \w+|stays still)", caption)
+    assert len(found) == caption.count("the "), caption
+    return {colour: PHRASE_TO_MOTION[phrase] for colour, phrase in found}
+
+
+def moving(caption):
+    """What a caption sets in motion: {(colour, motion)}; the shapes it does not name stay still."""
+    return {(colour, motion) for colour, motion in named_motions(caption).items() if motion != "still"}
+
+
+# ---- shapes ----
+
+def test_a_shapes_item_is_a_pure_function_of_seed_split_and_index():
+    dataset = data.ShapesDataset("train", seed=0)
+    first = dataset[5]
+    assert first["video"].dtype == torch.float32 and first["video"].shape == (3, 8, 32, 32)
+    assert first["heatmap"].dtype == torch.float32 and first["heatmap"].shape == (8, 32, 32)
+    assert -1 <= first["video"].min() and first["video"].max() <= 1
+    assert 0 <= first["heatmap"].min() and first["heatmap"].max() <= 1
+    assert isinstance(first["caption"], str) and first["fps"].dtype == torch.float32 and first["fps"].ndim == 0
+    _ = dataset[3]
+    torch.manual_seed(123)                                  # global RNGs play no part
+    np.random.seed(123)
+    for again in (dataset[5], data.ShapesDataset("train", seed=0)[5]):
+        assert all(torch.equal(first[k], again[k]) for k in ("video", "heatmap", "fps"))
+        assert first["caption"] == again["caption"]
+    for other in (data.ShapesDataset("train", seed=1)[5], data.ShapesDataset("test", seed=0)[5]):
+        assert not torch.equal(first["video"][:, 0], other["video"][:, 0])
+
+
+def test_four_consecutive_items_share_a_first_frame_with_different_captions():
+    dataset = data.ShapesDataset("train", seed=0)
+    distinct = []
+    for scene in range(40):
+        items = [dataset[4 * scene + j] for j in range(4)]
+        assert all(torch.equal(items[0]["video"][:, 0], item["video"][:, 0]) for item in items)
+        assert not torch.equal(items[0]["video"][:, 0], dataset[4 * scene + 4]["video"][:, 0])
+        distinct.append(len({item["caption"] for item in items}))
+        for a in items:                      # captions asking for different motion: different videos
+            for b in items:
+                if moving(a["caption"]) != moving(b["caption"]) and a["fps"] == b["fps"]:
+                    assert not torch.equal(a["video"], b["video"])
+    assert min(distinct) >= 2 and np.mean(distinct) > 2.5   # captions are drawn independently: some repeat
+
+
+def test_the_caption_says_how_the_shapes_move_and_the_heatmap_shows_it():
+    """Track each shape by its colour: named ones move the way the caption says, the others stay.
+    A shape can pass under a later-drawn one, so it is followed while it is fully visible."""
+    dataset, size = data.ShapesDataset("train", seed=0), 32
+    checked_to_the_end = total = 0
+    for index in range(120):
+        item = dataset[index]
+        frames, heatmap = uint8_frames(item), item["heatmap"].numpy()       # (T, H, W, 3), (T, H, W)
+        motions = named_motions(item["caption"])
+        present = [colour for colour in data.PALETTE if colour_mask(frames[0], colour).any()]
+        assert set(motions) <= set(present)
+        background = ~np.any([colour_mask(frames[0], colour) for colour in present], axis=0)  # (H, W)
+        assert heatmap[0][background].max() < 0.01                          # sigma(0) = 0.0067
+        for colour in present:
+            motion = motions.get(colour, "still")
+            masks = colour_mask(frames, colour)                             # (T, H, W)
+            visible = [t for t in range(len(frames)) if masks[t].sum() >= 0.9 * masks[0].sum()]
+            last = visible[-1]
+            shift = centroid(masks[last]) - centroid(masks[0])              # (2,) pixels
+            along = shift @ np.array(data.DIRECTIONS[motion])
+            across = shift @ np.array(data.DIRECTIONS[motion][::-1])
+            total += 1
+            checked_to_the_end += last == len(frames) - 1
+            if motion == "still":
+                assert np.abs(shift).max() < 0.6, (index, colour, item["caption"], shift)
+                assert heatmap[0][masks[0]].max() < 0.01
+            else:
+                assert across < 1.0 and along >= min(2.0 * last, 0.2 * size) - 0.5, (index, colour, shift)
+                assert heatmap[0][masks[0]].min() > 0.98                    # sigma(3 / 32) = 0.988
+    assert checked_to_the_end > 0.8 * total
+
+
+def test_the_frame_stride_sets_the_fps_and_the_motion_per_frame():
+    dataset = data.ShapesDataset("train", size=64, max_stride=3, base_fps=12, speed=1 / 32)   # 2 px per frame x stride
+    strides = set()
+    for index in range(60):
+        item = dataset[index]
+        stride = 12 / item["fps"].item()
+        assert stride in (1, 2, 3)
+        strides.add(stride)
+        frames, motions = uint8_frames(item), named_motions(item["caption"])
+        for colour, motion in motions.items():
+            if motion != "still":
+                masks = colour_mask(frames[:2], colour)                     # (2, H, W)
+                if masks[1].sum() >= 0.9 * masks[0].sum():
+                    shift = (centroid(masks[1]) - centroid(masks[0])) @ np.array(data.DIRECTIONS[motion])
+                    assert shift == pytest.approx(2 * stride, abs=0.75), (index, shift, stride)
+    assert strides == {1, 2, 3}
+
+
+def test_held_out_pairs_are_fixed_and_their_images_are_never_training_first_frames():
+    held_out = data.held_out_pairs()
+    again = data.held_out_pairs()
+    assert [(e["image_id"], e["caption"], e["motions"]) for e in held_out] == \
+           [(e["image_id"], e["caption"], e["motions"]) for e in again]
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(held_out, again))
+    images = {e["image"].tobytes() for e in held_out}
+    assert len(images) == 64
+    for image_id in range(64):
+        prompts = [e["caption"] for e in held_out if e["image_id"] == image_id]
+        assert 3 <= len(prompts) == len(set(prompts)) <= 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # thousands of tiny items: on a busy CPU, thread hand-offs would dominate
+    try:
+        for seed, scenes in ((0, 2500), (data.HELD_OUT_SEED, 500)):
+            dataset = data.ShapesDataset("train", frames=2, seed=seed)
+            first_frames = {uint8_frames(dataset[4 * scene])[0].tobytes() for scene in range(scenes)}
+            assert len(first_frames) == scenes and not first_frames & images
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---- video folders ----
+
+FRAMES, SIZE, MAX_STRIDE = 4, (24, 32), 3
+
+
+def index_frames(count, height=36, width=48):
+    """uint8 (count, H, W, 3) frames whose grey level tells their index k: 16 + 18 k."""
+    return np.repeat((16 + 18 * np.arange(count, dtype=np.uint8))[:, None, None, None], height * width * 3
+                     ).reshape(count, height, width, 3)
+
+
+def frame_index(frame):
+    """Which index_frames frame this is (after resizing and lossy coding)."""
+    return int(round((float(frame.mean()) - 16) / 18))
+
+
+def write_pillow_animation(path, images, fps):
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+
+
+def write_audio_only(path):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for k in range(10):
+            samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            samples.sample_rate, samples.pts = 16000, k * 1024
+            for packet in stream.encode(samples):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+GOOD = {"good.mp4": 24.0, "good.gif": 10.0, "grey.gif": 10.0, "rgba.gif": 10.0, "rgba.png": 10.0}   # container fps
+BAD = {"empty.mp4": "empty file", "truncated.mp4": "unreadable", "random.mp4": "unreadable",
+       "text.mp4": "unreadable", "short.mp4": "too short", "audio.m4a": "no video stream"}
+
+
+def write_videos(root):
+    """The good and the bad files of GOOD and BAD."""
+    root.mkdir(parents=True, exist_ok=True)
+    frames = index_frames(12)                                               # (12, 36, 48, 3)
+    data.write_video(root / "good.mp4", frames, fps=24)
+    data.write_video(root / "good.gif", frames, fps=10)
+    write_pillow_animation(root / "grey.gif", [Image.fromarray(f[..., 0], "L") for f in frames], fps=10)
+    rgba = np.concatenate([frames, np.full((*frames.shape[:3], 1), 255, np.uint8)], axis=-1)  # (12, H, W, 4)
+    rgba[:, :4, :4, 3] = 0                                                  # a transparent corner
+    write_pillow_animation(root / "rgba.gif", [Image.fromarray(f, "RGBA") for f in rgba], fps=10)
+    write_pillow_animation(root / "rgba.png", [Image.fromarray(f, "RGBA") for f in rgba], fps=10)  # APNG
+    (root / "empty.mp4").write_bytes(b"")
+    good = (root / "good.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(good[:len(good) // 2])
+    (root / "random.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    (root / "text.mp4").write_text("this is not a video\n" * 50)
+    data.write_video(root / "short.mp4", frames[:FRAMES - 1], fps=24)
+    write_audio_only(root / "audio.m4a")
+
+
+def rows():
+    """(path, caption, fps) for every file, then the rows that must be skipped, with why."""
+    listed = [(name, f"clip {name}", "5" if name == "good.gif" else "") for name in [*GOOD, *BAD]]
+    listed.append(("good.mp4", "the same clip, with a comma, and ünïcode", "12"))
+    skipped = [(("missing.mp4", "gone", ""), "missing file"), (("good.mp4", "  ", ""), "empty caption"),
+               (("good.mp4", "caf\udce9 in latin-1", ""), "bad encoding"), (("good.mp4", "bad fps", "inf"), "bad fps"),
+               (("../good.mp4", "outside", ""), "bad path")]
+    return listed, skipped
+
+
+def write_csv(root):
+    listed, skipped = rows()
+    lines = ["path,caption,fps"] + [f'{p},"{c}",{f}' for p, c, f in listed + [row for row, _ in skipped]]
+    text = "\n".join(lines) + "\n"
+    (root / "captions.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8", errors="surrogateescape"))
+
+
+def write_jsonl(root):
+    """No fps key at all, except on the good.gif row; plus a line that is not JSON."""
+    listed, skipped = rows()
+    lines = [json.dumps({"path": p, "caption": c, **({"fps": float(f)} if p == "good.gif" else {})},
+                        ensure_ascii=False) for p, c, f in listed + [row for row, _ in skipped if row[2] != "inf"]]
+    lines.insert(3, "{not json")
+    (root / "captions.jsonl").write_bytes(("\n".join(lines) + "\n").encode("utf-8", errors="surrogateescape"))
+
+
+WRITE_CAPTIONS = {"csv": write_csv, "jsonl": write_jsonl}
+
+
+def still_raft(frames):
+    """A stand-in for flow.RAFT: (T, 3, H, W) -> zero flow (T-1, 2, H, W)."""
+    return torch.zeros(len(frames) - 1, 2, *frames.shape[-2:])
+
+
+@pytest.mark.parametrize("captions", ["csv", "jsonl"])
+def test_read_captions_keeps_good_rows_and_says_why_it_skips_the_others(tmp_path, captions):
+    write_videos(tmp_path)
+    WRITE_CAPTIONS[captions](tmp_path)
+    videos, skipped = data.read_captions(tmp_path)
+    listed, expected_skips = rows()
+    assert [(v["path"], v["caption"]) for v in videos] == [(p, c) for p, c, _ in listed]
+    assert videos[-1]["caption"] == "the same clip, with a comma, and ünïcode"
+    reasons = [reason for reason, _ in skipped]
+    expected = [why for (_, _, fps), why in expected_skips if captions == "csv" or fps != "inf"]
+    assert sorted(reasons) == sorted(expected + ([] if captions == "csv" else ["bad JSON"]))
+    assert ("missing file", "missing.mp4") in skipped
+    fps = {v["path"]: v["fps"] for v in videos[:-1]}
+    assert fps["good.gif"] == 5.0 and fps["good.mp4"] is None and videos[-1]["fps"] == (12.0 if captions == "csv" else None)
+
+
+def test_a_captions_file_that_cannot_be_parsed_is_a_one_line_error(tmp_path):
+    cases = {"csv": ("name,text\na.mp4,hello\n", "path and caption columns"),
+             "jsonl": ("path,caption\na.mp4,hello\n", "not JSON lines")}
+    for suffix, (text, message) in cases.items():
+        folder = tmp_path / suffix
+        folder.mkdir()
+        (folder / f"captions.{suffix}").write_text(text)
+        with pytest.raises(SystemExit, match=message) as error:
+            data.read_captions(folder)
+        assert "\n" not in str(error.value)
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "captions.csv").write_bytes(np.random.default_rng(1).bytes(3000))
+    with pytest.raises(SystemExit, match="path and caption columns"):
+        data.read_captions(binary)
+
+
+@pytest.mark.parametrize("captions", ["csv", "jsonl"])
+def test_video_folder_items_skip_every_unusable_video_and_keep_stride_and_fps_right(tmp_path, captions, capsys):
+    write_videos(tmp_path)
+    WRITE_CAPTIONS[captions](tmp_path)
+    dataset = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, max_stride=MAX_STRIDE, raft=still_raft)
+    items = {index: dataset[index] for index in range(3 * len(dataset))}
+    used = {}
+    for index, item in items.items():
+        assert item["video"].dtype == torch.float32 and item["video"].shape == (3, FRAMES, *SIZE)
+        assert -1 <= item["video"].min() and item["video"].max() <= 1
+        assert item["heatmap"].dtype == torch.float32 and item["heatmap"].shape == (FRAMES, *SIZE)
+        assert 0 <= item["heatmap"].min() and item["heatmap"].max() <= 1
+        assert item["fps"].dtype == torch.float32 and item["fps"].ndim == 0
+        path, row_fps = next((v["path"], v["fps"]) for v in dataset.videos if v["caption"] == item["caption"])
+        used[path] = used.get(path, 0) + 1
+        stride = (row_fps or GOOD[path]) / item["fps"].item()
+        assert stride == pytest.approx(round(stride)) and 1 <= round(stride) <= MAX_STRIDE, (path, stride)
+        picked = [frame_index(frame) for frame in uint8_frames(item)]     # which source frames
+        assert np.diff(picked).tolist() == [round(stride)] * (FRAMES - 1), (path, picked, stride)
+        grey = uint8_frames(item).astype(int)
+        assert np.abs(grey - grey[..., :1]).max() <= 3                     # grey and RGBA came back as RGB
+    assert set(used) == set(GOOD)
+    assert {path: reason for reason, path in dataset.unusable} == BAD
+    warnings = capsys.readouterr().err
+    assert "skipped" in warnings and "missing.mp4" in warnings
+    for path, reason in BAD.items():
+        assert f"skipping {path}: {reason}" in warnings
+    fresh = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, max_stride=MAX_STRIDE, raft=still_raft)
+    for index in (len(items) - 1, 7):                                      # no matter which failures it saw first
+        assert torch.equal(fresh[index]["video"], items[index]["video"])
+        assert fresh[index]["caption"] == items[index]["caption"]
+
+
+def test_a_folder_with_no_usable_video_stops_before_training(tmp_path):
+    write_videos(tmp_path)
+    (tmp_path / "captions.csv").write_text("path,caption\n" + "".join(f"{name},x\n" for name in BAD))
+    with pytest.raises(SystemExit, match="no usable clip") as error:
+        data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, raft=still_raft)
+    assert "\n" not in str(error.value) and "empty file: empty.mp4" in str(error.value)
+    (tmp_path / "captions.csv").write_text("path,caption\ngood.mp4,x\n")
+    with pytest.raises(SystemExit, match="no video .* has cached heatmaps.*python flow.py cache"):
+        data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE)           # no cache and no RAFT
+
+
+def test_cached_heatmaps_are_used_and_uncached_or_stale_videos_skipped(tmp_path, capsys):
+    write_videos(tmp_path)
+    (tmp_path / "captions.csv").write_text("path,caption\ngood.mp4,cached\ngood.gif,not cached\n")
+    pairs = {f"stride_{s}": np.full((12 - s, *SIZE), 40 * s, np.uint8) for s in range(1, MAX_STRIDE + 1)}
+    path = data.cache_path(tmp_path, "good.mp4", SIZE)
+    path.parent.mkdir(parents=True)
+    np.savez(path, num_frames=np.array(12), **pairs)
+    dataset = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, max_stride=MAX_STRIDE)
+    assert [v["path"] for v in dataset.videos] == ["good.mp4"] and "no cached heatmaps: good.gif" in capsys.readouterr().err
+    for index in range(6):
+        item = dataset[index]
+        stride = round(24 / item["fps"].item())
+        assert torch.allclose(item["heatmap"], torch.full((FRAMES, *SIZE), 40 * stride / 255))
+    np.savez(path, num_frames=np.array(12), stride_1=pairs["stride_1"])   # made with --max-stride 1
+    stale = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, max_stride=MAX_STRIDE)
+    with pytest.raises(SystemExit, match="stale heatmap cache"):
+        [stale[index] for index in range(6)]
+    assert not flow.cache_is_complete(path, MAX_STRIDE) and flow.cache_is_complete(path, 1)
+
+
+def test_check_cli_counts_usable_and_skipped_videos(tmp_path):
+    write_videos(tmp_path)
+    write_csv(tmp_path)
+    result = run("data.py", "check", str(tmp_path), "--frames", str(FRAMES))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(GOOD) + 1} usable, {len(BAD) + len(rows()[1])} skipped" in result.stdout
+    for line in ("1 empty file: empty.mp4", "3 unreadable: truncated.mp4, random.mp4, text.mp4", "1 too short: short.mp4",
+                 "1 no video stream: audio.m4a", "1 missing file: missing.mp4", "1 bad encoding: captions.csv line"):
+        assert line in result.stdout
+    (tmp_path / "captions.csv").write_text("path,caption\nempty.mp4,x\ntext.mp4,y\n")
+    result = run("data.py", "check", str(tmp_path), "--frames", str(FRAMES))
+    assert one_line_error(result) and "no usable video" in result.stderr and "0 usable, 2 skipped" in result.stdout
+
+
+def test_demo_image_cli_writes_a_png_and_its_prompts(tmp_path):
+    out = tmp_path / "first.png"
+    result = run("data.py", "--demo-image", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    image = np.asarray(Image.open(out))
+    assert Image.open(out).format == "PNG" and image.shape == (256, 256, 3)
+    prompts = [e["caption"] for e in data.held_out_pairs() if e["image_id"] == 0]
+    assert [line.strip() for line in result.stdout.splitlines()[1:]] == prompts
+    with pytest.raises(SystemExit):
+        data.main(["--demo-image", str(tmp_path / "first.txt")])

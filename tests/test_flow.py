@@ -1,0 +1,203 @@
+"""flow.py: the heatmap rules by hand, RAFT (real weights) against exact flow and a known translation,
+the cache and show command lines, and bad input."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import flow
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+WEIGHTS = {"small": "raft_small.pth", "large": "raft_large_sintel.pth"}
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def rafts(shared):
+    """name -> flow.RAFT with the real weights, loaded once per module."""
+    loaded = {}
+
+    def get(name):
+        if name not in loaded:
+            loaded[name] = flow.RAFT(shared / "weights" / WEIGHTS[name])
+        return loaded[name]
+    return get
+
+
+# ---- sigma and the heatmap rules, by hand ----
+
+def test_sigma_by_hand_and_heatmaps_use_motion_relative_to_the_width():
+    assert flow.sigma(torch.tensor(0.05)).item() == pytest.approx(0.5)
+    assert flow.sigma(torch.tensor(0.0)).item() == pytest.approx(1 / (1 + math.exp(5)), rel=1e-5)
+    assert flow.sigma(torch.tensor(0.1)).item() == pytest.approx(1 / (1 + math.exp(-5)), rel=1e-5)
+
+    # a (3, 4) px flow is 5 px long: on a 100 px wide frame that is 0.05 widths, sigma = 0.5
+    hand = torch.tensor([3.0, 4.0]).view(2, 1, 1).expand(2, 4, 100)       # (2, H, W)
+    assert torch.allclose(flow.pair_heatmaps(hand), torch.full((4, 100), 0.5))
+    assert flow.pair_heatmaps(hand, width=200)[0, 0].item() == pytest.approx(flow.sigma(torch.tensor(0.025)).item())
+
+    relative = torch.tensor([0.0, 0.02, 0.04, 0.05, 0.06, 0.1, 0.3])       # widths per frame
+    heatmaps = []
+    for width in (32, 128):
+        flows = torch.zeros(len(relative), 2, 8, width)                    # (N, 2, H, W)
+        flows[:, 1] = (relative * width).view(-1, 1, 1)                    # vertical motion
+        heatmaps.append(flow.pair_heatmaps(flows)[:, 0, 0])                # (N,)
+    assert torch.allclose(heatmaps[0], heatmaps[1], atol=1e-6)
+    assert torch.allclose(heatmaps[0], flow.sigma(relative), atol=1e-6)
+
+    # the same shapes scene drawn at 32 and 128 px: the same heatmap, up to the pixel grid
+    small, large = (flow.pair_heatmaps(data.render_clip(data.make_scene(np.random.default_rng(3), size),
+                                                        {0: "right", 1: "down"}, frames=2)[1]) for size in (32, 128))
+    pooled = torch.nn.functional.avg_pool2d(large, 4)                       # (1, 32, 32)
+    assert small.mean() > 0.05 and (small - pooled).abs().mean() < 0.03
+
+
+def test_frame_heatmaps_take_the_max_of_the_pair_into_and_out_of_each_frame():
+    pairs = torch.tensor([[[0.1, 0.9]], [[0.5, 0.2]], [[0.3, 0.4]]])       # (T-1=3, H=1, W=2)
+    expected = torch.tensor([[[0.1, 0.9]], [[0.5, 0.9]], [[0.5, 0.4]], [[0.3, 0.4]]])  # (T=4, 1, 2)
+    assert torch.equal(flow.frame_heatmaps(pairs), expected)
+    batch = torch.stack([pairs, pairs.flip(0)])                             # (B=2, T-1, H, W)
+    assert torch.equal(flow.frame_heatmaps(batch)[0], expected)
+    assert torch.equal(flow.frame_heatmaps(batch)[1], flow.frame_heatmaps(pairs.flip(0)))
+
+
+# ---- RAFT with the real weights ----
+
+def moving_shapes_pairs(size, count=4):
+    """count 2-frame shapes clips in which every shape moves: first, second (N, 3, S, S) in
+    [-1, 1] and the exact flow (N, 2, S, S)."""
+    firsts, seconds, flows = [], [], []
+    for k in range(count):
+        rng = np.random.default_rng([11, k])
+        scene = data.make_scene(rng, size)
+        motions = {i: str(rng.choice(data.allowed_motions(obj, size)[1:])) for i, obj in enumerate(scene["objects"])}
+        video, exact = data.render_clip(scene, motions, frames=2)           # (2, S, S, 3), (1, 2, S, S)
+        frames = data.frames_to_tensor(video)                               # (2, 3, S, S)
+        firsts.append(frames[0])
+        seconds.append(frames[1])
+        flows.append(exact[0])
+    return torch.stack(firsts), torch.stack(seconds), torch.stack(flows)
+
+
+# mean IoU floors, with headroom under what was measured on these clips (see the report printed with -s)
+IOU_FLOOR = {("small", 32): 0.65, ("small", 128): 0.65, ("large", 32): 0.80, ("large", 128): 0.88}
+
+
+@pytest.mark.parametrize("name,size", list(IOU_FLOOR))
+def test_raft_heatmap_matches_the_exact_flow_heatmap_on_shapes(rafts, name, size):
+    """32 px clips go through RAFT's upsampling to 128 px and the flow's scaling back."""
+    first, second, exact = moving_shapes_pairs(size)
+    estimated = rafts(name).pairs(first, second)                            # (N, 2, S, S)
+    assert estimated.shape == exact.shape
+    ours, truth = flow.pair_heatmaps(estimated) > 0.5, flow.pair_heatmaps(exact) > 0.5  # (N, S, S)
+    iou = (ours & truth).sum((1, 2)) / (ours | truth).sum((1, 2))           # (N,)
+    moving = exact.norm(dim=1) > 0                                          # (N, S, S)
+    error = (estimated - exact).norm(dim=1)[moving].median() / size         # widths
+    print(f"\nraft_{name} at {size} px: IoU {[round(v, 3) for v in iou.tolist()]} mean {iou.mean():.3f}, "
+          f"median endpoint error on moving pixels {error * size:.2f} px")
+    assert iou.mean() > IOU_FLOOR[name, size] and iou.min() > IOU_FLOOR[name, size] - 0.15
+    assert error < 0.03          # a flow left at RAFT's resolution would be 4x too long at 32 px
+
+
+def test_raft_finds_a_known_translation_of_a_real_frame(rafts, shared):
+    """Two windows of a real frame, k px apart: flow -k px everywhere inside; identical frames: ~0.
+    132x180 is padded to 136x184 for RAFT (multiples of 8). Frames fed in 0..255 instead of [-1, 1]
+    fail this; RAFT's feature normalisation makes [0, 1] indistinguishable here."""
+    image = data.load_frames(shared / "videos" / "realshort.mp4")[0][0]     # (240, 320, 3)
+    height, width, k, y, x = 132, 180, 12, 50, 40
+    window = image[y:y + height, x:x + width]                               # (h, w, 3)
+    shifted = image[y:y + height, x + k:x + k + width]                      # window moved k px left
+    first = data.frames_to_tensor(np.stack([window, window]))              # (2, 3, h, w)
+    second = data.frames_to_tensor(np.stack([shifted, window]))            # (2, 3, h, w)
+    estimated = rafts("small").pairs(first, second)                         # (2, 2, h, w)
+    inside = estimated[:, :, 16:-16, 16:-16]                                # away from the borders
+    print(f"\nraft_small: median flow {inside[0, 0].median():.3f}, {inside[0, 1].median():.3f} px "
+          f"(expected {-k}, 0); identical frames: max |flow| {estimated[1].norm(dim=0).max():.3f} px")
+    assert estimated.shape == (2, 2, height, width)
+    assert inside[0, 0].median().item() == pytest.approx(-k, abs=0.3)
+    assert inside[0, 1].median().item() == pytest.approx(0, abs=0.3)
+    assert ((inside[0, 0] + k).abs() < 1).float().mean() > 0.95
+    heatmaps = flow.pair_heatmaps(estimated)                                # (2, h, w)
+    assert heatmaps[0, 16:-16, 16:-16].median() > 0.7                       # sigma(12 / 180) = 0.84
+    assert estimated[1].norm(dim=0).max() < 1.0 and heatmaps[1].max() < 0.02  # sigma(0) = 0.0067
+
+
+# ---- the command lines ----
+
+def write_folder(root, frames=4):
+    """Two shapes clips (an mp4 and a gif), a broken file, and captions.csv listing them."""
+    for k, name in enumerate(["a.mp4", "b.gif"]):
+        rng = np.random.default_rng([5, k])
+        scene = data.make_scene(rng, 32)
+        video, _ = data.render_clip(scene, {0: data.allowed_motions(scene["objects"][0], 32)[1]}, frames=frames)
+        data.write_video(root / name, video, fps=10)
+    (root / "broken.mp4").write_text("not a video\n")
+    (root / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\nbroken.mp4,three\n")
+
+
+def test_cache_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raft(tmp_path, shared, rafts):
+    write_folder(tmp_path)
+    command = ["flow.py", "cache", str(tmp_path), "--size", "32x32", "--max-stride", "2", "--device", "cpu",
+               "--weights", str(shared / "weights" / "raft_small.pth")]
+    first = run(*command)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "cached 2 videos" in first.stdout and "1 unreadable: broken.mp4" in first.stdout
+    caches = {name: data.cache_path(tmp_path, name, (32, 32)) for name in ("a.mp4", "b.gif")}
+    for path in caches.values():
+        with np.load(path) as cache:
+            assert sorted(cache.files) == ["num_frames", "stride_1", "stride_2"] and int(cache["num_frames"]) == 4
+            assert cache["stride_1"].shape == (3, 32, 32) and cache["stride_2"].shape == (2, 32, 32)
+            assert cache["stride_1"].dtype == np.uint8 and cache["stride_1"].max() > 200  # a shape moves
+    stamps = {name: path.stat().st_mtime_ns for name, path in caches.items()}
+
+    second = run(*command)
+    assert second.returncode == 0 and "2 already cached" in second.stdout and "cached 0 videos" in second.stdout
+    assert {name: path.stat().st_mtime_ns for name, path in caches.items()} == stamps
+
+    dataset = data.VideoFolderDataset(tmp_path, frames=3, size=(32, 32), max_stride=2)   # cache only
+    for index in range(2):
+        item = dataset[index]
+        on_the_fly = flow.video_heatmap(item["video"].transpose(0, 1), rafts("small"))     # (T, H, W)
+        assert item["heatmap"].shape == on_the_fly.shape == (3, 32, 32)
+        assert (item["heatmap"] - on_the_fly).abs().max() <= 1 / 255
+
+
+def test_show_cli_writes_frame_flow_and_heatmap_side_by_side(tmp_path, shared):
+    out = tmp_path / "vis.mp4"
+    result = run("flow.py", "show", str(shared / "videos" / "realshort.mp4"), "--out", str(out), "--frames", "4",
+                 "--size", "64x96", "--device", "cpu", "--weights", str(shared / "weights" / "raft_small.pth"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    frames, _ = data.load_frames(out)
+    assert frames.shape == (4, 64, 3 * 96, 3)
+    heatmap = frames[..., 2 * 96:, :].astype(int)                          # (T, H, W, 3)
+    assert np.abs(heatmap - heatmap.mean(-1, keepdims=True)).max() < 16   # grey
+
+
+def test_bad_weights_and_missing_videos_are_one_line_errors(tmp_path, shared):
+    not_raft = tmp_path / "not_raft.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, not_raft)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(SystemExit, match="cannot read RAFT weights"):
+        flow.RAFT(garbage)
+    video = str(shared / "videos" / "newtonscradle.gif")
+    results = {
+        "neither a torchvision raft_small nor a raft_large": run(
+            "flow.py", "show", video, "--out", str(tmp_path / "x.mp4"), "--frames", "2", "--size", "64x64",
+            "--device", "cpu", "--weights", str(not_raft)),
+        "missing file": run("flow.py", "show", str(tmp_path / "nothing.mp4"), "--out", str(tmp_path / "x.mp4"),
+                            "--device", "cpu", "--weights", str(shared / "weights" / "raft_small.pth")),
+    }
+    for message, result in results.items():
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
