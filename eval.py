@@ -1,11 +1,12 @@
 """ShapesBench: does a sampled video do what the text says?
 
-    python eval.py --ckpt out/shapes                      # sample the held-out pairs and score them
-    python eval.py --baselines                          # score ground truth and copy-the-first-frame
+    python eval.py --ckpt out/shapes                        # sample the held-out pairs and score them
+    python eval.py --ckpt out/motif/ckpt_*.pt --loss-shares  # a curve over checkpoints, + loss shares
+    python eval.py --baselines                              # ground truth and copy-the-first-frame
 
 The held-out set is data.held_out_pairs(): test-split first frames, never seen in training, each
-with several prompts. Every pair is sampled (batched), then scored by tracking each shape by its
-colour in every frame:
+with several prompts. Every pair is sampled (batched, pair i with seed --seed + i), then scored by
+tracking each shape by its colour in every frame:
 - direction accuracy: a shape told to move left/right/up/down travelled at least MIN_TRAVEL of the
   frame width, mostly along that way;
 - still accuracy: a shape told to stay still (or not mentioned) travelled less than that;
@@ -14,7 +15,12 @@ colour in every frame:
 - first-frame PSNR: frame 0 against the conditioning image;
 - image alignment: mean PSNR of all frames against the conditioning image. A static video scores
   best here, which is the paper's point that such metrics reward not moving.
-Writes a JSON of the figures and a gif grid (conditioning image | exact heatmap | sample).
+
+--loss-shares reproduces the paper's loss-ratio analysis: on held-out clips, at fixed timesteps,
+the share of the model's squared error that lies in high-motion regions (weighted by the latent
+heatmap m'), next to the share of the area that moves. MotiF should hold it lower than the plain loss.
+
+Writes out/results.json and, per checkpoint, a gif grid (conditioning image | heatmap | sample).
 """
 import argparse
 import json
@@ -26,12 +32,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DIRECTIONS, PALETTE, held_out_pairs, render_clip
+from data import DIRECTIONS, PALETTE, ShapesDataset, held_out_pairs, render_clip
 from flow import heatmap_from_flow
+from loss import Schedule, latent_heatmap, q_sample, v_target
 
 MIN_TRAVEL = 0.1  # of the frame width: the least travel that counts as moving
 COLOUR_TOLERANCE = 60  # max distance in RGB (0..255) for a pixel to belong to a shape's colour
 STATIC_CHANGE = 2.0  # mean absolute change (0..255) between first and last frame under which a clip is static
+SHARE_TIMESTEPS = (50, 150, 250, 350, 450, 550, 650, 750, 850, 950)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -95,13 +103,35 @@ def copy_first_frame(entries, frames):
 def sample_all(model, cfg, entries, steps, cfg_scale, seed, batch):
     from sample import ddim_sample, to_uint8_frames
     videos = []
-    for start in tqdm(range(0, len(entries), batch), desc="eval"):
+    for start in tqdm(range(0, len(entries), batch), desc="eval", unit="batch"):
         chunk = entries[start:start + batch]
         images = torch.stack([torch.from_numpy(e["image"]).permute(2, 0, 1).float() / 127.5 - 1 for e in chunk])
         out = ddim_sample(model, images, [e["caption"] for e in chunk], cfg.frames, 8, steps, cfg_scale,
-                          seed + start, progress=False)
+                          [seed + start + i for i in range(len(chunk))], progress=False)
         videos += [to_uint8_frames(v) for v in out]
     return videos
+
+
+@torch.no_grad()
+def loss_shares(model, cfg, clips=64, seed=0):
+    """Per timestep: the share of the squared v-error inside high-motion regions, sum(m' err) / sum(err),
+    on `clips` held-out clips (with their captions), and the share of the area that moves, mean(m')."""
+    device = next(model.parameters()).device
+    data = ShapesDataset("test", size=cfg.height, frames=cfg.frames, max_stride=cfg.max_stride, seed=seed)
+    items = [data[i] for i in range(clips)]
+    z0 = model.encode_video(torch.stack([item["video"] for item in items]).to(device))  # (N, C, T, h, w)
+    m = latent_heatmap(torch.stack([item["heatmap"] for item in items]).to(device), z0.shape[-2:])  # (N, 1, T, h, w)
+    captions, fps = [item["caption"] for item in items], torch.stack([item["fps"] for item in items]).to(device)
+    schedule, generator = Schedule(device=device), torch.Generator().manual_seed(seed)
+    shares = {}
+    for t in SHARE_TIMESTEPS:
+        timesteps = torch.full((clips,), t, device=device)
+        noise = torch.randn(z0.shape, generator=generator).to(device)
+        v_hat = model(q_sample(schedule, z0, timesteps, noise), model.image_latent(z0), timesteps, captions, fps)
+        err = (v_target(schedule, z0, timesteps, noise) - v_hat).square()  # (N, C, T, h, w)
+        shares[t] = (m * err).sum().item() / err.sum().item()
+    return {"timesteps": list(SHARE_TIMESTEPS), "moving_loss_share": [shares[t] for t in SHARE_TIMESTEPS],
+            "moving_area_share": m.mean().item()}
 
 
 def write_grid(entries, videos, path, count=12, scale=4):
@@ -117,44 +147,78 @@ def write_grid(entries, videos, path, count=12, scale=4):
     iio.imwrite(path, grid, duration=250, loop=0)
 
 
+# ----------------------------------------------------------------------------- command line
+
+def load_shapes_model(path, device):
+    from sample import load_model
+    model, cfg, step = load_model(path, device)
+    if cfg.data != "shapes":
+        raise ValueError(f"{path} was trained on {cfg.data!r}, not the shapes videos: ShapesBench needs a shapes model")
+    return model, cfg, step
+
+
+def table(results):
+    keys = ("direction_accuracy", "still_accuracy", "static_video_rate", "first_frame_psnr", "image_alignment_psnr")
+    lines = ["| what | step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for name, figures in results.items():
+        for row in figures if isinstance(figures, list) else [figures]:
+            if "direction_accuracy" in row:
+                lines.append(f"| {row.get('ckpt', name)} | {row.get('step', '')} | "
+                             + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="ShapesBench: score text-following on held-out shapes pairs")
-    p.add_argument("--ckpt", help="a train.py checkpoint of a shapes model")
+    p.add_argument("--ckpt", nargs="+", default=[], help="train.py checkpoints of shapes models, or run folders")
     p.add_argument("--baselines", action="store_true", help="also score ground truth and copy-the-first-frame")
+    p.add_argument("--loss-shares", action="store_true", help="also measure the moving-region loss share per timestep")
     p.add_argument("--images", type=int, default=64, help="held-out first frames (3-5 prompts each)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--out", default="out/eval", help="folder for results.json and grid.gif")
+    p.add_argument("--out", default="out/eval", help="folder for results.json and the grids")
     args = p.parse_args(argv)
     if not args.ckpt and not args.baselines:
-        raise SystemExit("error: give --ckpt CKPT (a shapes model) and/or --baselines")
+        raise SystemExit("error: give --ckpt CKPT [CKPT ...] (shapes models) and/or --baselines")
+    if args.images < 1 or args.batch < 1:
+        raise SystemExit("error: --images and --batch must be positive")
     out = Path(args.out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
+    try:
+        from sample import ddim_timesteps
+        ddim_timesteps(args.steps)
+        models = [(path, *load_shapes_model(path, device)[1:]) for path in args.ckpt]  # check all before the long part
+        out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     frames = 8
-    if args.ckpt:
-        from sample import load_model
-        try:
-            model, cfg, step = load_model(args.ckpt, "cuda" if torch.cuda.is_available() else "cpu")
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        if cfg.data != "shapes":
-            raise SystemExit(f"error: {args.ckpt} was trained on {cfg.data!r}, not the shapes videos")
+    for index, (path, cfg, step) in enumerate(models):
+        model, cfg, step = load_shapes_model(path, device)
         frames = cfg.frames
         entries = held_out_pairs(args.images, size=cfg.height)
         videos = sample_all(model, cfg, entries, args.steps, args.cfg, args.seed, args.batch)
-        results["model"] = {"ckpt": str(args.ckpt), "step": step, **score(entries, videos)}
-        out.mkdir(parents=True, exist_ok=True)
-        write_grid(entries, videos, out / "grid.gif")
+        row = {"ckpt": str(path), "step": step, **score(entries, videos)}
+        if args.loss_shares:
+            row["loss_shares"] = loss_shares(model, cfg, seed=args.seed)
+        results.setdefault("checkpoints", []).append(row)
+        write_grid(entries, videos, out / f"grid_{index}_step{step}.gif")
+        print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "loss_shares"))
     if args.baselines:
         entries = held_out_pairs(args.images)
         results["ground_truth"] = score(entries, ground_truth(entries, frames))
         results["copy_first_frame"] = score(entries, copy_first_frame(entries, frames))
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    for name, figures in results.items():
-        print(name, " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
+    print(table(results))
+    for row in results.get("checkpoints", []):
+        if "loss_shares" in row:
+            shares = row["loss_shares"]
+            print(f"{row['ckpt']}: moving-region loss share by timestep "
+                  + " ".join(f"t{t}:{s:.3f}" for t, s in zip(shares["timesteps"], shares["moving_loss_share"]))
+                  + f" (moving area {shares['moving_area_share']:.3f})")
+    print(f"wrote {out / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -5,23 +5,35 @@ encoded; its latent, repeated over T frames, is the x-cat condition. DDIM (eta =
 v-prediction model down from noise with classifier-free guidance,
 v_hat = v(empty text) + s * (v(text) - v(empty text)), and the decoded frames go to an mp4 and a gif.
 The checkpoint's EMA weights are used (and the script says so).
+
+    python sample.py img.png "the red circle moves right" --ckpt out/shapes --seed 3
+    python sample.py --prompts bench/prompts.csv --out samples/   # a whole benchmark (TI2V-Bench layout)
+
+A benchmark is a CSV with the columns `image` (a file name, relative to --images, by default the
+CSV's folder) and `prompt`, one row per video. Row i is sampled with seed --seed + i, so a row's
+video does not depend on the batch it falls in; rows whose mp4 exists are skipped (a killed run
+resumes), and out/index.csv lists what was made.
 """
 import argparse
+import csv
+import os
 import sys
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from data import resize_center_crop, write_video
 from loss import Schedule
 from model import MotifModel
 from train import Config, load_checkpoint, model_config
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs
 
+
+# ----------------------------------------------------------------------------- inputs
 
 def load_model(ckpt_path, device, use_ema=True):
     """Rebuild the model from a train.py checkpoint; EMA weights unless use_ema is False."""
@@ -30,15 +42,15 @@ def load_model(ckpt_path, device, use_ema=True):
     model = MotifModel(model_config(cfg))
     model.load_state_dict(ckpt["model"])
     if use_ema:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        with torch.no_grad():
-            for p, e in zip(trainable, ckpt["ema"]):
-                p.copy_(e)
+        unexpected = model.load_state_dict(ckpt["ema"], strict=False).unexpected_keys  # trainable parameters only
+        if unexpected:
+            raise ValueError(f"{ckpt_path}: its EMA weights do not fit the model ({unexpected[:2]})")
     return model.to(device).eval(), cfg, ckpt["step"]
 
 
 def load_image(path, height, width):
-    """Any image (RGB, RGBA, grey, palette) -> (3, H, W) in [-1, 1], resized to cover then center-cropped."""
+    """Any image (RGB, RGBA, grey, palette) -> (3, H, W) in [-1, 1], resized to cover then center-cropped.
+    Transparent pixels are composited on white."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"image {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
@@ -51,40 +63,51 @@ def load_image(path, height, width):
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    image = image.convert("RGB")
-    scale = max(height / image.height, width / image.width)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(size, Image.BICUBIC)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
-    return pixels / 127.5 - 1
+    pixels = np.asarray(image.convert("RGB"))[None]                      # (1, H0, W0, 3)
+    pixels = resize_center_crop(pixels, (height, width))[0]              # (H, W, 3)
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+
+
+def check_prompt(prompt, model):
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: describe the motion, e.g. \"the red circle moves right\" "
+                         "(the empty prompt is the unconditional half of guidance, not a prompt)")
+    length, limit = model.text_encoder.length(prompt), model.text_encoder.max_len
+    if length > limit:
+        raise ValueError(f"the prompt is {length} tokens long; this model's text encoder reads at most {limit}")
+
+
+# ----------------------------------------------------------------------------- DDIM
+
+def ddim_timesteps(steps, num_steps=1000):
+    """VideoCrafter's uniform DDIM timesteps 1, 1 + stride, ..., descending."""
+    if not 1 <= steps <= num_steps // 2:
+        raise ValueError(f"DDIM steps must be in 1..{num_steps // 2}, not {steps}")
+    stride = num_steps // steps
+    return [1 + i * stride for i in range(steps)][::-1]
 
 
 @torch.no_grad()
-def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, seed=0, progress=True):
-    """image (B, 3, H, W) in [-1, 1], captions list of B strings -> video (B, 3, T, H, W) in [-1, 1].
+def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, seeds=(0,), progress=True):
+    """image (B, 3, H, W) in [-1, 1], B captions, B seeds -> video (B, 3, T, H, W) in [-1, 1].
 
-    DDIM over VideoCrafter's uniform timesteps (1, 1 + 1000/steps, ...), eta = 0, v-prediction."""
+    DDIM, eta = 0, v-prediction; each sample's starting noise comes from its own seed."""
     device = next(model.parameters()).device
-    schedule = Schedule()
-    abar = schedule.alphas_cumprod
+    abar = Schedule().alphas_cumprod
     b = image.shape[0]
     video = image.to(device)[:, :, None].expand(-1, -1, frames, -1, -1)  # (B, 3, T, H, W)
     z_img = model.image_latent(model.encode_video(video))  # (B, C, T, h, w)
     context = model.text_encoder(list(captions) + [""] * b)  # (2B, L, D): text, then the empty prompt
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(z_img.shape, generator=generator).to(device)  # (B, C, T, h, w)
+    z = torch.stack([torch.randn(z_img.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
     fps = torch.full((2 * b,), float(fps), device=device)
-    stride = schedule.num_steps // steps  # VideoCrafter's uniform DDIM timesteps 1, 1 + stride, ...
-    timesteps = [1 + i * stride for i in range(steps)][::-1]
+    timesteps = ddim_timesteps(steps)
     for i, t in enumerate(tqdm(timesteps, desc="sample", disable=not progress)):
         a_t = abar[t].item()
         a_prev = abar[timesteps[i + 1]].item() if i + 1 < len(timesteps) else abar[0].item()
         tt = torch.full((2 * b,), t, device=device, dtype=torch.long)
         v_text, v_null = model.denoise(torch.cat([z, z]), torch.cat([z_img, z_img]), tt, context, fps).chunk(2)
         v = v_null + cfg_scale * (v_text - v_null)  # classifier-free guidance
-        x0 = a_t ** 0.5 * z - (1 - a_t) ** 0.5 * v
+        x0 = a_t ** 0.5 * z - (1 - a_t) ** 0.5 * v  # (B, C, T, h, w)
         eps = a_t ** 0.5 * v + (1 - a_t) ** 0.5 * z
         z = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
     return model.autoencoder.decode(z).clamp(-1, 1)  # (B, 3, T, H, W)
@@ -98,48 +121,109 @@ def to_uint8_frames(video, upscale=1):
     return frames.numpy()
 
 
-def write_video(frames, out_prefix, fps):
-    """Write out_prefix.mp4 and out_prefix.gif; return both paths."""
-    out_prefix = Path(out_prefix)
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    mp4, gif = out_prefix.with_suffix(".mp4"), out_prefix.with_suffix(".gif")
-    iio.imwrite(mp4, frames, fps=fps, codec="libx264", macro_block_size=1)
-    iio.imwrite(gif, frames, duration=1000 / fps, loop=0)
-    return mp4, gif
+# ----------------------------------------------------------------------------- a benchmark set
 
+def read_benchmark(prompts_csv, images_dir):
+    """Rows of a TI2V-Bench style CSV (columns image, prompt) -> [(row, image path, prompt)]."""
+    prompts_csv = Path(prompts_csv)
+    if not prompts_csv.is_file():
+        raise ValueError(f"prompts file {prompts_csv} does not exist")
+    try:
+        with open(prompts_csv, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"image", "prompt"} <= set(reader.fieldnames):
+                raise ValueError(f"{prompts_csv} needs a header with the columns image and prompt "
+                                 f"(found {reader.fieldnames})")
+            rows = [(i, (row["image"] or "").strip(), (row["prompt"] or "").strip()) for i, row in enumerate(reader)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"cannot read {prompts_csv} as UTF-8 CSV: {e}") from None
+    images_dir = Path(images_dir) if images_dir else prompts_csv.parent
+    bad = [f"row {i + 2}" for i, image, prompt in rows if not image or not prompt]
+    missing = [image for _, image, _ in rows if image and not (images_dir / image).is_file()]
+    if bad or missing:
+        raise ValueError(f"{prompts_csv}: {len(bad)} rows without image or prompt ({', '.join(bad[:3])}), "
+                         f"{len(missing)} images missing from {images_dir} ({', '.join(missing[:3])})")
+    if not rows:
+        raise ValueError(f"{prompts_csv} has no rows")
+    return [(i, images_dir / image, prompt) for i, image, prompt in rows]
+
+
+def video_name(row, image):
+    return f"{row:04d}_{Path(image).stem}.mp4"
+
+
+def sample_benchmark(model, cfg, rows, out_dir, args):
+    """Sample every row not yet done, batch by batch; each mp4 is written whole, then renamed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for _, image, prompt in rows:
+        check_prompt(prompt, model)
+    todo = [r for r in rows if not (out_dir / video_name(r[0], r[1])).is_file()]
+    print(f"{len(rows)} rows, {len(rows) - len(todo)} already sampled in {out_dir}, {len(todo)} to go")
+    for start in tqdm(range(0, len(todo), args.batch), desc="benchmark", unit="batch"):
+        batch = todo[start:start + args.batch]
+        images = torch.stack([load_image(image, cfg.height, cfg.width) for _, image, _ in batch])
+        videos = ddim_sample(model, images, [p for _, _, p in batch], cfg.frames, args.fps, args.steps, args.cfg,
+                             [args.seed + row for row, _, _ in batch], progress=False)
+        for (row, image, _), video in zip(batch, videos):
+            path = out_dir / video_name(row, image)
+            partial = path.with_name(path.stem + ".partial.mp4")
+            write_video(partial, to_uint8_frames(video), args.fps)
+            os.replace(partial, path)
+    index = out_dir / "index.csv"
+    with open(index.with_suffix(".tmp"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "image", "prompt", "seed", "video"])
+        writer.writerows([row, image.name, prompt, args.seed + row, video_name(row, image)] for row, image, prompt in rows)
+    os.replace(index.with_suffix(".tmp"), index)
+    print(f"wrote {len(todo)} videos; {index} lists all {len(rows)}")
+
+
+# ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("image", help="the first frame (any size or mode; resized and center-cropped)")
-    p.add_argument("prompt", help="what should move, and how")
+    p.add_argument("image", nargs="?", help="the first frame (any size or mode; resized and center-cropped)")
+    p.add_argument("prompt", nargs="?", help="what should move, and how")
+    p.add_argument("--prompts", help="sample a benchmark: a CSV with the columns image, prompt")
+    p.add_argument("--images", help="folder of the benchmark's images (default: the CSV's folder)")
+    p.add_argument("--batch", type=int, default=8, help="benchmark rows sampled together")
     p.add_argument("--ckpt", default="out/shapes", help="a train.py checkpoint, or its run folder (uses its latest)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=8, help="frame rate told to the model and written to the files")
-    p.add_argument("--out", default="out/sample", help="output path without extension: writes .mp4 and .gif")
+    p.add_argument("--out", default="out/sample", help="one image: output path without extension (.mp4 and .gif "
+                   "are written); a benchmark: the output folder")
     p.add_argument("--upscale", type=int, default=0, help="nearest-neighbour upscale of the written frames (0: to >= 256 px)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        if not args.prompt.strip():
-            raise ValueError("the prompt is empty: describe the motion, e.g. \"the red circle moves right\"")
-        if not 1 <= args.steps <= 500 or args.fps <= 0:
-            raise ValueError(f"--steps must be in 1..500 and --fps positive (got {args.steps}, {args.fps})")
+        if bool(args.prompts) == bool(args.image or args.prompt):
+            raise ValueError("give either an image and a prompt, or --prompts FILE.csv")
+        if args.image and args.prompt is None:
+            raise ValueError("give a prompt after the image, e.g. sample.py img.png \"the red circle moves right\"")
+        ddim_timesteps(args.steps)
+        if args.fps <= 0 or args.batch < 1:
+            raise ValueError(f"--fps and --batch must be positive (got {args.fps}, {args.batch})")
+        rows = read_benchmark(args.prompts, args.images) if args.prompts else None
         model, cfg, step = load_model(args.ckpt, args.device, use_ema=not args.no_ema)
-        limit = model.text_encoder.max_len
-        if len(args.prompt.encode("utf-8")) > limit:
-            raise ValueError(f"the prompt is {len(args.prompt.encode('utf-8'))} bytes; this model reads at most {limit}")
+        print(f"sampling {args.ckpt} (step {step}, {'raw' if args.no_ema else 'EMA'} weights): "
+              f"{cfg.frames} frames at {cfg.height}x{cfg.width}, {args.steps} DDIM steps, cfg {args.cfg}, seed {args.seed}")
+        if rows:
+            sample_benchmark(model, cfg, rows, args.out, args)
+            return
+        check_prompt(args.prompt, model)
         image = load_image(args.image, cfg.height, cfg.width)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"sampling {args.ckpt} (step {step}, {'EMA' if not args.no_ema else 'raw'} weights): "
-          f"{cfg.frames} frames at {cfg.height}x{cfg.width}, {args.steps} DDIM steps, cfg {args.cfg}, seed {args.seed}")
-    video = ddim_sample(model, image[None], [args.prompt], cfg.frames, args.fps, args.steps, args.cfg, args.seed)
-    upscale = args.upscale or max(1, -(-256 // min(cfg.height, cfg.width)))
-    mp4, gif = write_video(to_uint8_frames(video[0], upscale), args.out, args.fps)
-    print(f"wrote {mp4} and {gif}")
+    video = ddim_sample(model, image[None], [args.prompt], cfg.frames, args.fps, args.steps, args.cfg, [args.seed])
+    frames = to_uint8_frames(video[0], args.upscale or max(1, -(-256 // min(cfg.height, cfg.width))))
+    out = Path(args.out)
+    for suffix in (".mp4", ".gif"):
+        write_video(out.with_suffix(suffix), frames, args.fps)
+    print(f"wrote {out.with_suffix('.mp4')} and {out.with_suffix('.gif')}")
 
 
 if __name__ == "__main__":

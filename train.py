@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from loss import Schedule, diffusion_loss, latent_heatmap, q_sample, v_target
-from model import SIZES, ModelConfig, MotifModel, load_t2v_unet
+from model import SIZES, ModelConfig, MotifModel, load_t2v_unet, load_videocrafter2
 
 CHECKPOINT_KIND = "motif-ti2v"
 
@@ -282,6 +282,29 @@ def load_checkpoint(path):
     return ckpt
 
 
+def init_from(model, path, verbose):
+    """--init: VideoCrafter2's model.ckpt (U-Net, KL-f8 autoencoder, OpenCLIP), or a bare text-to-video U-Net
+    state dict; either way the new image-latent input channels start at zero."""
+    if not Path(path).is_file():
+        raise ValueError(f"--init={path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
+        raise ValueError(f"cannot read --init={path}: {str(e).splitlines()[0][:200]}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"--init={path} holds no state dict")
+    if any(k.removeprefix("module.").startswith("model.diffusion_model.") for k in state):
+        report = load_videocrafter2(model, state)
+        if verbose:
+            print(f"--init {path}: " + ", ".join(f"{part} {n['loaded']} tensors loaded" + (f", {n['ignored']} ignored"
+                                                 if n["ignored"] else "") for part, n in report.items()))
+    else:
+        load_t2v_unet(model.unet, state)
+        if verbose:
+            print(f"--init {path}: U-Net loaded, image-latent input channels at zero")
+
+
 # ----------------------------------------------------------------------------- training
 
 def setup_distributed(cfg):
@@ -315,31 +338,40 @@ def train(cfg: Config):
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = MotifModel(model_config(cfg)).to(device)
-    if cfg.init:
-        if not Path(cfg.init).is_file():
-            raise ValueError(f"--init={cfg.init}: no such file")
-        state = torch.load(cfg.init, map_location="cpu", weights_only=True)
-        load_t2v_unet(model.unet, state.get("state_dict", state))
-    dataset = build_dataset(cfg, model, device)
-    schedule = Schedule(device=device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = [p.detach().clone().float() for p in trainable]
-
-    step = 0
     resume = cfg.resume
     if resume == "latest":
         resume = str(out_dir) if (out_dir / "latest").is_file() else ""
         if not resume and master:
             print(f"no checkpoint in {out_dir} yet: starting from step 0")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = MotifModel(model_config(cfg)).to(device)
+    if cfg.init and not resume:  # a checkpoint to resume from holds every weight, --init's included
+        init_from(model, cfg.init, master)
+    elif not resume and (cfg.autoencoder == "kl-f8" or cfg.text_encoder == "openclip"):
+        raise ValueError(f"the {cfg.autoencoder} autoencoder and the {cfg.text_encoder} text encoder are frozen and "
+                         "need pretrained weights: pass --init=path/to/VideoCrafter2/model.ckpt (see README), or "
+                         "train everything from scratch with --autoencoder=pixel --text_encoder=bytes")
+    dataset = build_dataset(cfg, model, device)
+    schedule = Schedule(device=device)
+    named_trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    trainable = list(named_trainable.values())
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = {name: p.detach().clone().float() for name, p in named_trainable.items()}  # fp32 shadow weights
+
+    step = 0
     if resume:
         ckpt = load_checkpoint(resume)
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            keys = ("model", "text_encoder", "autoencoder", "pixel_patch")
+            saved, ours = ({k: c.get(k) for k in keys} for c in (ckpt["config"], asdict(cfg)))
+            raise ValueError(f"{resume} holds another model ({saved}) than this config builds ({ours}); "
+                             "resume with its settings or start a new out_dir") from None
         optimizer.load_state_dict(ckpt["optimizer"])
-        for e, saved in zip(ema, ckpt["ema"]):
-            e.copy_(saved)
+        for name, e in ema.items():
+            e.copy_(ckpt["ema"][name])
         step = ckpt["step"]
         if master:
             print(f"resumed from {resume} at step {step}")
@@ -432,7 +464,7 @@ def train(cfg: Config):
         if finite:
             optimizer.step()
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema, [p.detach().float() for p in trainable], 1 - decay)
+            torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in trainable], 1 - decay)
             bad_in_a_row = 0
         else:  # a non-finite loss or gradient: skip the update, count it
             skipped += 1
@@ -492,8 +524,10 @@ def main(argv=None):
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         train(cfg)
-    except (ValueError, TrainingStopped) as e:
+    except (ValueError, ImportError, TrainingStopped) as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a full disk, an out_dir that is a file, no permission: the message says which
+        raise SystemExit(f"error: {e.strerror or e}: {e.filename or ''}") from None
 
 
 if __name__ == "__main__":
