@@ -4,7 +4,7 @@ Where it sits: train.py asks a dataset for items by global sample index; each it
 with its caption, its fps and its motion heatmap (from flow.py), which loss.py uses as the
 weights of the motion focal loss:
 
-    {"video":   float32 (3, T, H, W) in [-1, 1],
+    {"video":   float32 (3, T, H, W) in [-1, 1]   (or "latent": (C, T, h, w), from a latent cache),
      "heatmap": float32 (T, H, W) in [0, 1], at pixel resolution,
      "caption": str,
      "fps":     float32 scalar tensor, source fps / frame stride}
@@ -24,6 +24,7 @@ run or a different world size sees exactly the same samples; `len()` is only nom
     python data.py --demo-image first_frame.png      # a held-out first frame + prompts for it
     python data.py --demo-video clip.gif              # a training clip, its caption, its heatmap
     python data.py check ROOT --frames 16             # which videos of a folder are usable
+    python data.py encode ROOT --init model.ckpt      # cache kl-f8 latents (the full recipe)
 """
 import argparse
 import csv
@@ -415,6 +416,21 @@ def cache_path(root, relpath, size):
     return Path(root) / ".motion_cache" / f"{relpath}.{size[0]}x{size[1]}.npz"
 
 
+def latent_cache_path(root, relpath, size):
+    """Where `python data.py encode` stores a video's per-frame latents, frames resized to (H, W)."""
+    return Path(root) / ".latent_cache" / f"{relpath}.{size[0]}x{size[1]}.npz"
+
+
+def save_npz(path, **arrays):
+    """Write a compressed .npz whole, then rename it into place: a killed run leaves no half cache."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as file:
+        np.savez_compressed(file, **arrays)
+    partial.replace(path)
+
+
 def summarise(skipped, shown=3):
     """[(reason, where)] -> '2 missing file: a.mp4, b.mp4; 1 unreadable: c.mp4'."""
     by_reason = {}
@@ -437,30 +453,34 @@ class VideoFolderDataset(torch.utils.data.Dataset):
     in the permutation. A folder where no video decodes is a SystemExit at construction. Videos
     are decoded whole: keep them short (seconds, like WebVid's), or cut long ones first."""
 
-    def __init__(self, root, frames=16, size=(320, 512), max_stride=8, seed=0, raft=None):
+    def __init__(self, root, frames=16, size=(320, 512), max_stride=8, seed=0, raft=None, latents=""):
         self.root, self.frames, self.size = Path(root), frames, tuple(size)
-        self.max_stride, self.seed, self.raft = max_stride, seed, raft
+        self.max_stride, self.seed, self.raft, self.latents = max_stride, seed, raft, latents
+        if latents and raft is not None:
+            raise ValueError("cached latents need cached heatmaps: on-the-fly RAFT would decode the videos anyway")
         self.videos, skipped = read_captions(self.root)
         if skipped:
             warn(f"{len(skipped)} of {len(skipped) + len(self.videos)} listed videos skipped: {summarise(skipped)}")
         if not self.videos:
             raise SystemExit(f"error: no usable video listed in {self.root}")
-        if raft is None:
-            uncached = [v["path"] for v in self.videos if not cache_path(self.root, v["path"], self.size).is_file()]
-            hint = (f"run: python flow.py cache {self.root} --size {self.size[0]}x{self.size[1]} "
-                    f"--max-stride {max_stride}")
+        size_text = f"{self.size[0]}x{self.size[1]}"
+        caches = [] if raft else [("heatmaps", cache_path, f"python flow.py cache {self.root} --size {size_text} "
+                                   f"--max-stride {max_stride}")]
+        if latents:
+            caches.append(("latents", latent_cache_path, f"python data.py encode {self.root} --size {size_text} "
+                           "--init path/to/model.ckpt"))
+        for what, path_of, command in caches:
+            uncached = {v["path"] for v in self.videos if not path_of(self.root, v["path"], self.size).is_file()}
             if len(uncached) == len(self.videos):
-                raise SystemExit(f"error: no video in {self.root} has cached heatmaps at "
-                                 f"{self.size[0]}x{self.size[1]}; {hint}")
+                raise SystemExit(f"error: no video in {self.root} has cached {what} at {size_text}; run: {command}")
             if uncached:
                 warn(f"{len(uncached)} of {len(self.videos)} videos skipped: "
-                     f"{summarise([('no cached heatmaps', path) for path in uncached])}; to use them, {hint}")
-                uncached = set(uncached)
+                     f"{summarise([(f'no cached {what}', path) for path in sorted(uncached)])}; to use them, run: {command}")
                 self.videos = [v for v in self.videos if v["path"] not in uncached]
         self.unusable = []             # [(reason, path)] found while reading, in this process
-        for video in self.videos:      # fail now, not in the middle of training, if no video decodes
+        for video in self.videos:      # fail now, not in the middle of training, if no video is readable
             try:
-                load_frames(self.root / video["path"], self.frames)
+                self.cached_latents(video["path"]) if latents else load_frames(self.root / video["path"], self.frames)
                 break
             except UnusableVideo as error:
                 self.unusable.append((error.reason, video["path"]))
@@ -489,23 +509,44 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         raise SystemExit(f"error: no usable clip of {self.frames} frames in {self.root}: {summarise(self.unusable)}")
 
     def clip(self, video, rng):
-        frames, container_fps = load_frames(self.root / video["path"], self.frames)   # (N, H, W, 3)
-        max_stride = min(self.max_stride, (len(frames) - 1) // (self.frames - 1))
+        if self.latents:
+            latents, container_fps = self.cached_latents(video["path"])                # (N, C, h, w)
+            num_frames = len(latents)
+            if num_frames < self.frames:
+                raise UnusableVideo("too short", f"{num_frames} frames < {self.frames}")
+        else:
+            frames, container_fps = load_frames(self.root / video["path"], self.frames)  # (N, H0, W0, 3)
+            num_frames = len(frames)
+        max_stride = min(self.max_stride, (num_frames - 1) // (self.frames - 1))
         stride = int(rng.integers(1, max_stride + 1))
-        start = int(rng.integers(0, len(frames) - (self.frames - 1) * stride))
+        start = int(rng.integers(0, num_frames - (self.frames - 1) * stride))
         picked = start + stride * np.arange(self.frames)                               # (T,)
-        clip = frames_to_tensor(resize_center_crop(frames[picked], self.size))         # (T, 3, H, W)
-        heatmap = self.cached_heatmap(video["path"], len(frames), picked[:-1], stride)
-        if heatmap is None:
-            if self.raft is None:
-                raise UnusableVideo("stale heatmap cache", f"re-run python flow.py cache {self.root} "
-                                    f"--size {self.size[0]}x{self.size[1]} --max-stride {self.max_stride}")
-            heatmap = video_heatmap(clip, self.raft)                                   # (T, H, W)
         fps = video["fps"] or container_fps or FALLBACK_FPS
-        return {"video": clip.transpose(0, 1),                                        # (3, T, H, W)
-                "heatmap": heatmap,
+        item = {"heatmap": self.cached_heatmap(video["path"], num_frames, picked[:-1], stride),  # (T, H, W)
                 "caption": video["caption"],
                 "fps": torch.tensor(fps / stride, dtype=torch.float32)}
+        if self.latents:
+            item["latent"] = torch.from_numpy(latents[picked]).float().transpose(0, 1)  # (C, T, h, w)
+        else:
+            clip = frames_to_tensor(resize_center_crop(frames[picked], self.size))     # (T, 3, H, W)
+            if item["heatmap"] is None and self.raft is not None:
+                item["heatmap"] = video_heatmap(clip, self.raft)                       # (T, H, W)
+            item["video"] = clip.transpose(0, 1)                                       # (3, T, H, W)
+        if item["heatmap"] is None:
+            raise UnusableVideo("stale heatmap cache", f"re-run python flow.py cache {self.root} "
+                                f"--size {self.size[0]}x{self.size[1]} --max-stride {self.max_stride}")
+        return item
+
+    def cached_latents(self, relpath):
+        """(latents float16 (N, C, h, w), the video's fps or None) from `python data.py encode`'s cache."""
+        try:
+            with np.load(latent_cache_path(self.root, relpath, self.size)) as cache:
+                kind, latents, fps = str(cache["autoencoder"]), cache["latents"], float(cache["fps"])
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            raise UnusableVideo("unreadable latent cache") from None
+        if kind != self.latents:
+            raise UnusableVideo("stale latent cache", f"made with the {kind} autoencoder, not {self.latents}")
+        return latents, (fps if fps > 0 else None)
 
     def cached_heatmap(self, relpath, num_frames, pair_starts, stride):
         """frame_heatmaps of the cached pairs (j, j+stride) for j in pair_starts, or None if the
@@ -541,6 +582,36 @@ def check_folder(root, frames):
         raise SystemExit(f"error: no usable video in {root}")
 
 
+def encode_folder(root, autoencoder, kind, size, device, chunk=16):
+    """Store every listed video's latents, frame by frame (both autoencoders work on single frames), with frames
+    resized and center-cropped to size = (H, W): {"latents": float16 (N, C, h, w), "autoencoder": kind,
+    "fps": the container's fps or 0} in latent_cache_path. A training clip's latent is then latents[picked]:
+    no decoding, no encoder on the training GPU. Existing caches are kept; unusable videos are counted."""
+    videos, skipped = read_captions(root)
+    todo = [v for v in videos if not latent_cache_path(root, v["path"], size).is_file()]
+    print(f"{root}: {len(videos)} videos listed, {len(videos) - len(todo)} already encoded, {len(skipped)} skipped")
+    autoencoder = autoencoder.to(device)
+    unusable = []
+    for video in tqdm(todo, desc="encoding", unit="video", disable=None):
+        try:
+            frames, fps = load_frames(Path(root) / video["path"])                      # (N, H0, W0, 3)
+        except UnusableVideo as error:
+            unusable.append((error.reason, video["path"]))
+            continue
+        latents = []
+        with torch.no_grad():
+            for start in range(0, len(frames), chunk):
+                part = frames_to_tensor(resize_center_crop(frames[start:start + chunk], size))  # (n, 3, H, W)
+                z = autoencoder.encode(part.transpose(0, 1)[None].to(device))                   # (1, C, n, h, w)
+                latents.append(z[0].transpose(0, 1).half().cpu())                               # (n, C, h, w)
+        save_npz(latent_cache_path(root, video["path"], size), latents=torch.cat(latents).numpy(),
+                 autoencoder=np.array(kind), fps=np.array(fps or 0.0))
+    print(f"encoded {len(todo) - len(unusable)} videos; {len(unusable)} unusable"
+          f"{': ' + summarise(unusable) if unusable else ''}")
+    if len(videos) == len(unusable):
+        raise SystemExit(f"error: no usable video in {root}")
+
+
 def upscale(image, size):
     """Nearest-neighbour resize of uint8 (H, W, 3) to size x size, for looking at 32 px frames."""
     return np.asarray(Image.fromarray(image).resize((size, size), Image.NEAREST))
@@ -550,16 +621,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-image", type=Path, help="write held-out first frame number --seed here (.png)")
     parser.add_argument("--demo-video", type=Path, help="write training clip number --seed here (.gif/.mp4)")
-    parser.add_argument("--size", type=int, default=256, help="upscale the demo to this many pixels "
+    parser.add_argument("--view-size", type=int, default=256, help="upscale the demo to this many pixels "
                         "(only for viewing: sample.py resizes images to the model's resolution)")
     parser.add_argument("--seed", type=int, default=0, help="which held-out image / training clip")
     commands = parser.add_subparsers(dest="command")
     check = commands.add_parser("check", help="decode every video of a folder, report usable ones")
     check.add_argument("root", type=Path)
     check.add_argument("--frames", type=int, default=16, help="frames a clip needs")
+    encode = commands.add_parser("encode", help="cache the kl-f8 latents of every video of a folder")
+    encode.add_argument("root", type=Path)
+    encode.add_argument("--init", required=True, help="VideoCrafter2's model.ckpt (its first_stage_model.* weights)")
+    encode.add_argument("--size", default="320x512", help="HxW the clips are trained at")
+    encode.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.size <= 0 or args.seed < 0 or (args.command == "check" and args.frames < 2):
-        parser.error("--size and --frames must be positive (frames >= 2), --seed non-negative")
+    if args.view_size <= 0 or args.seed < 0 or (args.command == "check" and args.frames < 2):
+        parser.error("--view-size and --frames must be positive (frames >= 2), --seed non-negative")
     if args.demo_image and args.demo_image.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         parser.error(f"--demo-image must end in .png or .jpg, got {args.demo_image}")
     if args.demo_video and args.demo_video.suffix.lower() not in (".gif", ".mp4"):
@@ -567,6 +643,17 @@ def main(argv=None):
 
     if args.command == "check":
         check_folder(args.root, args.frames)
+    elif args.command == "encode":
+        from flow import parse_size
+        from model import load_kl_autoencoder, read_state_dict
+        try:
+            size = parse_size(args.size)
+            autoencoder = load_kl_autoencoder(read_state_dict(args.init))
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            raise SystemExit(f"error: {error}")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but no CUDA GPU is available")
+        encode_folder(args.root, autoencoder, "kl-f8", size, args.device)
     elif args.demo_image or args.demo_video:
         if args.demo_image:
             held_out = held_out_pairs()
@@ -574,7 +661,7 @@ def main(argv=None):
             if not prompts:
                 raise SystemExit(f"error: --seed must pick a held-out image, 0..{held_out[-1]['image_id']}")
             args.demo_image.parent.mkdir(parents=True, exist_ok=True)
-            iio.imwrite(args.demo_image, upscale(prompts[0]["image"], args.size))
+            iio.imwrite(args.demo_image, upscale(prompts[0]["image"], args.view_size))
             print(f"wrote {args.demo_image}; prompts that fit it:")
             for entry in prompts:
                 print(f"  {entry['caption']}")
@@ -583,7 +670,7 @@ def main(argv=None):
             video = ((item["video"].transpose(0, 1).permute(0, 2, 3, 1) + 1) * 127.5).round()  # (T, H, W, 3)
             heatmap = (item["heatmap"][..., None] * 255).round().expand_as(video)            # (T, H, W, 3)
             panels = torch.cat([video, heatmap], dim=2).to(torch.uint8).numpy()            # (T, H, 2W, 3)
-            scale = args.size // panels.shape[1] or 1
+            scale = args.view_size // panels.shape[1] or 1
             panels = panels.repeat(scale, axis=1).repeat(scale, axis=2)
             write_video(args.demo_video, panels, float(item["fps"]))
             print(f"wrote {args.demo_video} (clip | motion heatmap) at {float(item['fps']):g} fps: {item['caption']}")

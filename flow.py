@@ -152,7 +152,8 @@ def cache_folder(root, weights, size, max_stride, device):
     under "num_frames", in data.cache_path(root, video, size). Complete caches are kept; missing,
     damaged or too-few-strides ones are (re)computed. Unusable videos are skipped and counted;
     a folder where nothing is usable is a SystemExit."""
-    from data import UnusableVideo, cache_path, frames_to_tensor, load_frames, read_captions, resize_center_crop, summarise
+    from data import (UnusableVideo, cache_path, frames_to_tensor, load_frames, read_captions, resize_center_crop,
+                      save_npz, summarise)
     videos, skipped = read_captions(root)
     todo = [video for video in videos if not cache_is_complete(cache_path(root, video["path"], size), max_stride)]
     print(f"{root}: {len(videos)} videos listed, {len(videos) - len(todo)} already cached, {len(skipped)} "
@@ -179,12 +180,7 @@ def cache_folder(root, weights, size, max_stride, device):
                     chunks.append(pair_heatmaps(flow))                                  # (n, H, W)
                     bar.update(end - start)
                 heatmaps[f"stride_{stride}"] = (torch.cat(chunks) * 255).round().to(torch.uint8).numpy()  # (N-s, H, W)
-        path = cache_path(root, video["path"], size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as file:           # written whole, then renamed: no half caches
-            np.savez_compressed(file, **heatmaps)
-        partial.replace(path)
+        save_npz(cache_path(root, video["path"], size), **heatmaps)
         done, pairs = done + 1, pairs + bar.total
     seconds = time.perf_counter() - started
     print(f"cached {done} videos ({pairs} frame pairs) in {seconds:.1f} s ({seconds / max(done, 1):.1f} s/clip)"

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from loss import Schedule, diffusion_loss, latent_heatmap, q_sample, v_target
-from model import SIZES, ModelConfig, MotifModel, load_t2v_unet, load_videocrafter2
+from model import SIZES, ModelConfig, MotifModel, load_t2v_unet, load_videocrafter2, read_state_dict
 
 CHECKPOINT_KIND = "motif-ti2v"
 
@@ -53,6 +53,7 @@ class Config:
     width: int = 512
     max_stride: int = 8  # dynamic frame stride: s ~ U[1, max_stride] per clip, fps = source fps / s
     flow_weights: str = ""  # RAFT for videos without cached heatmaps: small | large | a .pth ("" = cache only)
+    latents: bool = False  # read the autoencoder's latents from the cache of `python data.py encode` (video folders)
     workers: int = 4  # data loader processes per rank
     # model (model.py)
     model: str = "vc2"  # a size of model.SIZES
@@ -183,12 +184,16 @@ def build_dataset(cfg: Config, model: MotifModel, device):
     if not Path(cfg.data).is_dir():
         raise ValueError(f"--data={cfg.data}: no such folder (give a folder of videos with captions.csv "
                          "or captions.jsonl, or use --preset shapes)")
+    if cfg.latents and (cfg.flow_weights or cfg.autoencoder == "pixel"):
+        raise ValueError("--latents reads cached kl-f8 latents and cached heatmaps: it goes with --autoencoder=kl-f8 "
+                         "and without --flow_weights")
     raft = None
     if cfg.flow_weights:
         from flow import RAFT
         raft = RAFT(cfg.flow_weights, device=device)
     return data.VideoFolderDataset(cfg.data, frames=cfg.frames, size=(cfg.height, cfg.width),
-                                   max_stride=cfg.max_stride, seed=cfg.seed, raft=raft)
+                                   max_stride=cfg.max_stride, seed=cfg.seed, raft=raft,
+                                   latents=cfg.autoencoder if cfg.latents else "")
 
 
 class StepIndices(torch.utils.data.Sampler):
@@ -285,16 +290,8 @@ def load_checkpoint(path):
 def init_from(model, path, verbose):
     """--init: VideoCrafter2's model.ckpt (U-Net, KL-f8 autoencoder, OpenCLIP), or a bare text-to-video U-Net
     state dict; either way the new image-latent input channels start at zero."""
-    if not Path(path).is_file():
-        raise ValueError(f"--init={path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
-        raise ValueError(f"cannot read --init={path}: {str(e).splitlines()[0][:200]}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"--init={path} holds no state dict")
-    if any(k.removeprefix("module.").startswith("model.diffusion_model.") for k in state):
+    state = read_state_dict(path)
+    if any(k.startswith("model.diffusion_model.") for k in state):
         report = load_videocrafter2(model, state)
         if verbose:
             print(f"--init {path}: " + ", ".join(f"{part} {n['loaded']} tensors loaded" + (f", {n['ignored']} ignored"
@@ -429,11 +426,13 @@ def train(cfg: Config):
             batch = next(batches)
             first = step * cfg.batch_size + (micro * world + rank) * cfg.micro_batch
             indices = range(first, first + cfg.micro_batch)
-            video = batch["video"].to(device, non_blocking=True)  # (b, 3, T, H, W)
             heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H, W)
             fps = batch["fps"].to(device)  # (b,)
-            with torch.no_grad(), autocast:
-                z0 = model.encode_video(video).float()  # (b, C, T, h, w)
+            if "latent" in batch:  # cached by `python data.py encode`
+                z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
+            else:
+                with torch.no_grad(), autocast:
+                    z0 = model.encode_video(batch["video"].to(device, non_blocking=True)).float()  # (b, C, T, h, w)
             t, noise, drop = draw_randomness(cfg, step, indices, z0.shape[1:], schedule.num_steps)
             t, noise = t.to(device), noise.to(device)
             captions = ["" if d else c for d, c in zip(drop, batch["caption"])]

@@ -3,6 +3,7 @@ held-out split) and captioned video folders full of broken files, odd encodings 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -348,6 +349,42 @@ def test_cached_heatmaps_are_used_and_uncached_or_stale_videos_skipped(tmp_path,
     with pytest.raises(SystemExit, match="stale heatmap cache"):
         [stale[index] for index in range(6)]
     assert not flow.cache_is_complete(path, MAX_STRIDE) and flow.cache_is_complete(path, 1)
+
+
+def test_cached_latents_are_the_clip_encoded_frame_by_frame(tmp_path, capsys):
+    """`data.py encode` + latents=...: an item's latent equals the autoencoder run on that item's frames."""
+    from model import KL_SIZES, KLAutoencoder
+    write_videos(tmp_path)
+    (tmp_path / "captions.csv").write_text("path,caption\ngood.mp4,a\ngood.gif,b\nempty.mp4,c\n")
+    for name in ("good.mp4", "good.gif"):
+        pairs = {f"stride_{s}": np.full((12 - s, 32, 32), 40 * s, np.uint8) for s in range(1, MAX_STRIDE + 1)}
+        data.save_npz(data.cache_path(tmp_path, name, (32, 32)), num_frames=np.array(12), **pairs)
+    torch.manual_seed(0)
+    autoencoder = KLAutoencoder(KL_SIZES["tiny"])
+    with torch.no_grad():
+        for p in autoencoder.parameters():
+            p.normal_(0, 0.05)
+    data.encode_folder(tmp_path, autoencoder, "kl-f8", (32, 32), "cpu", chunk=5)
+    assert "encoded 2 videos; 1 unusable: 1 empty file: empty.mp4" in capsys.readouterr().out
+    with np.load(data.latent_cache_path(tmp_path, "good.mp4", (32, 32))) as cache:
+        assert cache["latents"].shape == (12, 4, 4, 4) and cache["latents"].dtype == np.float16
+    frames = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), max_stride=MAX_STRIDE)
+    cached = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), max_stride=MAX_STRIDE, latents="kl-f8")
+    for index in range(4):
+        item, from_cache = frames[index], cached[index]
+        assert "video" not in from_cache and from_cache["caption"] == item["caption"]
+        assert torch.equal(from_cache["fps"], item["fps"]) and torch.equal(from_cache["heatmap"], item["heatmap"])
+        with torch.no_grad():
+            expected = autoencoder.encode(item["video"][None])[0]                      # (4, T, 4, 4)
+        assert from_cache["latent"].shape == expected.shape
+        assert torch.allclose(from_cache["latent"], expected, atol=2e-3 * expected.abs().max().item())
+    with pytest.raises(SystemExit, match="2 stale latent cache: good.mp4, good.gif"):  # another autoencoder's
+        data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), latents="other")
+    shutil.rmtree(tmp_path / ".latent_cache")
+    with pytest.raises(SystemExit, match="no video .* has cached latents.*python data.py encode"):
+        data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), latents="kl-f8")
+    result = run("data.py", "encode", str(tmp_path), "--init", str(tmp_path / "missing.ckpt"))
+    assert one_line_error(result) and "no such file" in result.stderr
 
 
 def test_check_cli_counts_usable_and_skipped_videos(tmp_path):
