@@ -14,6 +14,7 @@ Attention goes through PyTorch's scaled_dot_product_attention (flash / memory-ef
 """
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -760,3 +761,34 @@ def load_videocrafter2(model: MotifModel, checkpoint: dict) -> dict:
         report[part] = {"loaded": len(weights), "ignored": 0} if used[part] else {"loaded": 0, "ignored": len(weights)}
     report["other"] = {"loaded": 0, "ignored": len(state_dict) - sum(len(weights) for weights in parts.values())}
     return report
+
+
+def read_state_dict(path) -> dict:
+    """The state dict in a checkpoint file (bare, or under "state_dict"), wrappers stripped. Read with
+    weights_only=True, so a file carrying code is refused, and memory-mapped where the format allows (VideoCrafter2's
+    model.ckpt is 5.5 GB). Anything unreadable is a one-line ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
+        raise ValueError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors")
+    return strip_wrappers(state)
+
+
+def load_kl_autoencoder(state_dict: dict, size: str = "full") -> KLAutoencoder:
+    """The frozen kl-f8 autoencoder from a VideoCrafter2-layout state dict (its first_stage_model.* keys)."""
+    prefix = VIDEOCRAFTER2_PARTS["autoencoder"]
+    weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    autoencoder = KLAutoencoder(KL_SIZES[size])
+    check_fits(autoencoder, weights, f"{prefix}* (autoencoder)")
+    autoencoder.load_state_dict(weights)
+    return autoencoder
+
