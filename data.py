@@ -506,7 +506,8 @@ class VideoFolderDataset(torch.utils.data.Dataset):
                 self.unusable.append((error.reason, video["path"]))
                 warn(f"skipping {video['path']}: {error}; {len(self.unusable)} unusable so far: "
                      f"{summarise(self.unusable)}")
-        raise SystemExit(f"error: no usable clip of {self.frames} frames in {self.root}: {summarise(self.unusable)}")
+        # a ValueError, not a SystemExit: this can happen inside a DataLoader worker, which passes it on
+        raise ValueError(f"no usable clip of {self.frames} frames left in {self.root}: {summarise(self.unusable)}")
 
     def clip(self, video, rng):
         if self.latents:

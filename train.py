@@ -523,8 +523,8 @@ def main(argv=None):
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         train(cfg)
-    except (ValueError, ImportError, TrainingStopped) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, ImportError, TrainingStopped) as e:  # the last line: a DataLoader worker's error comes with
+        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None  # the worker's traceback before it
     except OSError as e:  # a full disk, an out_dir that is a file, no permission: the message says which
         raise SystemExit(f"error: {e.strerror or e}: {e.filename or ''}") from None
 

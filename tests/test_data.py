@@ -346,7 +346,7 @@ def test_cached_heatmaps_are_used_and_uncached_or_stale_videos_skipped(tmp_path,
         assert torch.allclose(item["heatmap"], torch.full((FRAMES, *SIZE), 40 * stride / 255))
     np.savez(path, num_frames=np.array(12), stride_1=pairs["stride_1"])   # made with --max-stride 1
     stale = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, max_stride=MAX_STRIDE)
-    with pytest.raises(SystemExit, match="stale heatmap cache"):
+    with pytest.raises(ValueError, match="stale heatmap cache"):
         [stale[index] for index in range(6)]
     assert not flow.cache_is_complete(path, MAX_STRIDE) and flow.cache_is_complete(path, 1)
 

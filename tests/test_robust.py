@@ -139,6 +139,9 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "sample.py", str(evil), "x", f"--ckpt={evil}"], cwd=ROOT, env=ENV,
                             capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
+    init = subprocess.run([sys.executable, "train.py", *TINY, f"--init={evil}", f"--out_dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert init.returncode != 0 and "cannot read" in init.stderr and "Traceback" not in init.stderr
     assert not marker.exists()
     truncated = tmp_path / "half.pt"
     good = tmp_path / "good.pt"

@@ -179,3 +179,61 @@ def test_init_from_a_text_to_video_unet(tmp_path):
             assert torch.equal(ours[k], v), k
     bad = run(["train.py", *TINY, f"--init={tmp_path / 'missing.ckpt'}", f"--out_dir={tmp_path / 'x'}"])
     assert bad.returncode != 0 and "no such file" in bad.stderr
+
+
+def test_sample_a_benchmark_in_ti2v_bench_layout(tiny_ckpt, tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    iio.imwrite(bench / "a.png", np.full((20, 30, 3), 200, np.uint8))
+    iio.imwrite(bench / "b.png", np.zeros((16, 16, 4), np.uint8))  # RGBA
+    iio.imwrite(bench / "c.jpg", np.full((50, 40), 90, np.uint8))  # grey
+    rows = [("a.png", "the red circle moves left"), ("b.png", "the blue square moves up"),
+            ("a.png", "the red circle stays still"), ("c.jpg", "the green triangle moves down")]
+    (bench / "prompts.csv").write_text("image,prompt\n" + "".join(f"{i},{p}\n" for i, p in rows))
+    out = tmp_path / "out"
+    args = ["sample.py", f"--prompts={bench / 'prompts.csv'}", f"--ckpt={tiny_ckpt}", "--steps=2", "--batch=3",
+            f"--out={out}"]
+    first = run(args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    videos = sorted(out.glob("*.mp4"))
+    assert [v.name for v in videos] == ["0000_a.mp4", "0001_b.mp4", "0002_a.mp4", "0003_c.mp4"]
+    clips = {v.name: iio.imread(v, plugin="pyav") for v in videos}
+    assert all(c.shape == (4, 16, 16, 3) for c in clips.values())
+    index = (out / "index.csv").read_text().splitlines()
+    assert index[0] == "row,image,prompt,seed,video" and len(index) == 5 and index[2].startswith("1,b.png,")
+    # resumable: only the missing row is sampled, and it comes out as before although its batch differs
+    (out / "0002_a.mp4").unlink()
+    again = run(args + ["--batch=1"])
+    assert again.returncode == 0 and "3 already sampled" in again.stdout
+    assert np.array_equal(iio.imread(out / "0002_a.mp4", plugin="pyav"), clips["0002_a.mp4"])
+    (bench / "bad.csv").write_text("file,text\na.png,x\n")
+    bad = run(["sample.py", f"--prompts={bench / 'bad.csv'}", f"--ckpt={tiny_ckpt}", f"--out={out}"])
+    assert bad.returncode != 0 and "columns image and prompt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def huge_png(path, width, height):
+    """A valid PNG header announcing width x height pixels: a decompression bomb, a few bytes on disk."""
+    import struct
+    import zlib
+
+    def chunk(tag, payload):
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_huge_images_and_bad_eval_input_are_one_line_errors(tiny_ckpt, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    huge_png(bomb, 50_000, 50_000)
+    cases = [
+        (["sample.py", str(bomb), "x", f"--ckpt={tiny_ckpt}"], "exceeds limit"),
+        (["eval.py"], "give --ckpt"),
+        (["eval.py", f"--ckpt={tmp_path / 'none.pt'}"], "does not exist"),
+        (["eval.py", f"--ckpt={tmp_path}"], "without a 'latest' checkpoint"),
+        (["eval.py", f"--ckpt={tiny_ckpt}", "--steps=0"], "DDIM steps"),
+        (["eval.py", "--baselines", "--images=0"], "must be positive"),
+    ]
+    for args, message in cases:
+        result = run(args)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
+        assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
