@@ -91,7 +91,8 @@ def ddim_timesteps(steps, num_steps=1000):
 def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, seeds=(0,), progress=True):
     """image (B, 3, H, W) in [-1, 1], B captions, B seeds -> video (B, 3, T, H, W) in [-1, 1].
 
-    DDIM, eta = 0, v-prediction; each sample's starting noise comes from its own seed."""
+    DDIM, eta = 0, v-prediction; each sample's starting noise comes from its own seed. The result is the last
+    step's prediction of the clean latent (VideoCrafter returns z at alphas_cumprod[0], which keeps 3 % of noise)."""
     device = next(model.parameters()).device
     abar = Schedule().alphas_cumprod
     b = image.shape[0]
@@ -110,7 +111,7 @@ def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, se
         x0 = a_t ** 0.5 * z - (1 - a_t) ** 0.5 * v  # (B, C, T, h, w)
         eps = a_t ** 0.5 * v + (1 - a_t) ** 0.5 * z
         z = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-    return model.autoencoder.decode(z).clamp(-1, 1)  # (B, 3, T, H, W)
+    return model.autoencoder.decode(x0).clamp(-1, 1)  # (B, 3, T, H, W): the last step's clean prediction
 
 
 def to_uint8_frames(video, upscale=1):

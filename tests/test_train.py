@@ -237,3 +237,32 @@ def test_huge_images_and_bad_eval_input_are_one_line_errors(tiny_ckpt, tmp_path)
         result = run(args)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
         assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_ddim_returns_the_clean_video_when_the_model_knows_it():
+    """An oracle that answers the exact v for a known z0: DDIM (any steps, any guidance) must land on z0."""
+    from loss import Schedule
+    from model import PixelAutoencoder
+    from sample import ddim_sample
+    abar = Schedule().alphas_cumprod.float()
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, z0):
+            super().__init__()
+            self.z0, self.autoencoder, self.weight = z0, PixelAutoencoder(4), torch.nn.Parameter(torch.zeros(1))
+            self.image_latent, self.encode_video = train.MotifModel.image_latent, self.autoencoder.encode
+
+        def text_encoder(self, captions):
+            return torch.zeros(len(captions), 1, 1)
+
+        def denoise(self, z_t, z_img, t, context, fps):
+            a = abar[t].view(-1, 1, 1, 1, 1)
+            z0 = self.z0.repeat(2, 1, 1, 1, 1)
+            noise = (z_t - a.sqrt() * z0) / (1 - a).sqrt()
+            return a.sqrt() * noise - (1 - a).sqrt() * z0  # the v-target
+
+    video = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    oracle = Oracle(PixelAutoencoder(4).encode(video))
+    for steps, scale in ((1, 1.0), (7, 7.5), (50, 3.0)):
+        out = ddim_sample(oracle, video[:, :, 0], ["a", "b"], 4, 8, steps, scale, seeds=[0, 1], progress=False)
+        assert (out - video).abs().max() < 1e-4, (steps, scale)
