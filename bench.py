@@ -1,0 +1,599 @@
+"""Benchmarks: a training step of the U-Net, DDIM sampling, RAFT motion heatmaps.
+
+    python bench.py                                  # training step of the "bench" size on CPU (2 x 8 x 32x32)
+    python bench.py --size vc2 --batch 2 --frames 16 --latent 40x64 --dtype bf16 --checkpointing   # GPU: 320x512
+    python bench.py --compare videocrafter,diffusers,diffusers-hd8 --videocrafter ~/VideoCrafter --threads 1
+    python bench.py --what sample --size vc2 --frames 16 --latent 40x64 --dtype bf16
+    python bench.py --what heatmap --size 320x512 --frames 16 --raft ../shared/weights/raft_small.pth
+
+--what train times one training step: forward + backward + AdamW step of the U-Net on random inputs of the
+size asked (x-cat latents, timesteps, fps, and a random text context of 77 tokens: the text encoder is not
+part of the U-Net step and is not timed), with train.py's loss (diffusion + motion focal loss, random
+heatmap) and its precision (--dtype bf16: autocast around the forward). It reports the median step time
+after --warmup steps and its spread, clips/s, peak memory (CUDA max allocated; on CPU the peak RSS of
+the process), parameters, FLOPs per step and FLOP/s (and MFU against the GPU's bf16 peak).
+
+FLOPs are model FLOPs: torch.utils.flop_counter.FlopCounterMode over the forward and backward of the
+same model built on the meta device, without gradient checkpointing, where scaled_dot_product_attention
+decomposes into its matmuls; every contender is counted the same way, whichever kernels it runs.
+--flops device counts on the real device instead (executed FLOPs: flash attention's backward recomputes
+Q K^T, checkpointing recomputes the forward); bench.py registers the formulas PyTorch lacks for the CPU
+flash-attention ops, so CPU attention counts there as it does on GPU.
+
+--compare adds other implementations of the same network, run the same way and interleaved round by
+round (ours, theirs, ..., then in reverse order), so a load that changes over time hits all alike; the
+speed-up is the median over rounds of their step time / ours. Peak memory per contender: on GPU the
+most allocated during its steps less the other models' weights and optimizer states; on CPU the peak
+RSS of a fresh process running that contender alone. The baselines are imported only when asked for:
+  videocrafter   github.com/AILab-CVC/VideoCrafter's UNetModel (lvdm), from the checkout --videocrafter
+                 names (pip install einops); without xformers its attention is the einsum path.
+  diffusers      diffusers' UNet3DConditionModel (pip install diffusers), built with our size's heads.
+  diffusers-hd8  the same with attention_head_dim=8 as written, which diffusers' 3-D blocks read as a
+                 head *width* of 8 (8, 16, 32 heads at widths 64, 128, 256).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+from loss import diffusion_loss
+from model import SIZES, UNet
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Options:
+    what: str = "train"  # train | sample | heatmap
+    size: str = ""  # a model.SIZES name (train, sample; default bench) or the frame size HxW (heatmap; default 320x512)
+    batch: int = 2  # clips per step (train)
+    frames: int = 8
+    latent: str = "32x32"  # latent height x width (train, sample); frames are 8x larger with kl-f8
+    dtype: str = "fp32"  # fp32 | bf16 (autocast around the forward, as train.py)
+    checkpointing: bool = False  # gradient checkpointing (train)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch.set_num_threads on CPU (0: PyTorch's default)
+    warmup: int = -1  # untimed runs first (-1: 2 for train, 1 otherwise)
+    steps: int = 0  # timed runs (0: 10 for train, 3 for sample, 5 for heatmap)
+    compare: str = ""  # train: baselines to run beside ours, comma separated: videocrafter, diffusers, diffusers-hd8
+    only: str = ""  # train: run this one contender alone instead of ours (ours | videocrafter | diffusers | ...)
+    videocrafter: str = ""  # path to a checkout of github.com/AILab-CVC/VideoCrafter (for videocrafter)
+    context_len: int = 77  # tokens of the random text context
+    flops: str = "meta"  # meta (model FLOPs) | device (executed FLOPs) | none
+    isolate_memory: bool = True  # with --compare: each contender's peak memory from a fresh process
+    ddim_steps: int = 50  # sample
+    cfg_scale: float = 7.5  # sample
+    autoencoder: str = "kl-f8"  # sample: kl-f8 (VideoCrafter2's) | pixel (the CPU demo's, config/shapes.toml)
+    kl_size: str = "full"  # sample: a model.KL_SIZES name
+    pixel_patch: int = 4  # sample: the pixel autoencoder's space-to-depth factor
+    text_encoder: str = "bytes"  # sample: bytes | openclip (random weights either way)
+    raft: str = str(ROOT.parent / "shared" / "weights" / "raft_small.pth")  # heatmap: small | large | a .pth
+    json: str = "out/bench.json"  # where the results go ("" for nowhere)
+    seed: int = 0
+
+
+def parse_hw(text, what):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{what} takes HxW like 32x32, not {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{what} must be positive, not {text!r}")
+    return h, w
+
+
+def resolve(opts: Options) -> Options:
+    """Fill the per-mode defaults and check the options; a ValueError says what is wrong."""
+    if opts.what not in ("train", "sample", "heatmap"):
+        raise ValueError(f"--what takes train, sample or heatmap, not {opts.what!r}")
+    if opts.what == "heatmap":
+        parse_hw(opts.size or "320x512", "--size (the frame size, for heatmap)")
+    elif (opts.size or "bench") not in SIZES:
+        raise ValueError(f"--size {opts.size!r} is no model size; sizes: {', '.join(SIZES)}")
+    h, w = parse_hw(opts.latent, "--latent")
+    if opts.what != "heatmap":
+        factor = 2 ** (len(SIZES[opts.size or "bench"].channel_mult) - 1)
+        if h % factor or w % factor:
+            raise ValueError(f"--latent {opts.latent}: this U-Net halves it {factor.bit_length() - 1} times; "
+                             f"give sides that are multiples of {factor}")
+    if opts.autoencoder not in ("kl-f8", "pixel") or opts.text_encoder not in ("bytes", "openclip"):
+        raise ValueError(f"--autoencoder takes kl-f8|pixel and --text-encoder bytes|openclip "
+                         f"(got {opts.autoencoder}, {opts.text_encoder})")
+    if opts.dtype not in ("fp32", "bf16") or opts.flops not in ("meta", "device", "none"):
+        raise ValueError(f"--dtype takes fp32|bf16 and --flops meta|device|none (got {opts.dtype}, {opts.flops})")
+    if opts.frames < 1 or opts.batch < 1:
+        raise ValueError("--frames and --batch must be at least 1")
+    if (opts.compare or opts.only) and opts.what != "train":
+        raise ValueError("--compare and --only are for --what train")
+    for name in [n for n in opts.compare.split(",") if n] + ([opts.only] if opts.only else []):
+        if name not in CONTENDERS:
+            raise ValueError(f"unknown contender {name!r}; contenders: {', '.join(CONTENDERS)}")
+        if name == "videocrafter":
+            import_videocrafter(opts)  # fails now, not after the other models are built
+    default_size = "320x512" if opts.what == "heatmap" else "bench"
+    return replace(opts, size=opts.size or default_size,
+                   warmup=opts.warmup if opts.warmup >= 0 else (2 if opts.what == "train" else 1),
+                   steps=opts.steps or {"train": 10, "sample": 3, "heatmap": 5}[opts.what])
+
+
+def pick_device(opts):
+    if opts.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no GPU is visible")
+    return torch.device(opts.device)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def register_cpu_sdpa_flops():
+    """PyTorch's FlopCounterMode has formulas for the GPU attention kernels (flash, memory-efficient, cuDNN) but
+    none for the CPU flash kernel, which would count as 0: give it the same formulas (forward: Q K^T and P V;
+    backward: those two recomputed/propagated as the GPU formula counts them)."""
+    from torch.utils.flop_counter import flop_registry
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+        def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+    if aten._scaled_dot_product_flash_attention_for_cpu_backward not in flop_registry:
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+        def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def count_flops(fn):
+    """FLOPs that FlopCounterMode sees while fn() runs (fn does its own backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- the contenders (training step)
+
+def unet_config(opts):
+    return replace(SIZES[opts.size], gradient_checkpointing=opts.checkpointing)
+
+
+def build_ours(opts, cfg):
+    return UNet(cfg)
+
+
+def call_ours(model, x):
+    return model(x["x"], x["t"], x["context"], x["fps"])
+
+
+def import_videocrafter(opts):
+    if not opts.videocrafter:
+        raise ValueError("the videocrafter baseline needs --videocrafter PATH, a checkout of "
+                         "github.com/AILab-CVC/VideoCrafter (git clone it; it also needs: pip install einops)")
+    path = str(Path(opts.videocrafter).expanduser().resolve())
+    if not (Path(path) / "lvdm" / "modules" / "networks" / "openaimodel3d.py").is_file():
+        raise ValueError(f"--videocrafter {opts.videocrafter}: no lvdm/modules/networks/openaimodel3d.py there")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        from lvdm.modules import attention
+        from lvdm.modules.networks import openaimodel3d
+    except ImportError as e:
+        raise ValueError(f"cannot import VideoCrafter's lvdm from {path}: {e} (pip install einops?)") from None
+    return openaimodel3d, attention
+
+
+def build_videocrafter(opts, cfg):
+    """VideoCrafter's UNetModel configured as VideoCrafter2 (use_linear, temporal conv and attention, self-attention
+    only in time, no relative position, the extra temporal attention after the first conv, fps conditioning).
+    With a fixed head count (our `heads`), its init_attn cannot be built (it takes num_head_channels as its head
+    width, -1 then): the model is built without it and given one made of its own TemporalTransformer, 8 heads of
+    model_channels / 8, as ours."""
+    openaimodel3d, attention = import_videocrafter(opts)
+    if getattr(attention, "XFORMERS_IS_AVAILBLE", False):
+        print("note: xformers is installed, so VideoCrafter's spatial attention runs through it (not the einsum path)")
+    heads = dict(num_heads=cfg.heads) if cfg.heads else dict(num_head_channels=cfg.head_channels)
+    common = dict(context_dim=cfg.context_dim, use_checkpoint=cfg.gradient_checkpointing, only_self_att=True,
+                  causal_attention=False, relative_position=False, temporal_length=opts.frames)
+    model = openaimodel3d.UNetModel(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, model_channels=cfg.model_channels,
+        attention_resolutions=[2 ** level for level in cfg.attention_levels], num_res_blocks=cfg.num_res_blocks,
+        channel_mult=list(cfg.channel_mult), transformer_depth=1, dropout=0.0, context_dim=cfg.context_dim,
+        use_linear=True, use_checkpoint=cfg.gradient_checkpointing, temporal_conv=True, temporal_attention=True,
+        temporal_selfatt_only=True, use_relative_position=False, use_causal_attention=False,
+        temporal_length=opts.frames, addition_attention=not cfg.heads, fps_cond=True, **heads)
+    if cfg.heads:
+        model.init_attn = openaimodel3d.TimestepEmbedSequential(attention.TemporalTransformer(
+            cfg.model_channels, n_heads=cfg.init_attn_heads, d_head=cfg.model_channels // cfg.init_attn_heads,
+            depth=1, **common))
+        model.addition_attention = True
+    elif cfg.init_attn_heads != 8:
+        raise ValueError("VideoCrafter's init_attn has 8 heads; this size has another number")
+    return model
+
+
+def call_videocrafter(model, x):
+    return model(x["x"], x["t"], context=x["context"], fps=x["fps"])
+
+
+def build_diffusers(opts, cfg, head_width_8=False):
+    """diffusers' UNet3DConditionModel of the same widths, depth and attention levels. Its 3-D blocks read
+    attention_head_dim as the head *width* (heads = width / value): our fixed head count needs one value per
+    level, width / heads, and its transformer_in (8 heads x attention_head_dim) cannot take a tuple, so it is
+    built with the width model_channels / 8 while the model is constructed (ours: 8 heads of model_channels / 8)."""
+    try:
+        import diffusers.models.unets.unet_3d_condition as u3d
+        from diffusers import UNet3DConditionModel
+    except ImportError:
+        raise ValueError("the diffusers baseline needs diffusers: pip install diffusers") from None
+    levels = len(cfg.channel_mult)
+    widths = tuple(cfg.model_channels * m for m in cfg.channel_mult)
+    attends = [level in cfg.attention_levels for level in range(levels)]
+    kwargs = dict(
+        sample_size=None, in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=widths,
+        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim, norm_num_groups=32,
+        down_block_types=tuple("CrossAttnDownBlock3D" if a else "DownBlock3D" for a in attends),
+        up_block_types=tuple("CrossAttnUpBlock3D" if a else "UpBlock3D" for a in reversed(attends)))
+    if head_width_8 or not cfg.heads:
+        model = UNet3DConditionModel(attention_head_dim=8 if head_width_8 else cfg.head_channels, **kwargs)
+    else:
+        temporal_model = u3d.TransformerTemporalModel
+        init_width = cfg.model_channels // cfg.init_attn_heads
+        u3d.TransformerTemporalModel = lambda *a, attention_head_dim, **k: temporal_model(
+            *a, attention_head_dim=init_width, **k)
+        try:
+            model = UNet3DConditionModel(attention_head_dim=tuple(w // cfg.heads for w in widths), **kwargs)
+        finally:
+            u3d.TransformerTemporalModel = temporal_model
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def call_diffusers(model, x):
+    return model(x["x"], x["t"], x["context"], return_dict=False)[0]
+
+
+CONTENDERS = {
+    "ours": (build_ours, call_ours, "model.UNet"),
+    "videocrafter": (build_videocrafter, call_videocrafter, "VideoCrafter lvdm UNetModel (einsum attention)"),
+    "diffusers": (build_diffusers, call_diffusers, "diffusers UNet3DConditionModel, same heads; no fps embedding"),
+    "diffusers-hd8": (lambda opts, cfg: build_diffusers(opts, cfg, head_width_8=True), call_diffusers,
+                      "diffusers, attention_head_dim=8: head width 8 in its 3-D blocks; no fps embedding"),
+}
+
+
+def make_inputs(opts, cfg, device, seed):
+    """Random inputs of a training step: x-cat latents, timesteps, fps, text context, v target, heatmap."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = parse_hw(opts.latent, "--latent")
+    b, t = opts.batch, opts.frames
+    x = {"x": torch.randn(b, cfg.in_channels, t, h, w, generator=g),
+         "t": torch.randint(0, 1000, (b,), generator=g),
+         "fps": torch.randint(4, 31, (b,), generator=g),
+         "context": torch.randn(b, opts.context_len, cfg.context_dim, generator=g),
+         "v": torch.randn(b, cfg.out_channels, t, h, w, generator=g),
+         "heatmap": torch.rand(b, 1, t, h, w, generator=g)}
+    return {k: v.to(device) for k, v in x.items()}
+
+
+def training_step(model, call, inputs, optimizer, autocast):
+    """forward (under autocast) -> train.py's loss -> backward -> AdamW step."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        v_hat = call(model, inputs)
+    diffusion_loss(v_hat, inputs["v"], inputs["heatmap"])["loss"].backward()
+    optimizer.step()
+
+
+def forward_backward(model, call, inputs, autocast):
+    with autocast:
+        v_hat = call(model, inputs)
+    diffusion_loss(v_hat, inputs["v"], inputs["heatmap"])["loss"].backward()
+
+
+def step_flops(opts, run, cfg, inputs, autocast):
+    """FLOPs of one forward + backward of a contender: model FLOPs (a copy built on the meta device, no gradient
+    checkpointing) or, with --flops device, what the run's own model executes."""
+    if opts.flops == "none":
+        return None
+    model, call = run["model"], run["call"]
+    if opts.flops == "meta":
+        build = CONTENDERS[run["name"]][0]
+        with torch.device("meta"):
+            model = build(opts, replace(cfg, gradient_checkpointing=False)).train()
+        inputs, autocast = {k: v.to("meta") for k, v in inputs.items()}, nullcontext()
+    register_cpu_sdpa_flops()
+    flops = count_flops(lambda: forward_backward(model, call, inputs, autocast))
+    run["optimizer"].zero_grad(set_to_none=True)
+    return flops
+
+
+def state_bytes(model, optimizer):
+    tensors = list(model.parameters()) + [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peak_rss_gib():
+    """This process's peak resident memory: VmHWM (Linux; ru_maxrss would carry over the parent's peak across
+    fork and exec), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (20 if sys.platform == "linux" else 30)
+
+
+def bench_train(opts, device):
+    """Time the training step of ours and of each contender asked for, interleaved round by round."""
+    cfg = unet_config(opts)
+    names = [opts.only] if opts.only else ["ours"] + [n for n in opts.compare.split(",") if n]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if opts.dtype == "bf16" else nullcontext()
+    runs = []
+    for name in names:
+        build, call, note = CONTENDERS[name]
+        torch.manual_seed(opts.seed)
+        model = build(opts, cfg).to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        runs.append({"name": name, "note": note, "model": model, "call": call, "optimizer": optimizer,
+                     "params": sum(p.numel() for p in model.parameters()), "times": [], "peak": 0})
+    inputs = make_inputs(opts, cfg, device, opts.seed)
+    for run in runs:  # warm-up, and the optimizer states exist from here on
+        for _ in range(opts.warmup):
+            training_step(run["model"], run["call"], inputs, run["optimizer"], autocast)
+    synchronize(device)
+    held = {run["name"]: state_bytes(run["model"], run["optimizer"]) for run in runs}
+    for i in range(opts.steps):
+        for run in (runs if i % 2 == 0 else runs[::-1]):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            synchronize(device)
+            start = time.perf_counter()
+            training_step(run["model"], run["call"], inputs, run["optimizer"], autocast)
+            synchronize(device)
+            run["times"].append(time.perf_counter() - start)
+            if device.type == "cuda":  # the most allocated during its step, less what the other models hold
+                others = sum(b for n, b in held.items() if n != run["name"])
+                run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated(device) - others)
+    results = []
+    for run in runs:
+        times = run["times"]
+        median = statistics.median(times)
+        result = {"name": run["name"], "note": run["note"], "params": run["params"], "step_s": median,
+                  "step_min_s": min(times), "step_max_s": max(times), "clips_per_s": opts.batch / median,
+                  "flops": step_flops(opts, run, cfg, inputs, autocast)}
+        if device.type == "cuda":
+            result["peak_memory_gib"] = run["peak"] / 2 ** 30
+        elif len(runs) == 1:
+            result["peak_memory_gib"] = peak_rss_gib()
+        elif opts.isolate_memory:
+            result["peak_memory_gib"] = memory_alone(opts, run["name"])
+        if result["flops"]:
+            result["flop_per_s"] = result["flops"] / median
+            peak = peak_flops(device, opts.dtype)
+            if peak:
+                result["mfu"] = result["flop_per_s"] / peak
+        if run is not runs[0]:  # paired by round: their time / ours in the same round
+            ratios = [theirs / ours for theirs, ours in zip(times, runs[0]["times"])]
+            result["ours_speedup"] = statistics.median(ratios)
+            result["ours_speedup_min"], result["ours_speedup_max"] = min(ratios), max(ratios)
+        results.append(result)
+    return results
+
+
+def memory_alone(opts, name):
+    """Peak RSS of a fresh process that builds one contender and runs one warm-up and one step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        alone = replace(opts, compare="", only=name, warmup=1, steps=1, flops="none", json=f"{tmp}/alone.json")
+        args = [f"--{f.name.replace('_', '-')}={getattr(alone, f.name)}" for f in dataclasses.fields(Options)]
+        done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+        if done.returncode:
+            print(f"(peak memory of {name} alone: the run failed: {done.stderr.strip()[-300:]})")
+            return None
+        return json.loads(Path(f"{tmp}/alone.json").read_text())["results"][0]["peak_memory_gib"]
+
+
+def peak_flops(device, dtype):
+    """The GPU's dense bf16 peak (train.py's table), for MFU; None on CPU, for fp32, or an unknown GPU."""
+    if device.type != "cuda" or dtype != "bf16":
+        return None
+    from train import PEAK_BF16_FLOPS
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------- sampling, heatmaps
+
+def timed_runs(opts, device, fn):
+    for _ in range(opts.warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(opts.steps):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(device):
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else peak_rss_gib()
+
+
+def summary(name, note, times, per_run_flops, device, dtype):
+    median = statistics.median(times)
+    result = {"name": name, "note": note, "step_s": median, "step_min_s": min(times), "step_max_s": max(times),
+              "clips_per_s": 1 / median, "peak_memory_gib": peak_memory(device), "flops": per_run_flops}
+    if per_run_flops:
+        result["flop_per_s"] = per_run_flops / median
+        peak = peak_flops(device, dtype)
+        if peak:
+            result["mfu"] = result["flop_per_s"] / peak
+    return result
+
+
+def sample_model(opts, device):
+    """The whole TI2V model (random weights): U-Net, text encoder, autoencoder."""
+    from model import ModelConfig, MotifModel
+    model = MotifModel(ModelConfig(size=opts.size, text_encoder=opts.text_encoder, autoencoder=opts.autoencoder,
+                                   kl_size=opts.kl_size, pixel_patch=opts.pixel_patch, temporal_dropout=0.0))
+    return model.to(device).eval()
+
+
+def bench_sample(opts, device):
+    """One clip: encode the image, 2 x ddim_steps U-Net evaluations (classifier-free guidance), decode."""
+    from sample import ddim_sample
+    torch.manual_seed(opts.seed)
+    model = sample_model(opts, device)
+    h, w = parse_hw(opts.latent, "--latent")
+    factor = model.autoencoder.factor
+    image = torch.rand(1, 3, h * factor, w * factor) * 2 - 1
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if opts.dtype == "bf16" else nullcontext()
+
+    def run(steps, on=model, img=image):
+        with autocast:
+            return ddim_sample(on, img, ["the red circle moves right"], opts.frames, 8, steps, opts.cfg_scale,
+                               [opts.seed], progress=False)
+    for _ in range(opts.warmup):
+        run(2)
+    times = timed_runs(replace(opts, warmup=0), device, lambda: run(opts.ddim_steps))
+    flops = None
+    if opts.flops != "none":
+        counted, counted_image = model, image
+        if opts.flops == "meta":
+            with torch.device("meta"):
+                counted = sample_model(opts, torch.device("meta"))
+            counted_image = image.to("meta")
+        register_cpu_sdpa_flops()
+        flops = count_flops(lambda: run(opts.ddim_steps, counted, counted_image))
+    autoencoder = f"kl-f8 {opts.kl_size}" if opts.autoencoder == "kl-f8" else f"pixel (patch {opts.pixel_patch})"
+    note = (f"{opts.ddim_steps} DDIM steps, CFG {opts.cfg_scale} (U-Net batch 2), {autoencoder} autoencoder, "
+            f"{opts.text_encoder} text encoder, random weights")
+    return [summary(f"sample {opts.size}", note, times, flops, device, opts.dtype)]
+
+
+def bench_heatmap(opts, device):
+    """Motion heatmap of one clip through RAFT (flow.video_heatmap)."""
+    from flow import RAFT, video_heatmap
+    h, w = parse_hw(opts.size, "--size")
+    raft = RAFT(opts.raft, device=device)
+    g = torch.Generator().manual_seed(opts.seed)
+    base = torch.rand(1, 3, h + 4 * opts.frames, w + 4 * opts.frames, generator=g) * 2 - 1  # a texture, shifted
+    frames = torch.cat([base[:, :, 4 * i:4 * i + h, 4 * i:4 * i + w] for i in range(opts.frames)]).to(device)
+
+    def run():
+        with torch.no_grad():
+            return video_heatmap(frames, raft)
+    times = timed_runs(opts, device, run)
+    flops = None
+    if opts.flops != "none":  # RAFT's convs and correlation matmuls, counted where they run
+        flops = count_flops(run)
+    note = f"RAFT {Path(opts.raft).stem}, {opts.frames - 1} frame pairs, chunks of {raft.chunk}"
+    return [summary(f"heatmap {h}x{w}", note, times, flops, device, "fp32")]
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(opts, device, results):
+    if opts.what == "train":
+        head = (f"training step (forward + backward + AdamW): size {opts.size}, batch {opts.batch}, "
+                f"{opts.frames} frames, latent {opts.latent}, {opts.dtype}"
+                + (", gradient checkpointing" if opts.checkpointing else ""))
+    elif opts.what == "sample":
+        head = f"sampling one clip: size {opts.size}, {opts.frames} frames, latent {opts.latent}, {opts.dtype}"
+    else:
+        head = f"motion heatmap of one clip: {opts.frames} frames of {opts.size}"
+    print(f"{head}; {device_name(device)}, {torch.get_num_threads()} threads; median of {opts.steps} runs after "
+          f"{opts.warmup} warm-up")
+    rows = [("", "params", "time s", "min-max s", "clips/s", "GFLOP", "GFLOP/s", "MFU", "peak GiB", "speed-up")]
+    for r in results:
+        speedup = (f"{r['ours_speedup']:.2f}x ({r['ours_speedup_min']:.2f}-{r['ours_speedup_max']:.2f})"
+                   if "ours_speedup" in r else "")
+        rows.append((r["name"], f"{r['params'] / 1e6:.2f} M" if r.get("params") else "-",
+                     f"{r['step_s']:.3f}", f"{r['step_min_s']:.3f}-{r['step_max_s']:.3f}", f"{r['clips_per_s']:.3f}",
+                     fmt(r["flops"] and r["flops"] / 1e9, ".1f"),
+                     fmt(r.get("flop_per_s") and r["flop_per_s"] / 1e9, ".1f"),
+                     f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-", fmt(r.get("peak_memory_gib"), ".2f"), speedup))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths))))
+    for r in results:
+        print(f"  {r['name']}: {r['note']}")
+    if opts.what == "train":
+        print(f"  inputs: random latents, timesteps, fps and a random {opts.context_len}-token text context "
+              "(the text encoder is not part of the U-Net step); train.py's loss")
+        if len(results) > 1:
+            print("  speed-up: their step time / ours, median (min-max) over the interleaved rounds")
+    if opts.what == "heatmap":
+        print("  GFLOP: per clip, counted by FlopCounterMode where RAFT runs (convolutions, correlation matmuls)")
+    elif opts.flops == "meta":
+        print("  GFLOP: model FLOPs of " + ("the forward + backward" if opts.what == "train" else "the whole run") +
+              ", by FlopCounterMode on the meta device (attention as its matmuls, no recomputation)")
+    elif opts.flops == "device":
+        print(f"  GFLOP: FLOPs executed on {device.type}, by FlopCounterMode (recomputation included)")
+    if device.type == "cpu":
+        alone = "a process running that contender alone" if len(results) > 1 else "the process"
+        print(f"  peak GiB: peak RSS of {alone}; MFU: GPU only")
+    elif opts.dtype != "bf16":
+        print("  MFU: for bf16 only (the peaks are bf16 dense)")
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Options):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
+                                default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    args = parser.parse_args(argv)
+    try:
+        opts = resolve(Options(**vars(args)))
+        device = pick_device(opts)
+        if opts.threads and device.type == "cpu":
+            torch.set_num_threads(opts.threads)
+        results = {"train": bench_train, "sample": bench_sample, "heatmap": bench_heatmap}[opts.what](opts, device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print_table(opts, device, results)
+    if opts.json:
+        out = Path(opts.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"options": dataclasses.asdict(opts), "device": device_name(device),
+                                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                   "results": results}, indent=1) + "\n")
+        print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
