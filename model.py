@@ -43,9 +43,9 @@ class UNetConfig:
 SIZES = {
     # the size of shared/reference/unet_vc2_tiny.pt (parity test)
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), head_channels=16, context_dim=64),
-    # the CPU demo on 32x32 shapes videos
-    "demo": UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
-                       head_channels=32, context_dim=128),
+    # the CPU demo on 32x32 shapes videos with the pixel autoencoder at patch 2 (16x16x12 latents)
+    "demo": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
+                       head_channels=32, context_dim=64, init_attn_heads=1),
     # VideoCrafter2's U-Net (1.41 B parameters at 4 input channels)
     "vc2": UNetConfig(),
     # bench.py's CPU comparison with VideoCrafter's and diffusers' code: widths (64, 128, 256, 256), 8 heads in every

@@ -90,7 +90,7 @@ def test_load_t2v_unet_refuses_a_state_dict_that_does_not_fit():
 
 @pytest.fixture(scope="module")
 def demo_model():
-    model = randomize(MotifModel(ModelConfig(size="demo", pixel_patch=4, temporal_dropout=0.0)), seed=1).eval()
+    model = randomize(MotifModel(ModelConfig(size="demo", pixel_patch=2, temporal_dropout=0.0)), seed=1).eval()
     return model
 
 
@@ -98,8 +98,8 @@ def test_xcat_image_latent_is_frame0_encoding_repeated(demo_model):
     video = torch.rand(2, 3, 5, 32, 32) * 2 - 1
     z0 = demo_model.encode_video(video)
     z_img = demo_model.image_latent(z0)
-    assert z_img.shape == z0.shape == (2, 48, 5, 8, 8)
-    frame0 = demo_model.encode_video(video[:, :, :1])  # (2, 48, 1, 8, 8)
+    assert z_img.shape == z0.shape == (2, 12, 5, 16, 16)
+    frame0 = demo_model.encode_video(video[:, :, :1])  # (2, 12, 1, 16, 16)
     assert torch.equal(z_img, frame0.expand_as(z0))
     # what the U-Net sees: noisy latent channels first, then the image latent
     seen = {}
@@ -108,14 +108,14 @@ def test_xcat_image_latent_is_frame0_encoding_repeated(demo_model):
     with torch.no_grad():
         demo_model(z_t, z_img, torch.tensor([1, 2]), ["a", "b"], torch.tensor([8.0, 8.0]))
     hook.remove()
-    x = seen["x"].view(2, 5, 96, 8, 8).transpose(1, 2)  # (B, 2C, T, h, w)
-    assert torch.equal(x[:, :48], z_t) and torch.equal(x[:, 48:], z_img)
+    x = seen["x"].view(2, 5, 24, 16, 16).transpose(1, 2)  # (B, 2C, T, h, w)
+    assert torch.equal(x[:, :12], z_t) and torch.equal(x[:, 12:], z_img)
 
 
 @pytest.mark.parametrize("change", ["t", "text", "image", "fps"])
 def test_output_depends_on_every_condition(demo_model, change):
     g = torch.Generator().manual_seed(0)
-    z_t, z_img = torch.randn(1, 48, 4, 8, 8, generator=g), torch.randn(1, 48, 4, 8, 8, generator=g)
+    z_t, z_img = torch.randn(1, 12, 4, 16, 16, generator=g), torch.randn(1, 12, 4, 16, 16, generator=g)
     args = dict(t=torch.tensor([500]), text=["the red circle moves left"], image=z_img, fps=torch.tensor([8.0]))
     other = dict(t=torch.tensor([501]), text=["the red circle moves right"], image=z_img + 0.1, fps=torch.tensor([4.0]))
     with torch.no_grad():

@@ -163,7 +163,7 @@ def test_init_from_a_text_to_video_unet(tmp_path):
     from dataclasses import replace
 
     from model import SIZES, UNet
-    t2v = UNet(replace(SIZES["demo"], in_channels=48, out_channels=48))  # pixel_patch 4: 48 latent channels
+    t2v = UNet(replace(SIZES["demo"], in_channels=12, out_channels=12))  # pixel_patch 2: 12 latent channels
     with torch.no_grad():
         for p in t2v.parameters():
             p.normal_(0, 0.02)
@@ -174,7 +174,7 @@ def test_init_from_a_text_to_video_unet(tmp_path):
     ours = model.unet.state_dict()
     for k, v in t2v.state_dict().items():
         if k == "input_blocks.0.0.weight":
-            assert torch.equal(ours[k][:, :48], v) and ours[k][:, 48:].abs().max() == 0  # image channels start at 0
+            assert torch.equal(ours[k][:, :12], v) and ours[k][:, 12:].abs().max() == 0  # image channels start at 0
         else:
             assert torch.equal(ours[k], v), k
     bad = run(["train.py", *TINY, f"--init={tmp_path / 'missing.ckpt'}", f"--out_dir={tmp_path / 'x'}"])
