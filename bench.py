@@ -350,7 +350,7 @@ def bench_train(opts, device):
         build, call, note = CONTENDERS[name]
         torch.manual_seed(opts.seed)
         model = build(opts, cfg).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # train.py's optimizer, for every contender
         runs.append({"name": name, "note": note, "model": model, "call": call, "optimizer": optimizer,
                      "params": sum(p.numel() for p in model.parameters()), "times": [], "peak": 0})
     inputs = make_inputs(opts, cfg, device, opts.seed)

@@ -328,6 +328,11 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def train(cfg: Config):
+    # SIGTERM (schedulers, preemption) or SIGUSR1, even while starting up: finish the step, save, exit cleanly on
+    # every rank
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda number, frame: stop_signal.append(number))
     rank, world, device = setup_distributed(cfg)
     check_config(cfg, world)
     master = rank == 0
@@ -353,7 +358,7 @@ def train(cfg: Config):
     schedule = Schedule(device=device)
     named_trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     trainable = list(named_trainable.values())
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel for all
     ema = {name: p.detach().clone().float() for name, p in named_trainable.items()}  # fp32 shadow weights
 
     step = 0
@@ -404,11 +409,6 @@ def train(cfg: Config):
                 cfg.keep_checkpoints)
         if world > 1:
             dist.barrier()
-
-    # SIGTERM (schedulers, preemption) or SIGUSR1: finish the step, save, exit cleanly on every rank
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda number, frame: stop_signal.append(number))
 
     model.train()
     window = {"loss": 0.0, "diffusion": 0.0, "motif": 0.0, "moving": 0.0, "static": 0.0, "n": 0}
