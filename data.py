@@ -293,14 +293,14 @@ def resize_center_crop(frames, size):
     height, width = frames.shape[1:3]
     scale = max(size[0] / height, size[1] / width)
     cover = [max(size[0], round(height * scale)), max(size[1], round(width * scale))]
-    video = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2)                    # (N, 3, H, W)
-    video = TF.center_crop(TF.resize(video, cover, antialias=True), list(size))       # (N, 3, h, w)
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)                              # (N, 3, H, W)
+    video = TF.center_crop(TF.resize(video, cover, antialias=True), list(size))      # (N, 3, h, w)
     return video.permute(0, 2, 3, 1).numpy()                                          # (N, h, w, 3)
 
 
 def frames_to_tensor(frames):
     """uint8 frames (T, H, W, 3) -> float32 (T, 3, H, W) in [-1, 1], the range the models use."""
-    return torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 # ---- a folder of captioned videos ----

@@ -63,7 +63,7 @@ def load_image(path, height, width):
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    pixels = np.asarray(image.convert("RGB"))[None]                      # (1, H0, W0, 3)
+    pixels = np.array(image.convert("RGB"))[None]                        # (1, H0, W0, 3), writable
     pixels = resize_center_crop(pixels, (height, width))[0]              # (H, W, 3)
     return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
 
