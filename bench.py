@@ -4,7 +4,7 @@
     python bench.py --size vc2 --batch 2 --frames 16 --latent 40x64 --dtype bf16 --checkpointing   # GPU: 320x512
     python bench.py --compare videocrafter,diffusers,diffusers-hd8 --videocrafter ~/VideoCrafter --threads 1
     python bench.py --what sample --size vc2 --frames 16 --latent 40x64 --dtype bf16
-    python bench.py --what heatmap --size 320x512 --frames 16 --raft ../shared/weights/raft_small.pth
+    python bench.py --what heatmap --size 320x512 --frames 16 --raft tests/fixtures/raft_small.pth
 
 --what train times one training step: forward + backward + AdamW step of the U-Net on random inputs of the
 size asked (x-cat latents, timesteps, fps, and a random text context of 77 tokens: the text encoder is not
@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,12 +45,25 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count,
+                                     sdpa_flop_count)
 
+from flow import RAFT, video_heatmap
 from loss import diffusion_loss
-from model import SIZES, UNet
+from model import SIZES as MODEL_SIZES
+from model import ModelConfig, MotifModel, UNet, UNetConfig
+from sample import ddim_sample
+from utils import fail, parse_size, peak_memory_gb, pick_device
 
 ROOT = Path(__file__).resolve().parent
+SIZES = {
+    **MODEL_SIZES,
+    # the CPU comparison with VideoCrafter's and diffusers' code: widths (64, 128, 256, 256), 8 heads in every attention
+    # layer (head dim = width / 8), context 256. The init temporal attention is 8 heads of 8 (64 wide): the only
+    # form both baselines can build with 8 heads (diffusers' transformer_in is the same)
+    "bench": UNetConfig(model_channels=64, head_channels=8, heads=8, context_dim=256),
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
 
 
 @dataclass
@@ -79,19 +91,16 @@ class Options:
     kl_size: str = "full"  # sample: a model.KL_SIZES name
     pixel_patch: int = 4  # sample: the pixel autoencoder's space-to-depth factor
     text_encoder: str = "bytes"  # sample: bytes | openclip (random weights either way)
-    raft: str = str(ROOT.parent / "shared" / "weights" / "raft_small.pth")  # heatmap: small | large | a .pth
+    raft: str = str(ROOT / "tests" / "fixtures" / "raft_small.pth")  # heatmap: small | large | a .pth
     json: str = "out/bench.json"  # where the results go ("" for nowhere)
     seed: int = 0
 
 
 def parse_hw(text, what):
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"{what} takes HxW like 32x32, not {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{what} must be positive, not {text!r}")
-    return h, w
+        return parse_size(text)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def resolve(opts: Options) -> Options:
@@ -128,14 +137,6 @@ def resolve(opts: Options) -> Options:
                    steps=opts.steps or {"train": 10, "sample": 3, "heatmap": 5}[opts.what])
 
 
-def pick_device(opts):
-    if opts.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no GPU is visible")
-    return torch.device(opts.device)
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -147,7 +148,6 @@ def register_cpu_sdpa_flops():
     """PyTorch's FlopCounterMode has formulas for the GPU attention kernels (flash, memory-efficient, cuDNN) but
     none for the CPU flash kernel, which would count as 0: give it the same formulas (forward: Q K^T and P V;
     backward: those two recomputed/propagated as the GPU formula counts them)."""
-    from torch.utils.flop_counter import flop_registry
     aten = torch.ops.aten
     if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
         @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
@@ -328,18 +328,6 @@ def state_bytes(model, optimizer):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def peak_rss_gib():
-    """This process's peak resident memory: VmHWM (Linux; ru_maxrss would carry over the parent's peak across
-    fork and exec), else ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2 ** 20  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (20 if sys.platform == "linux" else 30)
-
-
 def bench_train(opts, device):
     """Time the training step of ours and of each contender asked for, interleaved round by round."""
     cfg = unet_config(opts)
@@ -381,7 +369,7 @@ def bench_train(opts, device):
         if device.type == "cuda":
             result["peak_memory_gib"] = run["peak"] / 2 ** 30
         elif len(runs) == 1:
-            result["peak_memory_gib"] = peak_rss_gib()
+            result["peak_memory_gib"] = peak_memory_gb(device)
         elif opts.isolate_memory:
             result["peak_memory_gib"] = memory_alone(opts, run["name"])
         if result["flops"]:
@@ -410,12 +398,26 @@ def memory_alone(opts, name):
 
 
 def peak_flops(device, dtype):
-    """The GPU's dense bf16 peak (train.py's table), for MFU; None on CPU, for fp32, or an unknown GPU."""
-    if device.type != "cuda" or dtype != "bf16":
+    """The GPU's dense bf16 peak, for MFU; None on CPU, for fp32, or an unknown GPU."""
+    return mfu_peak_flops(device) if dtype == "bf16" else None
+
+
+def mfu_peak_flops(device):
+    """The dense bf16 peak of the GPU `device` is (None on CPU or an unknown GPU): train.py's MFU is against it."""
+    if device.type != "cuda":
         return None
-    from train import PEAK_BF16_FLOPS
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def unet_training_flops(cfg: UNetConfig, frames, latent_size, context_len):
+    """Model FLOPs of the U-Net's forward + backward for one clip (train.py's MFU): counted on the meta device,
+    without gradient checkpointing, attention as its matmuls."""
+    opts = Options(batch=1, frames=frames, latent=f"{latent_size[0]}x{latent_size[1]}", context_len=context_len)
+    with torch.device("meta"):
+        unet = UNet(replace(cfg, gradient_checkpointing=False)).train()
+    inputs = {k: v.to("meta") for k, v in make_inputs(opts, cfg, torch.device("cpu"), 0).items()}
+    return count_flops(lambda: forward_backward(unet, call_ours, inputs, nullcontext()))
 
 
 # ----------------------------------------------------------------------------- sampling, heatmaps
@@ -435,14 +437,10 @@ def timed_runs(opts, device, fn):
     return times
 
 
-def peak_memory(device):
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else peak_rss_gib()
-
-
 def summary(name, note, times, per_run_flops, device, dtype):
     median = statistics.median(times)
     result = {"name": name, "note": note, "step_s": median, "step_min_s": min(times), "step_max_s": max(times),
-              "clips_per_s": 1 / median, "peak_memory_gib": peak_memory(device), "flops": per_run_flops}
+              "clips_per_s": 1 / median, "peak_memory_gib": peak_memory_gb(device), "flops": per_run_flops}
     if per_run_flops:
         result["flop_per_s"] = per_run_flops / median
         peak = peak_flops(device, dtype)
@@ -453,7 +451,6 @@ def summary(name, note, times, per_run_flops, device, dtype):
 
 def sample_model(opts, device):
     """The whole TI2V model (random weights): U-Net, text encoder, autoencoder."""
-    from model import ModelConfig, MotifModel
     model = MotifModel(ModelConfig(size=opts.size, text_encoder=opts.text_encoder, autoencoder=opts.autoencoder,
                                    kl_size=opts.kl_size, pixel_patch=opts.pixel_patch, temporal_dropout=0.0))
     return model.to(device).eval()
@@ -461,7 +458,6 @@ def sample_model(opts, device):
 
 def bench_sample(opts, device):
     """One clip: encode the image, 2 x ddim_steps U-Net evaluations (classifier-free guidance), decode."""
-    from sample import ddim_sample
     torch.manual_seed(opts.seed)
     model = sample_model(opts, device)
     h, w = parse_hw(opts.latent, "--latent")
@@ -493,7 +489,6 @@ def bench_sample(opts, device):
 
 def bench_heatmap(opts, device):
     """Motion heatmap of one clip through RAFT (flow.video_heatmap)."""
-    from flow import RAFT, video_heatmap
     h, w = parse_hw(opts.size, "--size")
     raft = RAFT(opts.raft, device=device)
     g = torch.Generator().manual_seed(opts.seed)
@@ -578,12 +573,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         opts = resolve(Options(**vars(args)))
-        device = pick_device(opts)
+        device = pick_device(opts.device)
         if opts.threads and device.type == "cpu":
             torch.set_num_threads(opts.threads)
         results = {"train": bench_train, "sample": bench_sample, "heatmap": bench_heatmap}[opts.what](opts, device)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(e)
     print_table(opts, device, results)
     if opts.json:
         out = Path(opts.json)

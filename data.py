@@ -17,16 +17,13 @@ run or a different world size sees exactly the same samples; `len()` is only nom
    several captions, so only the text tells the motion. The exact optical flow is known, and
    goes through the same heatmap code as RAFT's flow on real videos.
 2. Video folders: ROOT/captions.csv (or .jsonl) lists videos (any format FFmpeg reads); clips are
-   drawn with a random frame stride; heatmaps come from the cache written by `python flow.py
-   cache ROOT`. Rows and videos that cannot be used are skipped and counted in warnings; only a
-   folder with nothing usable stops the run.
+   drawn with a random frame stride; heatmaps come from the cache written by `python prepare.py
+   heatmaps ROOT`. Rows and videos that cannot be used are skipped and counted in warnings; only a
+   folder with nothing usable stops the run (a ValueError).
 
-    python data.py --demo-image first_frame.png      # a held-out first frame + prompts for it
-    python data.py --demo-video clip.gif              # a training clip, its caption, its heatmap
-    python data.py check ROOT --frames 16             # which videos of a folder are usable
-    python data.py encode ROOT --init model.ckpt      # cache kl-f8 latents (the full recipe)
+The commands that look at and prepare data (check a folder, cache heatmaps and latents, write a
+demo image) are in prepare.py.
 """
-import argparse
 import csv
 import io
 import json
@@ -39,11 +36,10 @@ import av
 import imageio.v3 as iio
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 from flow import frame_heatmaps, heatmap_from_flow, video_heatmap
+from utils import write_atomically
 
 # ---- the synthetic "shapes" videos ----
 
@@ -53,7 +49,7 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "
 PHRASES = {"left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down",
            "still": "stays still"}
 SPEED = 3 / 32          # frame widths per source frame: 3 px at 32 px, heatmap sigma(0.094) = 0.99
-MIN_TRAVEL = 1 / 4      # a shape may be told to move a way only if it has this much room (in widths)
+ROOM_TO_MOVE = 1 / 4    # a shape may be told to move a way only if it has this much room (in widths)
 CLIPS_PER_SCENE = 4     # consecutive indices share a first frame, with different captions
 NOMINAL_LENGTH = 1_000_000
 # Seed streams: item i of a split draws from numpy's SeedSequence([seed, split, stream, i]).
@@ -82,7 +78,7 @@ def allowed_motions(obj, size):
     every shape can move at least one way horizontally and one way vertically."""
     x, y, radius = obj["x"], obj["y"], obj["radius"]
     room = {"left": x - radius, "right": size - radius - x, "up": y - radius, "down": size - radius - y}
-    return ["still"] + [name for name, free in room.items() if free >= MIN_TRAVEL * size]
+    return ["still"] + [name for name, free in room.items() if free >= ROOM_TO_MOVE * size]
 
 
 def make_scene(rng, size=32, num_objects=None):
@@ -276,16 +272,16 @@ def load_frames(path, min_frames=1):
 
 
 def write_video(path, frames, fps):
-    """Write uint8 frames (T, H, W, 3) as .gif (looping) or .mp4 (H.264, odd sizes padded)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".gif":
-        iio.imwrite(path, frames, plugin="pillow", duration=1000 / fps, loop=0)
-    elif path.suffix.lower() == ".mp4":
+    """Write uint8 frames (T, H, W, 3) atomically as .gif (looping) or .mp4 (H.264, odd sizes padded)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gif":
+        encoded = iio.imwrite("<bytes>", frames, extension=".gif", plugin="pillow", duration=1000 / fps, loop=0)
+    elif suffix == ".mp4":
         frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
-        iio.imwrite(path, frames, plugin="pyav", codec="libx264", fps=fps)
+        encoded = iio.imwrite("<bytes>", frames, extension=".mp4", plugin="pyav", codec="libx264", fps=fps)
     else:
-        raise SystemExit(f"error: cannot write {path}: use a .mp4 or .gif file name")
+        raise ValueError(f"cannot write {path}: use a .mp4 or .gif file name")
+    write_atomically(path, lambda file: file.write(encoded))
 
 
 def resize_center_crop(frames, size):
@@ -318,20 +314,20 @@ def read_captions(root):
     Returns (videos, skipped): videos = [{"path": relative str, "caption": str, "fps": float or
     None}] for good rows whose file exists; skipped = [(reason, where)] for the others (bad
     encoding, bad JSON, no path, bad path, empty caption, bad fps, missing file). A captions file
-    that cannot be parsed at all, or a CSV without path and caption columns, is a SystemExit."""
+    that cannot be parsed at all, or a CSV without path and caption columns, is a ValueError."""
     root = Path(root)
     if not root.is_dir():
-        raise SystemExit(f"error: video folder {root} does not exist")
+        raise ValueError(f"video folder {root} does not exist")
     candidates = [root / "captions.csv", root / "captions.jsonl"]
     present = [path for path in candidates if path.is_file()]
     if len(present) != 1:
-        raise SystemExit(f"error: {root} needs exactly one of captions.csv or captions.jsonl, found "
+        raise ValueError(f"{root} needs exactly one of captions.csv or captions.jsonl, found "
                          f"{len(present)}")
     captions_file = present[0]
     try:   # undecodable bytes become lone surrogates here, and make their row a "bad encoding" skip
         text = captions_file.read_text(encoding="utf-8-sig", errors="surrogateescape")
     except OSError as error:
-        raise SystemExit(f"error: cannot read {captions_file}: {error.strerror}")
+        raise ValueError(f"cannot read {captions_file}: {error.strerror}") from None
     rows = read_csv_rows(captions_file, text) if captions_file.suffix == ".csv" else read_jsonl_rows(captions_file, text)
     videos, skipped = [], []
     for where, row in rows:
@@ -354,17 +350,17 @@ def read_csv_rows(captions_file, text):
         header = [name.strip().lower() for name in reader.fieldnames or []]
         if not {"path", "caption"} <= set(header):
             found = ", ".join(header[:5]) or "nothing"
-            raise SystemExit(f"error: {captions_file} needs a header line with path and caption columns "
+            raise ValueError(f"{captions_file} needs a header line with path and caption columns "
                              f"(and optionally fps), found: {found}")
         reader.fieldnames = header
         return [(f"line {reader.line_num}", row) for row in reader]
     except csv.Error as error:
-        raise SystemExit(f"error: {captions_file} is not a readable CSV file (line {reader.line_num}: {error})")
+        raise ValueError(f"{captions_file} is not a readable CSV file (line {reader.line_num}: {error})")
 
 
 def read_jsonl_rows(captions_file, text):
     """[(where, parsed object or None)] of a captions.jsonl's non-blank lines; None where a line is
-    not JSON. A file in which no line is JSON is a SystemExit."""
+    not JSON. A file in which no line is JSON is a ValueError."""
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -373,7 +369,7 @@ def read_jsonl_rows(captions_file, text):
             except json.JSONDecodeError:
                 rows.append((f"line {number}", None))
     if rows and all(row is None for _, row in rows):
-        raise SystemExit(f"error: {captions_file} is not JSON lines: no line is a JSON object")
+        raise ValueError(f"{captions_file} is not JSON lines: no line is a JSON object")
     return rows
 
 
@@ -412,23 +408,18 @@ def parse_caption_row(row):
 
 
 def cache_path(root, relpath, size):
-    """Where `python flow.py cache` stores a video's pair heatmaps at size (H, W)."""
+    """Where `python prepare.py heatmaps` stores a video's pair heatmaps at size (H, W)."""
     return Path(root) / ".motion_cache" / f"{relpath}.{size[0]}x{size[1]}.npz"
 
 
 def latent_cache_path(root, relpath, size):
-    """Where `python data.py encode` stores a video's per-frame latents, frames resized to (H, W)."""
+    """Where `python prepare.py latents` stores a video's per-frame latents, frames resized to (H, W)."""
     return Path(root) / ".latent_cache" / f"{relpath}.{size[0]}x{size[1]}.npz"
 
 
 def save_npz(path, **arrays):
-    """Write a compressed .npz whole, then rename it into place: a killed run leaves no half cache."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as file:
-        np.savez_compressed(file, **arrays)
-    partial.replace(path)
+    """Write a compressed .npz atomically: a killed run leaves no half cache."""
+    write_atomically(path, lambda file: np.savez_compressed(file, **arrays))
 
 
 def summarise(skipped, shown=3):
@@ -450,7 +441,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
     heatmaps (a, a+s), (a+s, a+2s), ...; without a flow.RAFT passed as raft, videos with no cache
     are left out (with a warning). Unusable rows and videos are skipped and counted in warnings
     on stderr naming the first few: a video that turns out unusable is replaced by the next one
-    in the permutation. A folder where no video decodes is a SystemExit at construction. Videos
+    in the permutation. A folder where no video decodes is a ValueError at construction. Videos
     are decoded whole: keep them short (seconds, like WebVid's), or cut long ones first."""
 
     def __init__(self, root, frames=16, size=(320, 512), max_stride=8, seed=0, raft=None, latents=""):
@@ -462,21 +453,22 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         if skipped:
             warn(f"{len(skipped)} of {len(skipped) + len(self.videos)} listed videos skipped: {summarise(skipped)}")
         if not self.videos:
-            raise SystemExit(f"error: no usable video listed in {self.root}")
+            raise ValueError(f"no usable video listed in {self.root}")
         size_text = f"{self.size[0]}x{self.size[1]}"
-        caches = [] if raft else [("heatmaps", cache_path, f"python flow.py cache {self.root} --size {size_text} "
+        caches = [] if raft else [("heatmaps", cache_path, f"python prepare.py heatmaps {self.root} --size {size_text} "
                                    f"--max-stride {max_stride}")]
         if latents:
-            caches.append(("latents", latent_cache_path, f"python data.py encode {self.root} --size {size_text} "
+            caches.append(("latents", latent_cache_path, f"python prepare.py latents {self.root} --size {size_text} "
                            "--init path/to/model.ckpt"))
         for what, path_of, command in caches:
             uncached = {v["path"] for v in self.videos if not path_of(self.root, v["path"], self.size).is_file()}
             if len(uncached) == len(self.videos):
-                raise SystemExit(f"error: no video in {self.root} has cached {what} at {size_text}; run: {command}")
+                raise ValueError(f"no video in {self.root} has cached {what} at {size_text}; run: {command}")
             if uncached:
                 warn(f"{len(uncached)} of {len(self.videos)} videos skipped: "
                      f"{summarise([(f'no cached {what}', path) for path in sorted(uncached)])}; to use them, run: {command}")
                 self.videos = [v for v in self.videos if v["path"] not in uncached]
+        self.epoch_order = (-1, None)  # (epoch, its permutation of the videos)
         self.unusable = []             # [(reason, path)] found while reading, in this process
         for video in self.videos:      # fail now, not in the middle of training, if no video is readable
             try:
@@ -485,7 +477,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             except UnusableVideo as error:
                 self.unusable.append((error.reason, video["path"]))
         else:
-            raise SystemExit(f"error: no usable clip of {frames} frames in {self.root}: {summarise(self.unusable)}")
+            raise ValueError(f"no usable clip of {frames} frames in {self.root}: {summarise(self.unusable)}")
         if self.unusable:
             warn(f"{len(self.unusable)} unusable videos skipped so far: {summarise(self.unusable)}")
 
@@ -494,7 +486,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         count = len(self.videos)
-        order = np.random.default_rng([self.seed, ORDER_STREAM, index // count]).permutation(count)
+        order = self.order(index // count)
         bad_paths = {path for _, path in self.unusable}
         for offset in range(count):
             video = self.videos[order[(index + offset) % count]]
@@ -506,8 +498,13 @@ class VideoFolderDataset(torch.utils.data.Dataset):
                 self.unusable.append((error.reason, video["path"]))
                 warn(f"skipping {video['path']}: {error}; {len(self.unusable)} unusable so far: "
                      f"{summarise(self.unusable)}")
-        # a ValueError, not a SystemExit: this can happen inside a DataLoader worker, which passes it on
         raise ValueError(f"no usable clip of {self.frames} frames left in {self.root}: {summarise(self.unusable)}")
+
+    def order(self, epoch):
+        """The videos' order in an epoch: a permutation drawn once per epoch (and per loader worker), not per item."""
+        if self.epoch_order[0] != epoch:
+            self.epoch_order = (epoch, np.random.default_rng([self.seed, ORDER_STREAM, epoch]).permutation(len(self.videos)))
+        return self.epoch_order[1]
 
     def clip(self, video, rng):
         if self.latents:
@@ -534,12 +531,12 @@ class VideoFolderDataset(torch.utils.data.Dataset):
                 item["heatmap"] = video_heatmap(clip, self.raft)                       # (T, H, W)
             item["video"] = clip.transpose(0, 1)                                       # (3, T, H, W)
         if item["heatmap"] is None:
-            raise UnusableVideo("stale heatmap cache", f"re-run python flow.py cache {self.root} "
+            raise UnusableVideo("stale heatmap cache", f"re-run python prepare.py heatmaps {self.root} "
                                 f"--size {self.size[0]}x{self.size[1]} --max-stride {self.max_stride}")
         return item
 
     def cached_latents(self, relpath):
-        """(latents float16 (N, C, h, w), the video's fps or None) from `python data.py encode`'s cache."""
+        """(latents float16 (N, C, h, w), the video's fps or None) from `python prepare.py latents`'s cache."""
         try:
             with np.load(latent_cache_path(self.root, relpath, self.size)) as cache:
                 kind, latents, fps = str(cache["autoencoder"]), cache["latents"], float(cache["fps"])
@@ -562,123 +559,3 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, zipfile.BadZipFile):
             return None
         return frame_heatmaps(pairs)                                                   # (T, H, W)
-
-
-# ---- command line ----
-
-def check_folder(root, frames):
-    """Decode every listed video and report which are usable; exit 1 if none is."""
-    videos, skipped = read_captions(root)
-    usable = 0
-    for video in tqdm(videos, desc="decoding", unit="video", disable=None):
-        try:
-            load_frames(Path(root) / video["path"], frames)
-            usable += 1
-        except UnusableVideo as error:
-            skipped.append((error.reason, video["path"]))
-    print(f"{root}: {usable} usable, {len(skipped)} skipped (clips of {frames} frames)")
-    for line in summarise(skipped).split("; ") if skipped else []:
-        print(f"  skipped {line}")
-    if usable == 0:
-        raise SystemExit(f"error: no usable video in {root}")
-
-
-def encode_folder(root, autoencoder, kind, size, device, chunk=16):
-    """Store every listed video's latents, frame by frame (both autoencoders work on single frames), with frames
-    resized and center-cropped to size = (H, W): {"latents": float16 (N, C, h, w), "autoencoder": kind,
-    "fps": the container's fps or 0} in latent_cache_path. A training clip's latent is then latents[picked]:
-    no decoding, no encoder on the training GPU. Existing caches are kept; unusable videos are counted."""
-    videos, skipped = read_captions(root)
-    todo = [v for v in videos if not latent_cache_path(root, v["path"], size).is_file()]
-    print(f"{root}: {len(videos)} videos listed, {len(videos) - len(todo)} already encoded, {len(skipped)} skipped")
-    autoencoder = autoencoder.to(device)
-    unusable = []
-    for video in tqdm(todo, desc="encoding", unit="video", disable=None):
-        try:
-            frames, fps = load_frames(Path(root) / video["path"])                      # (N, H0, W0, 3)
-        except UnusableVideo as error:
-            unusable.append((error.reason, video["path"]))
-            continue
-        latents = []
-        with torch.no_grad():
-            for start in range(0, len(frames), chunk):
-                part = frames_to_tensor(resize_center_crop(frames[start:start + chunk], size))  # (n, 3, H, W)
-                z = autoencoder.encode(part.transpose(0, 1)[None].to(device))                   # (1, C, n, h, w)
-                latents.append(z[0].transpose(0, 1).half().cpu())                               # (n, C, h, w)
-        save_npz(latent_cache_path(root, video["path"], size), latents=torch.cat(latents).numpy(),
-                 autoencoder=np.array(kind), fps=np.array(fps or 0.0))
-    print(f"encoded {len(todo) - len(unusable)} videos; {len(unusable)} unusable"
-          f"{': ' + summarise(unusable) if unusable else ''}")
-    if len(videos) == len(unusable):
-        raise SystemExit(f"error: no usable video in {root}")
-
-
-def upscale(image, size):
-    """Nearest-neighbour resize of uint8 (H, W, 3) to size x size, for looking at 32 px frames."""
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.NEAREST))
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo-image", type=Path, help="write held-out first frame number --seed here (.png)")
-    parser.add_argument("--demo-video", type=Path, help="write training clip number --seed here (.gif/.mp4)")
-    parser.add_argument("--view-size", type=int, default=256, help="upscale the demo to this many pixels "
-                        "(only for viewing: sample.py resizes images to the model's resolution)")
-    parser.add_argument("--seed", type=int, default=0, help="which held-out image / training clip")
-    commands = parser.add_subparsers(dest="command")
-    check = commands.add_parser("check", help="decode every video of a folder, report usable ones")
-    check.add_argument("root", type=Path)
-    check.add_argument("--frames", type=int, default=16, help="frames a clip needs")
-    encode = commands.add_parser("encode", help="cache the kl-f8 latents of every video of a folder")
-    encode.add_argument("root", type=Path)
-    encode.add_argument("--init", required=True, help="VideoCrafter2's model.ckpt (its first_stage_model.* weights)")
-    encode.add_argument("--size", default="320x512", help="HxW the clips are trained at")
-    encode.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if args.view_size <= 0 or args.seed < 0 or (args.command == "check" and args.frames < 2):
-        parser.error("--view-size and --frames must be positive (frames >= 2), --seed non-negative")
-    if args.demo_image and args.demo_image.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        parser.error(f"--demo-image must end in .png or .jpg, got {args.demo_image}")
-    if args.demo_video and args.demo_video.suffix.lower() not in (".gif", ".mp4"):
-        parser.error(f"--demo-video must end in .gif or .mp4, got {args.demo_video}")
-
-    if args.command == "check":
-        check_folder(args.root, args.frames)
-    elif args.command == "encode":
-        from flow import parse_size
-        from model import load_kl_autoencoder, read_state_dict
-        try:
-            size = parse_size(args.size)
-            autoencoder = load_kl_autoencoder(read_state_dict(args.init))
-        except (ValueError, argparse.ArgumentTypeError) as error:
-            raise SystemExit(f"error: {error}")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda, but no CUDA GPU is available")
-        encode_folder(args.root, autoencoder, "kl-f8", size, args.device)
-    elif args.demo_image or args.demo_video:
-        if args.demo_image:
-            held_out = held_out_pairs()
-            prompts = [entry for entry in held_out if entry["image_id"] == args.seed]
-            if not prompts:
-                raise SystemExit(f"error: --seed must pick a held-out image, 0..{held_out[-1]['image_id']}")
-            args.demo_image.parent.mkdir(parents=True, exist_ok=True)
-            iio.imwrite(args.demo_image, upscale(prompts[0]["image"], args.view_size))
-            print(f"wrote {args.demo_image}; prompts that fit it:")
-            for entry in prompts:
-                print(f"  {entry['caption']}")
-        if args.demo_video:
-            item = ShapesDataset("train")[args.seed]
-            video = ((item["video"].transpose(0, 1).permute(0, 2, 3, 1) + 1) * 127.5).round()  # (T, H, W, 3)
-            heatmap = (item["heatmap"][..., None] * 255).round().expand_as(video)            # (T, H, W, 3)
-            panels = torch.cat([video, heatmap], dim=2).to(torch.uint8).numpy()            # (T, H, 2W, 3)
-            scale = args.view_size // panels.shape[1] or 1
-            panels = panels.repeat(scale, axis=1).repeat(scale, axis=2)
-            write_video(args.demo_video, panels, float(item["fps"]))
-            print(f"wrote {args.demo_video} (clip | motion heatmap) at {float(item['fps']):g} fps: {item['caption']}")
-    else:
-        parser.print_usage(sys.stderr)
-        raise SystemExit("error: give --demo-image, --demo-video or the check command")
-
-
-if __name__ == "__main__":
-    main()

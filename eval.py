@@ -7,7 +7,7 @@
 The held-out set is data.held_out_pairs(): test-split first frames, never seen in training, each
 with several prompts. Every pair is sampled (batched, pair i with seed --seed + i), then scored by
 tracking each shape by its colour in every frame:
-- direction accuracy: a shape told to move left/right/up/down travelled at least MIN_TRAVEL of the
+- direction accuracy: a shape told to move left/right/up/down travelled at least MOVED (a tenth) of the
   frame width, mostly along that way;
 - still accuracy: a shape told to stay still (or not mentioned) travelled less than that;
 - static-video rate: of the prompts that ask for motion, the share of clips that barely change
@@ -32,11 +32,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checkpoint import load_model
 from data import DIRECTIONS, PALETTE, ShapesDataset, held_out_pairs, render_clip
 from flow import heatmap_from_flow
 from loss import Schedule, latent_heatmap, q_sample, v_target
+from sample import ddim_sample, ddim_timesteps, to_uint8_frames
+from utils import fail, pick_device
 
-MIN_TRAVEL = 0.1  # of the frame width: the least travel that counts as moving
+MOVED = 0.1  # of the frame width: the least travel that counts as moving
 COLOUR_TOLERANCE = 60  # max distance in RGB (0..255) for a pixel to belong to a shape's colour
 STATIC_CHANGE = 2.0  # mean absolute change (0..255) between first and last frame under which a clip is static
 SHARE_TIMESTEPS = (50, 150, 250, 350, 450, 550, 650, 750, 850, 950)
@@ -60,10 +63,10 @@ def judge(displacement, motion, width):
         return False  # the shape vanished
     travel = np.abs(displacement).max()
     if motion == "still":
-        return travel < MIN_TRAVEL * width
+        return travel < MOVED * width
     direction = np.array(DIRECTIONS[motion])
     along = float(displacement @ direction)
-    return along >= MIN_TRAVEL * width and along > np.abs(displacement).sum() - along  # mostly that way
+    return along >= MOVED * width and along > np.abs(displacement).sum() - along  # mostly that way
 
 
 def psnr(a, b):
@@ -101,12 +104,12 @@ def copy_first_frame(entries, frames):
 
 
 def sample_all(model, cfg, entries, steps, cfg_scale, seed, batch):
-    from sample import ddim_sample, to_uint8_frames
+    """Every (image, prompt) pair sampled, pair i with seed `seed` + i -> uint8 videos (T, H, W, 3)."""
     videos = []
     for start in tqdm(range(0, len(entries), batch), desc="eval", unit="batch"):
         chunk = entries[start:start + batch]
         images = torch.stack([torch.from_numpy(e["image"]).permute(2, 0, 1).float() / 127.5 - 1 for e in chunk])
-        out = ddim_sample(model, images, [e["caption"] for e in chunk], cfg.frames, 8, steps, cfg_scale,
+        out = ddim_sample(model, images, [e["caption"] for e in chunk], cfg["frames"], 8, steps, cfg_scale,
                           [seed + start + i for i in range(len(chunk))], progress=False)
         videos += [to_uint8_frames(v) for v in out]
     return videos
@@ -117,7 +120,7 @@ def loss_shares(model, cfg, clips=64, seed=0):
     """Per timestep: the share of the squared v-error inside high-motion regions, sum(m' err) / sum(err),
     on `clips` held-out clips (with their captions), and the share of the area that moves, mean(m')."""
     device = next(model.parameters()).device
-    data = ShapesDataset("test", size=cfg.height, frames=cfg.frames, max_stride=cfg.max_stride, seed=seed)
+    data = ShapesDataset("test", size=cfg["height"], frames=cfg["frames"], max_stride=cfg["max_stride"], seed=seed)
     items = [data[i] for i in range(clips)]
     z0 = model.encode_video(torch.stack([item["video"] for item in items]).to(device))  # (N, C, T, h, w)
     m = latent_heatmap(torch.stack([item["heatmap"] for item in items]).to(device), z0.shape[-2:])  # (N, 1, T, h, w)
@@ -150,10 +153,10 @@ def write_grid(entries, videos, path, count=12, scale=4):
 # ----------------------------------------------------------------------------- command line
 
 def load_shapes_model(path, device):
-    from sample import load_model
     model, cfg, step = load_model(path, device)
-    if cfg.data != "shapes":
-        raise ValueError(f"{path} was trained on {cfg.data!r}, not the shapes videos: ShapesBench needs a shapes model")
+    if cfg.get("data") != "shapes":
+        raise ValueError(f"{path} was trained on {cfg.get('data')!r}, not the shapes videos: ShapesBench needs a "
+                         "shapes model")
     return model, cfg, step
 
 
@@ -180,25 +183,21 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", default="out/eval", help="folder for results.json and the grids")
     args = p.parse_args(argv)
-    if not args.ckpt and not args.baselines:
-        raise SystemExit("error: give --ckpt CKPT [CKPT ...] (shapes models) and/or --baselines")
-    if args.images < 1 or args.batch < 1:
-        raise SystemExit("error: --images and --batch must be positive")
     out = Path(args.out)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     try:
-        from sample import ddim_timesteps
+        if not args.ckpt and not args.baselines:
+            raise ValueError("give --ckpt CKPT [CKPT ...] (shapes models) and/or --baselines")
+        if args.images < 1 or args.batch < 1:
+            raise ValueError("--images and --batch must be positive")
         ddim_timesteps(args.steps)
-        models = [(path, *load_shapes_model(path, device)[1:]) for path in args.ckpt]  # check all before the long part
+        device = pick_device("auto")
+        models = [(path, *load_shapes_model(path, device)) for path in args.ckpt]  # all checked before the long part
         out.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-    frames = 8
-    for index, (path, cfg, step) in enumerate(models):
-        model, cfg, step = load_shapes_model(path, device)
-        frames = cfg.frames
-        entries = held_out_pairs(args.images, size=cfg.height)
+        fail(e)
+    for index, (path, model, cfg, step) in enumerate(models):
+        entries = held_out_pairs(args.images, size=cfg["height"])
         videos = sample_all(model, cfg, entries, args.steps, args.cfg, args.seed, args.batch)
         row = {"ckpt": str(path), "step": step, **score(entries, videos)}
         if args.loss_shares:
@@ -206,8 +205,9 @@ def main(argv=None):
         results.setdefault("checkpoints", []).append(row)
         write_grid(entries, videos, out / f"grid_{index}_step{step}.gif")
         print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "loss_shares"))
-    if args.baselines:
-        entries = held_out_pairs(args.images)
+    if args.baselines:  # at the checkpoints' size (the first one's), else the demo's 8 frames of 32 x 32
+        size, frames = (models[0][2]["height"], models[0][2]["frames"]) if models else (32, 8)
+        entries = held_out_pairs(args.images, size=size)
         results["ground_truth"] = score(entries, ground_truth(entries, frames))
         results["copy_first_frame"] = score(entries, copy_first_frame(entries, frames))
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -21,7 +21,6 @@ class Schedule:
     def __init__(self, num_steps=1000, beta_start=0.00085, beta_end=0.012, device="cpu"):
         self.num_steps = num_steps
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
-        self.betas = betas
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # (1000,) float64
         self.sqrt_abar = self.alphas_cumprod.sqrt().float().to(device)
         self.sqrt_one_minus_abar = (1 - self.alphas_cumprod).sqrt().float().to(device)

@@ -1,20 +1,19 @@
 """The networks: VideoCrafter2's 3D U-Net with x-cat input, the text encoders, the autoencoders.
 
-Data flow (see DESIGN.md): video -> autoencoder.encode -> z0 (B, C, T, h, w); the first frame's
+Data flow (DESIGN.md): video -> autoencoder.encode -> z0 (B, C, T, h, w); the first frame's
 latent is repeated over T and concatenated on channels with the noisy latent z_t (x-cat);
 prompt -> text encoder -> context (B, L, D); UNet(cat[z_t, z_img], t, context, fps) -> v.
 
 The U-Net follows VideoCrafter2 (lvdm/modules/networks/openaimodel3d.py) module for module, and
 its attribute names are that code's parameter names (`input_blocks.1.0.in_layers.2.weight`, even
 the upstream spelling `temopral_conv`), so a VideoCrafter2 checkpoint and the reference vectors
-in shared/reference load with no key map. The same holds for the full recipe's frozen parts: the
+in tests/fixtures load with no key map. The same holds for the full recipe's frozen parts: the
 KL-f8 autoencoder (lvdm's `first_stage_model.*` names) and the OpenCLIP ViT-H-14 text tower
-(`cond_stage_model.model.*`); `load_videocrafter2` loads all three from VideoCrafter2's model.ckpt.
+(`cond_stage_model.model.*`); checkpoint.py loads all three from VideoCrafter2's model.ckpt.
 Attention goes through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
 """
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -31,7 +30,7 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: tuple = (0, 1, 2)  # levels with spatial + temporal transformers
     head_channels: int = 64
-    heads: int = 0  # fixed number of heads per attention layer; 0: channels // head_channels
+    heads: int = 0  # a fixed number of heads per attention layer (VideoCrafter's num_heads); 0: channels // head_channels
     context_dim: int = 1024
     in_channels: int = 8  # noisy latent + image latent (x-cat)
     out_channels: int = 4
@@ -41,17 +40,13 @@ class UNetConfig:
 
 
 SIZES = {
-    # the size of shared/reference/unet_vc2_tiny.pt (parity test)
+    # the size of ../shared/reference/unet_vc2_tiny.pt (parity test)
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), head_channels=16, context_dim=64),
     # the CPU demo on 32x32 shapes videos with the pixel autoencoder at patch 2 (16x16x12 latents)
     "demo": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
                        head_channels=32, context_dim=64, init_attn_heads=1),
     # VideoCrafter2's U-Net (1.41 B parameters at 4 input channels)
     "vc2": UNetConfig(),
-    # bench.py's CPU comparison with VideoCrafter's and diffusers' code: widths (64, 128, 256, 256), 8 heads in every
-    # attention layer (head dim = width / 8), context 256. The init temporal attention is 8 heads of 64 / 8 = 8
-    # (64 wide): the only form both baselines can build with 8 heads (diffusers' transformer_in is the same)
-    "bench": UNetConfig(model_channels=64, head_channels=8, heads=8, context_dim=256),
 }
 
 
@@ -296,9 +291,8 @@ class UNet(nn.Module):
                     TemporalTransformer(channels, heads, head_dim)]
 
         self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
-        # VideoCrafter2: init_attn_heads x head_channels (512 wide at 320 channels); with fixed heads, as wide as ch
-        init_head_dim = ch // cfg.init_attn_heads if cfg.heads else cfg.head_channels
-        self.init_attn = Stage([TemporalTransformer(ch, cfg.init_attn_heads, init_head_dim, conv_projections=True)])
+        # VideoCrafter2: init_attn_heads x head_channels (512 wide at 320 channels)
+        self.init_attn = Stage([TemporalTransformer(ch, cfg.init_attn_heads, cfg.head_channels, conv_projections=True)])
         skip_channels = [ch]
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -352,47 +346,6 @@ class UNet(nn.Module):
             h = self.run(stage, torch.cat([h, skips.pop()], dim=1), emb, context, b)
         y = self.out(h)  # (B*T, C_out, H, W)
         return y.view(b, frames, -1, height, width).transpose(1, 2)  # (B, C_out, T, H, W)
-
-
-def strip_wrappers(state_dict: dict) -> dict:
-    """Drop the `module.` of DistributedDataParallel and the `_orig_mod.` of torch.compile from every key."""
-    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state_dict.items()}
-
-
-def check_fits(module: nn.Module, state_dict: dict, what: str) -> None:
-    """Strict loading's checks, as one line: a ValueError that says how the state dict does not fit."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what} does not fit this model size: {len(missing)} missing keys (e.g. {missing[:2]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(wrong)} of another shape "
-                         f"(e.g. {wrong[:2]})")
-
-
-def xcat_unet_state(unet: UNet, state_dict: dict) -> dict:
-    """A text-to-video U-Net's weights (C input channels) made fit for our x-cat U-Net (2C): the C image-latent
-    input channels of the first conv start at zero, so the model computes what it did before. Checked to fit."""
-    key = "input_blocks.0.0.weight"
-    if key not in state_dict:
-        raise ValueError("not a VideoCrafter-style U-Net state dict (no input_blocks.0.0.weight)")
-    ours = unet.input_blocks[0][0].weight
-    theirs = state_dict[key]  # (C_out, C, 3, 3)
-    if theirs.shape[1] * 2 == ours.shape[1] and theirs.shape[0] == ours.shape[0]:
-        state_dict = {**state_dict, key: torch.cat([theirs, torch.zeros_like(theirs)], dim=1)}  # (C_out, 2C, 3, 3)
-    check_fits(unet, state_dict, "U-Net")
-    return state_dict
-
-
-def load_t2v_unet(unet: UNet, state_dict: dict) -> None:
-    """Load a text-to-video U-Net (C input channels) into our x-cat U-Net (2C), new channels at zero.
-    Accepts VideoCrafter2's `model.diffusion_model.` prefix and `module.` / `_orig_mod.` wrappers."""
-    prefix = "model.diffusion_model."
-    state_dict = strip_wrappers(state_dict)
-    if any(k.startswith(prefix) for k in state_dict):
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    unet.load_state_dict(xcat_unet_state(unet, state_dict))
 
 
 # ----------------------------------------------------------------------------- text encoder
@@ -459,6 +412,7 @@ class OpenCLIPTextEncoder(nn.Module):
                                                        quick_gelu=clip_cfg.get("quick_gelu", False))
         # CLIP's temperature: unused here, kept because the checkpoint has it (cond_stage_model.model.logit_scale)
         self.model.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.name = name
         self.max_len = self.model.context_length  # tokens, start and end included
         self.width = self.model.width
         self.requires_grad_(False)
@@ -469,7 +423,7 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def length(self, caption):
         """Tokens the caption needs, start and end tokens included; more than max_len are cut."""
-        return len(import_open_clip().get_tokenizer("ViT-H-14").encode(caption)) + 2
+        return len(import_open_clip().get_tokenizer(self.name).encode(caption)) + 2
 
     def tokenize(self, captions):
         return import_open_clip().tokenize(captions, context_length=self.max_len)  # (B, L), cut to fit
@@ -523,7 +477,9 @@ class KLConfig:
 
 
 KL_SIZES = {
-    # the size of shared/reference/vae_kl_f8_tiny.pt (parity test)
+    # the sizes of VideoCrafter's reference vectors (parity tests): tests/fixtures/vae_kl_small.pt (2x smaller, not 8x)
+    # and ../shared/reference/vae_kl_f8_tiny.pt
+    "small": KLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
     "tiny": KLConfig(ch=32, num_res_blocks=1),
     # Stable Diffusion's / VideoCrafter2's autoencoder (83.7 M parameters)
     "full": KLConfig(),
@@ -708,6 +664,13 @@ class ModelConfig:
     temporal_dropout: float = 0.1
     gradient_checkpointing: bool = False
 
+    @classmethod
+    def from_run_config(cls, config: dict) -> "ModelConfig":
+        """The model a train.py config describes (a plain dict, as checkpoints store it): its `model` key names the
+        size; its keys named like this class's fields are taken as they are, the rest are not the model's."""
+        fields = {name: config[name] for name in cls.__dataclass_fields__ if name != "size" and name in config}
+        return cls(size=config["model"], **fields)
+
 
 class MotifModel(nn.Module):
     """Autoencoder + text encoder + x-cat U-Net. Trainable: the U-Net and the bytes text encoder; the KL
@@ -758,73 +721,3 @@ class MotifModel(nn.Module):
     def forward(self, z_t, z_img, t, captions, fps):
         """The training call: text encoding inside, so DDP sees every trainable parameter."""
         return self.denoise(z_t, z_img, t, self.text_encoder(captions), fps)  # (B, C, T, h, w)
-
-
-# ----------------------------------------------------------------------------- VideoCrafter2's checkpoint
-
-VIDEOCRAFTER2_PARTS = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.",
-                       "text_encoder": "cond_stage_model."}
-
-
-def load_videocrafter2(model: MotifModel, checkpoint: dict) -> dict:
-    """Load VideoCrafter2's released text-to-video model.ckpt (or any checkpoint of that layout, possibly inside
-    {"state_dict": ...}, with `module.` / `_orig_mod.` wrappers) into `model`, each part strictly:
-    model.diffusion_model.* -> the U-Net (its C-channel first conv into our 2C x-cat conv, image-latent channels
-    at zero), first_stage_model.* -> the kl-f8 autoencoder, cond_stage_model.* -> the openclip text encoder.
-    A part the model does not use (the pixel autoencoder, the bytes text encoder) is ignored, as are the other
-    keys (the noise schedule's buffers). Every part is checked before any is loaded: a checkpoint that does not
-    fit (missing, unexpected or misshapen keys, or no keys for a part the model needs) raises a one-line
-    ValueError with the counts and leaves the model as it was.
-    Returns {"unet" | "autoencoder" | "text_encoder" | "other": {"loaded": n, "ignored": n}}, in tensors."""
-    state_dict = strip_wrappers(checkpoint.get("state_dict", checkpoint))
-    parts = {part: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-             for part, prefix in VIDEOCRAFTER2_PARTS.items()}
-    used = {"unet": True, "autoencoder": isinstance(model.autoencoder, KLAutoencoder),
-            "text_encoder": isinstance(model.text_encoder, OpenCLIPTextEncoder)}
-    for part, prefix in VIDEOCRAFTER2_PARTS.items():
-        if used[part] and not parts[part]:
-            raise ValueError(f"the checkpoint has no {prefix}* keys, which this model's {part} needs "
-                             f"(is it a VideoCrafter2 checkpoint? model {model.cfg.size}, autoencoder "
-                             f"{model.cfg.autoencoder}, text encoder {model.cfg.text_encoder})")
-    parts["unet"] = xcat_unet_state(model.unet, parts["unet"])
-    for part in ("autoencoder", "text_encoder"):
-        if used[part]:
-            check_fits(getattr(model, part), parts[part], f"{VIDEOCRAFTER2_PARTS[part]}* ({part})")
-    report = {}
-    for part, weights in parts.items():
-        if used[part]:
-            getattr(model, part).load_state_dict(weights)
-        report[part] = {"loaded": len(weights), "ignored": 0} if used[part] else {"loaded": 0, "ignored": len(weights)}
-    report["other"] = {"loaded": 0, "ignored": len(state_dict) - sum(len(weights) for weights in parts.values())}
-    return report
-
-
-def read_state_dict(path) -> dict:
-    """The state dict in a checkpoint file (bare, or under "state_dict"), wrappers stripped. Read with
-    weights_only=True, so a file carrying code is refused, and memory-mapped where the format allows (VideoCrafter2's
-    model.ckpt is 5.5 GB). Anything unreadable is a one-line ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code, a truncated file, not a torch file at all
-        raise ValueError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict of tensors")
-    return strip_wrappers(state)
-
-
-def load_kl_autoencoder(state_dict: dict, size: str = "full") -> KLAutoencoder:
-    """The frozen kl-f8 autoencoder from a VideoCrafter2-layout state dict (its first_stage_model.* keys)."""
-    prefix = VIDEOCRAFTER2_PARTS["autoencoder"]
-    weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    autoencoder = KLAutoencoder(KL_SIZES[size])
-    check_fits(autoencoder, weights, f"{prefix}* (autoencoder)")
-    autoencoder.load_state_dict(weights)
-    return autoencoder
-

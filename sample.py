@@ -16,7 +16,7 @@ resumes), and out/index.csv lists what was made.
 """
 import argparse
 import csv
-import os
+import io
 import sys
 from pathlib import Path
 
@@ -25,28 +25,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from checkpoint import load_model
 from data import resize_center_crop, write_video
 from loss import Schedule
-from model import MotifModel
-from train import Config, load_checkpoint, model_config
+from utils import fail, pick_device, write_atomically
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs
 
 
 # ----------------------------------------------------------------------------- inputs
-
-def load_model(ckpt_path, device, use_ema=True):
-    """Rebuild the model from a train.py checkpoint; EMA weights unless use_ema is False."""
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = Config(**ckpt["config"])
-    model = MotifModel(model_config(cfg))
-    model.load_state_dict(ckpt["model"])
-    if use_ema:
-        unexpected = model.load_state_dict(ckpt["ema"], strict=False).unexpected_keys  # trainable parameters only
-        if unexpected:
-            raise ValueError(f"{ckpt_path}: its EMA weights do not fit the model ({unexpected[:2]})")
-    return model.to(device).eval(), cfg, ckpt["step"]
-
 
 def load_image(path, height, width):
     """Any image (RGB, RGBA, grey, palette) -> (3, H, W) in [-1, 1], resized to cover then center-cropped.
@@ -96,8 +83,7 @@ def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, se
     device = next(model.parameters()).device
     abar = Schedule().alphas_cumprod
     b = image.shape[0]
-    video = image.to(device)[:, :, None].expand(-1, -1, frames, -1, -1)  # (B, 3, T, H, W)
-    z_img = model.image_latent(model.encode_video(video))  # (B, C, T, h, w)
+    z_img = model.encode_video(image.to(device)[:, :, None]).expand(-1, -1, frames, -1, -1)  # (B, C, T, h, w): x-cat
     context = model.text_encoder(list(captions) + [""] * b)  # (2B, L, D): text, then the empty prompt
     z = torch.stack([torch.randn(z_img.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
     fps = torch.full((2 * b,), float(fps), device=device)
@@ -154,7 +140,7 @@ def video_name(row, image):
 
 
 def sample_benchmark(model, cfg, rows, out_dir, args):
-    """Sample every row not yet done, batch by batch; each mp4 is written whole, then renamed."""
+    """Sample every row not yet done, batch by batch; each mp4 is written whole, then renamed into place."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for _, image, prompt in rows:
@@ -163,20 +149,17 @@ def sample_benchmark(model, cfg, rows, out_dir, args):
     print(f"{len(rows)} rows, {len(rows) - len(todo)} already sampled in {out_dir}, {len(todo)} to go")
     for start in tqdm(range(0, len(todo), args.batch), desc="benchmark", unit="batch"):
         batch = todo[start:start + args.batch]
-        images = torch.stack([load_image(image, cfg.height, cfg.width) for _, image, _ in batch])
-        videos = ddim_sample(model, images, [p for _, _, p in batch], cfg.frames, args.fps, args.steps, args.cfg,
+        images = torch.stack([load_image(image, cfg["height"], cfg["width"]) for _, image, _ in batch])
+        videos = ddim_sample(model, images, [p for _, _, p in batch], cfg["frames"], args.fps, args.steps, args.cfg,
                              [args.seed + row for row, _, _ in batch], progress=False)
         for (row, image, _), video in zip(batch, videos):
-            path = out_dir / video_name(row, image)
-            partial = path.with_name(path.stem + ".partial.mp4")
-            write_video(partial, to_uint8_frames(video), args.fps)
-            os.replace(partial, path)
+            write_video(out_dir / video_name(row, image), to_uint8_frames(video), args.fps)
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["row", "image", "prompt", "seed", "video"])
+    writer.writerows([row, image.name, prompt, args.seed + row, video_name(row, image)] for row, image, prompt in rows)
     index = out_dir / "index.csv"
-    with open(index.with_suffix(".tmp"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["row", "image", "prompt", "seed", "video"])
-        writer.writerows([row, image.name, prompt, args.seed + row, video_name(row, image)] for row, image, prompt in rows)
-    os.replace(index.with_suffix(".tmp"), index)
+    write_atomically(index, lambda f: f.write(table.getvalue().encode("utf-8")))
     print(f"wrote {len(todo)} videos; {index} lists all {len(rows)}")
 
 
@@ -198,7 +181,7 @@ def main(argv=None):
                    "are written); a benchmark: the output folder")
     p.add_argument("--upscale", type=int, default=0, help="nearest-neighbour upscale of the written frames (0: to >= 256 px)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args(argv)
     try:
         if bool(args.prompts) == bool(args.image or args.prompt):
@@ -209,21 +192,21 @@ def main(argv=None):
         if args.fps <= 0 or args.batch < 1:
             raise ValueError(f"--fps and --batch must be positive (got {args.fps}, {args.batch})")
         rows = read_benchmark(args.prompts, args.images) if args.prompts else None
-        model, cfg, step = load_model(args.ckpt, args.device, use_ema=not args.no_ema)
-        print(f"sampling {args.ckpt} (step {step}, {'raw' if args.no_ema else 'EMA'} weights): "
-              f"{cfg.frames} frames at {cfg.height}x{cfg.width}, {args.steps} DDIM steps, cfg {args.cfg}, seed {args.seed}")
+        model, cfg, step = load_model(args.ckpt, pick_device(args.device), use_ema=not args.no_ema)
+        print(f"sampling {args.ckpt} (step {step}, {'raw' if args.no_ema else 'EMA'} weights): {cfg['frames']} frames "
+              f"at {cfg['height']}x{cfg['width']}, {args.steps} DDIM steps, cfg {args.cfg}, seed {args.seed}")
         if rows:
             sample_benchmark(model, cfg, rows, args.out, args)
             return
         check_prompt(args.prompt, model)
-        image = load_image(args.image, cfg.height, cfg.width)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    video = ddim_sample(model, image[None], [args.prompt], cfg.frames, args.fps, args.steps, args.cfg, [args.seed])
-    frames = to_uint8_frames(video[0], args.upscale or max(1, -(-256 // min(cfg.height, cfg.width))))
-    out = Path(args.out)
-    for suffix in (".mp4", ".gif"):
-        write_video(out.with_suffix(suffix), frames, args.fps)
+        image = load_image(args.image, cfg["height"], cfg["width"])
+        video = ddim_sample(model, image[None], [args.prompt], cfg["frames"], args.fps, args.steps, args.cfg, [args.seed])
+        frames = to_uint8_frames(video[0], args.upscale or max(1, -(-256 // min(cfg["height"], cfg["width"]))))
+        out = Path(args.out)
+        for suffix in (".mp4", ".gif"):
+            write_video(out.with_suffix(suffix), frames, args.fps)
+    except (ValueError, OSError) as e:
+        fail(e)
     print(f"wrote {out.with_suffix('.mp4')} and {out.with_suffix('.gif')}")
 
 

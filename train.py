@@ -12,7 +12,10 @@ global batch and synced only on the last micro-step. Rank 0 writes logs and chec
 
 Data flow of a step (DESIGN.md): clip + heatmap (data.py / flow.py) -> z0 = encode(clip), image
 latent = z0 of frame 0 repeated -> z_t, v (loss.py) -> v_hat = model(z_t, z_img, t, text, fps) ->
-L = L_diffusion + lambda * L_motif -> AdamW, EMA, checkpoint.
+L = L_diffusion + lambda * L_motif -> AdamW, EMA, checkpoint (checkpoint.py).
+
+The file reads top to bottom: the config; the data and the randomness of a step; processes; then
+train(): setup, and a loop of step / log / save.
 """
 import dataclasses
 import difflib
@@ -32,10 +35,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from bench import mfu_peak_flops, unet_training_flops
+from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
+from data import ShapesDataset, VideoFolderDataset
+from flow import RAFT
 from loss import Schedule, diffusion_loss, latent_heatmap, q_sample, v_target
-from model import SIZES, ModelConfig, MotifModel, load_t2v_unet, load_videocrafter2, read_state_dict
-
-CHECKPOINT_KIND = "motif-ti2v"
+from model import SIZES, ModelConfig, MotifModel
+from utils import fail, peak_memory_gb, pick_device
 
 
 class TrainingStopped(Exception):
@@ -163,37 +169,27 @@ def check_config(cfg, world_size):
                          "captions.jsonl, see README) or try the built-in demo with --preset shapes")
 
 
-def model_config(cfg: Config) -> ModelConfig:
-    return ModelConfig(size=cfg.model, text_encoder=cfg.text_encoder, autoencoder=cfg.autoencoder,
-                       pixel_patch=cfg.pixel_patch, temporal_dropout=cfg.temporal_dropout,
-                       gradient_checkpointing=cfg.gradient_checkpointing)
-
-
 # ----------------------------------------------------------------------------- data
 
 def build_dataset(cfg: Config, model: MotifModel, device):
+    """The training data the config names: the shapes videos or a video folder (with its caches)."""
     factor = model.resolution_factor
     if cfg.height % factor or cfg.width % factor:
         raise ValueError(f"height and width must be multiples of {factor} for this model "
                          f"(got {cfg.height}x{cfg.width})")
-    import data
     if cfg.data == "shapes":
         if cfg.height != cfg.width:
             raise ValueError(f"shapes videos are square: set height = width (got {cfg.height}x{cfg.width})")
-        return data.ShapesDataset("train", size=cfg.height, frames=cfg.frames, max_stride=cfg.max_stride, seed=cfg.seed)
+        return ShapesDataset("train", size=cfg.height, frames=cfg.frames, max_stride=cfg.max_stride, seed=cfg.seed)
     if not Path(cfg.data).is_dir():
         raise ValueError(f"--data={cfg.data}: no such folder (give a folder of videos with captions.csv "
                          "or captions.jsonl, or use --preset shapes)")
     if cfg.latents and (cfg.flow_weights or cfg.autoencoder == "pixel"):
         raise ValueError("--latents reads cached kl-f8 latents and cached heatmaps: it goes with --autoencoder=kl-f8 "
                          "and without --flow_weights")
-    raft = None
-    if cfg.flow_weights:
-        from flow import RAFT
-        raft = RAFT(cfg.flow_weights, device=device)
-    return data.VideoFolderDataset(cfg.data, frames=cfg.frames, size=(cfg.height, cfg.width),
-                                   max_stride=cfg.max_stride, seed=cfg.seed, raft=raft,
-                                   latents=cfg.autoencoder if cfg.latents else "")
+    raft = RAFT(cfg.flow_weights, device=device) if cfg.flow_weights else None
+    return VideoFolderDataset(cfg.data, frames=cfg.frames, size=(cfg.height, cfg.width), max_stride=cfg.max_stride,
+                              seed=cfg.seed, raft=raft, latents=cfg.autoencoder if cfg.latents else "")
 
 
 class StepIndices(torch.utils.data.Sampler):
@@ -230,290 +226,260 @@ def draw_randomness(cfg, step, indices, latent_shape, num_timesteps):
     return torch.cat(t), torch.stack(noise), drop
 
 
-# ----------------------------------------------------------------------------- checkpoints
-# out_dir/ckpt_0001000.pt, ... and out_dir/latest, a one-line text file naming the newest complete
-# one. Every file is written to a temporary name, fsynced, then renamed: a run killed at any moment
-# leaves the previous checkpoint and pointer intact.
+# ----------------------------------------------------------------------------- processes
 
-def write_atomically(path, write):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)
+def setup_distributed(cfg):
+    """(rank, world size, device): one process, or one of torchrun's (the device from LOCAL_RANK)."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device
 
 
-def save_checkpoint(out_dir, state, keep):
-    """Write ckpt_STEP.pt, point `latest` at it, then delete all but the newest `keep`."""
-    out_dir = Path(out_dir)
-    path = out_dir / f"ckpt_{state['step']:07d}.pt"
-    write_atomically(path, lambda f: torch.save(state, f))
-    write_atomically(out_dir / "latest", lambda f: f.write(path.name.encode() + b"\n"))
-    for old in sorted(out_dir.glob("ckpt_*.pt"))[:-keep]:
-        old.unlink()
-    return path
+def any_rank(flag, world, device):
+    """True on every rank if `flag` is true on any: ranks decide together to skip a step or to stop."""
+    if world == 1:
+        return bool(flag)
+    flag = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
 
 
-def resolve_checkpoint(path):
-    """A checkpoint file, or a run folder -> the file its `latest` pointer names."""
-    path = Path(path)
-    if path.is_dir():
-        pointer = path / "latest"
-        if not pointer.is_file():
-            raise ValueError(f"{path} is a folder without a 'latest' checkpoint pointer (no checkpoint saved there yet)")
-        return path / pointer.read_text().strip()
-    return path
-
-
-def load_checkpoint(path):
-    """Load a checkpoint of ours (a file or a run folder); a clear error for anything else.
-    weights_only=True: a checkpoint is untrusted input and is never allowed to run code."""
-    path = resolve_checkpoint(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist" + (" or is a folder" if path.exists() else ""))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a pickle with code, not a torch file at all
-        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path} is not a MotiF checkpoint written by train.py")
-    return ckpt
-
-
-def init_from(model, path, verbose):
-    """--init: VideoCrafter2's model.ckpt (U-Net, KL-f8 autoencoder, OpenCLIP), or a bare text-to-video U-Net
-    state dict; either way the new image-latent input channels start at zero."""
-    state = read_state_dict(path)
-    if any(k.startswith("model.diffusion_model.") for k in state):
-        report = load_videocrafter2(model, state)
-        if verbose:
-            print(f"--init {path}: " + ", ".join(f"{part} {n['loaded']} tensors loaded" + (f", {n['ignored']} ignored"
-                                                 if n["ignored"] else "") for part, n in report.items()))
-    else:
-        load_t2v_unet(model.unet, state)
-        if verbose:
-            print(f"--init {path}: U-Net loaded, image-latent input channels at zero")
+def catch_stop_signals():
+    """SIGTERM (schedulers, preemption) or SIGUSR1 -> a list that gets the signal: the loop finishes its step,
+    saves and exits cleanly. Installed first thing, so a signal during start-up is not lost either."""
+    received = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda number, frame: received.append(number))
+    return received
 
 
 # ----------------------------------------------------------------------------- training
 
-def setup_distributed(cfg):
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no GPU is visible")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return rank, world, device
+LOSS_TERMS = ("loss", "diffusion", "motif", "moving", "static")  # what diffusion_loss returns, all logged
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+class Log:
+    """Loss terms averaged over the steps since the last line, clips/s, and one JSON line per log_every steps in
+    out_dir/log.jsonl (rank 0), echoed under the progress bar. On a GPU with a known peak, MFU per GPU."""
+
+    def __init__(self, cfg, world, device, master, flops_per_clip, step):
+        self.cfg, self.world, self.device, self.master = cfg, world, device, master
+        self.flops_per_clip, self.peak_flops = flops_per_clip, mfu_peak_flops(device)
+        self.file = open(Path(cfg.out_dir) / "log.jsonl", "a") if master else None
+        self.bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps, self.clips, self.started = dict.fromkeys(LOSS_TERMS, 0.0), 0, 0, time.time()
+
+    def add(self, losses):
+        """One step's loss terms (averaged over its micro-batches)."""
+        for key in LOSS_TERMS:
+            self.sums[key] += losses[key]
+        self.steps += 1
+        self.clips += self.cfg.batch_size
+        self.bar.update(1)
+
+    def write(self, step, lr, grad_norm, skipped):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.time() - self.started
+        means = torch.tensor([self.sums[k] / self.steps for k in LOSS_TERMS], device=self.device)
+        if self.world > 1:  # the mean over ranks
+            dist.all_reduce(means)
+            means /= self.world
+        record = {"step": step, **dict(zip(LOSS_TERMS, means.tolist())), "lr": lr, "grad_norm": grad_norm,
+                  "skipped_steps": skipped, "clips_per_s": self.clips / elapsed, "peak_mem_gb": peak_memory_gb(self.device)}
+        if self.flops_per_clip and self.peak_flops:
+            record["mfu"] = self.flops_per_clip * record["clips_per_s"] / self.world / self.peak_flops  # per GPU
+        if self.master:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", moving=f"{record['moving']:.3f}",
+                                 static=f"{record['static']:.3f}", clips_s=f"{record['clips_per_s']:.1f}")
+            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        self.reset()
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def train(cfg: Config):
-    # SIGTERM (schedulers, preemption) or SIGUSR1, even while starting up: finish the step, save, exit cleanly on
-    # every rank
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda number, frame: stop_signal.append(number))
-    rank, world, device = setup_distributed(cfg)
-    check_config(cfg, world)
-    master = rank == 0
-    out_dir = Path(cfg.out_dir)
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    resume = cfg.resume
-    if resume == "latest":
-        resume = str(out_dir) if (out_dir / "latest").is_file() else ""
-        if not resume and master:
-            print(f"no checkpoint in {out_dir} yet: starting from step 0")
-
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = MotifModel(model_config(cfg)).to(device)
+def setup_model(cfg, device, master, resume):
+    """The model, its AdamW and its EMA (fp32 shadow weights of the trainable parameters): from --init, or fresh
+    (the same initial weights on every rank), then the checkpoint's state when resuming. Returns them and the step."""
+    torch.manual_seed(cfg.seed)
+    model = MotifModel(ModelConfig.from_run_config(asdict(cfg))).to(device)
     if cfg.init and not resume:  # a checkpoint to resume from holds every weight, --init's included
-        init_from(model, cfg.init, master)
+        message = init_from(model, cfg.init)
+        if master:
+            print(message)
     elif not resume and (cfg.autoencoder == "kl-f8" or cfg.text_encoder == "openclip"):
         raise ValueError(f"the {cfg.autoencoder} autoencoder and the {cfg.text_encoder} text encoder are frozen and "
                          "need pretrained weights: pass --init=path/to/VideoCrafter2/model.ckpt (see README), or "
                          "train everything from scratch with --autoencoder=pixel --text_encoder=bytes")
-    dataset = build_dataset(cfg, model, device)
-    schedule = Schedule(device=device)
-    named_trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    trainable = list(named_trainable.values())
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # one kernel for all
-    ema = {name: p.detach().clone().float() for name, p in named_trainable.items()}  # fp32 shadow weights
-
-    step = 0
-    if resume:
-        ckpt = load_checkpoint(resume)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError:
-            keys = ("model", "text_encoder", "autoencoder", "pixel_patch")
-            saved, ours = ({k: c.get(k) for k in keys} for c in (ckpt["config"], asdict(cfg)))
-            raise ValueError(f"{resume} holds another model ({saved}) than this config builds ({ours}); "
-                             "resume with its settings or start a new out_dir") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for name, e in ema.items():
-            e.copy_(ckpt["ema"][name])
-        step = ckpt["step"]
-        if master:
-            print(f"resumed from {resume} at step {step}")
-
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    accum = cfg.batch_size // (cfg.micro_batch * world)
-    workers = 0 if cfg.flow_weights else cfg.workers  # on-the-fly RAFT runs on the training device, in this process
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=StepIndices(cfg, rank, world, step),
-                                         num_workers=workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=workers > 0)
-    batches = iter(loader)
-
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=True)  # one kernel for all parameters: 0.34 -> 0.09 s per step at the bench size
+    ema = {name: p.detach().clone().float() for name, p in trainable.items()}
+    if not resume:
+        return model, optimizer, ema, 0
+    ckpt = load_checkpoint(resume)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        keys = ("model", "text_encoder", "autoencoder", "pixel_patch")
+        saved, ours = ({k: c.get(k) for k in keys} for c in (ckpt["config"], asdict(cfg)))
+        raise ValueError(f"{resume} holds another model ({saved}) than this config builds ({ours}); "
+                         "resume with its settings or start a new out_dir") from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for name, shadow in ema.items():
+        shadow.copy_(ckpt["ema"][name])
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in trainable)
-        print(f"training {cfg.model} ({n_params / 1e6:.1f} M trainable parameters) on {cfg.data}: "
-              f"{world} process(es) on {device.type}, global batch {cfg.batch_size} = {cfg.micro_batch} x {accum} "
-              f"micro-steps x {world}, {'bf16' if use_bf16 else 'fp32'}")
-    log_file = open(out_dir / "log.jsonl", "a") if master else None
-    flops_per_step, peak_flops = None, None
-    if device.type == "cuda":
-        peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+        print(f"resumed from {resume} at step {ckpt['step']}")
+    return model, optimizer, ema, ckpt["step"]
 
-    def save(at_step):
-        if not all(torch.isfinite(p).all() for p in trainable):  # never write a broken model over a good one
-            raise TrainingStopped(f"non-finite weights at step {at_step}: not saving; the last good checkpoint stays")
-        if world > 1:
-            dist.barrier()
-        if master:
-            save_checkpoint(out_dir, {
-                "kind": CHECKPOINT_KIND, "step": at_step, "config": asdict(cfg),
-                "model": model.state_dict(), "ema": ema, "optimizer": optimizer.state_dict()},
-                cfg.keep_checkpoints)
-        if world > 1:
-            dist.barrier()
 
-    model.train()
-    window = {"loss": 0.0, "diffusion": 0.0, "motif": 0.0, "moving": 0.0, "static": 0.0, "n": 0}
+def forward_backward(cfg, model, ddp, batch, indices, step, schedule, autocast, device, accum, sync):
+    """One micro-batch: encode, noise, predict v, loss, backward (gradients synced across ranks only if `sync`).
+    Returns the loss terms as floats."""
+    heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H, W)
+    fps = batch["fps"].to(device)  # (b,)
+    if "latent" in batch:  # cached by `python prepare.py latents`
+        z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
+    else:
+        with torch.no_grad(), autocast:
+            z0 = model.encode_video(batch["video"].to(device, non_blocking=True)).float()  # (b, C, T, h, w)
+    t, noise, drop = draw_randomness(cfg, step, indices, z0.shape[1:], schedule.num_steps)
+    t, noise = t.to(device), noise.to(device)
+    captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
+    z_t = q_sample(schedule, z0, t, noise)  # (b, C, T, h, w)
+    v = v_target(schedule, z0, t, noise)  # (b, C, T, h, w)
+    with nullcontext() if sync else ddp.no_sync():
+        with autocast:
+            v_hat = ddp(z_t, model.image_latent(z0), t, captions, fps)  # (b, C, T, h, w)
+        losses = diffusion_loss(v_hat, v, latent_heatmap(heatmap, z0.shape[-2:]), cfg.motif_lambda, cfg.loss_mode)
+        (losses["loss"] / accum).backward()
+    return {k: value.item() for k, value in losses.items()}
+
+
+def update(cfg, model, optimizer, ema, losses, step, world, device):
+    """Clip the (synced) gradients and step AdamW and the EMA; or, if any rank saw a non-finite loss or gradient,
+    skip the step on every rank. Returns (stepped, gradient norm)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()  # synced: the same on all ranks
+    finite = math.isfinite(losses["loss"]) and math.isfinite(grad_norm)
+    stepped = not any_rank(not finite, world, device)
+    if stepped:
+        optimizer.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # a short memory in the first steps
+        torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in trainable], 1 - decay)
+    optimizer.zero_grad(set_to_none=True)
+    return stepped, grad_norm
+
+
+def save(cfg, model, optimizer, ema, step, world, master):
+    """Every rank calls it; rank 0 writes. Non-finite weights are never written over a good checkpoint."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainingStopped(f"non-finite weights at step {step}: not saving; the last good checkpoint stays")
+    if world > 1:
+        dist.barrier()
+    if master:
+        save_checkpoint(cfg.out_dir, {"kind": CHECKPOINT_KIND, "step": step, "config": asdict(cfg),
+                                      "model": model.state_dict(), "ema": ema, "optimizer": optimizer.state_dict()},
+                        cfg.keep_checkpoints)
+    if world > 1:
+        dist.barrier()
+
+
+def resume_path(cfg, master):
+    """What --resume names: a checkpoint or run folder; "latest" is out_dir if it has one, else a fresh start ("")."""
+    if cfg.resume != "latest":
+        return cfg.resume
+    if (Path(cfg.out_dir) / "latest").is_file():
+        return cfg.out_dir
+    if master:
+        print(f"no checkpoint in {cfg.out_dir} yet: starting from step 0")
+    return ""
+
+
+def make_batches(cfg, dataset, rank, world, step, device):
+    """This rank's micro-batches from `step` on (StepIndices), loaded by cfg.workers processes."""
+    workers = 0 if cfg.flow_weights else cfg.workers  # on-the-fly RAFT runs on the training device, in this process
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch,
+                                            sampler=StepIndices(cfg, rank, world, step), num_workers=workers,
+                                            pin_memory=device.type == "cuda", persistent_workers=workers > 0))
+
+
+def train(cfg: Config):
+    # ---- setup
+    stop_signals = catch_stop_signals()
+    rank, world, device = setup_distributed(cfg)
+    check_config(cfg, world)
+    master, accum = rank == 0, cfg.batch_size // (cfg.micro_batch * world)
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master))
+    batches = make_batches(cfg, build_dataset(cfg, model, device), rank, world, step, device)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    schedule = Schedule(device=device)
+    if master:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        print(f"training {cfg.model} ({sum(p.numel() for p in ema.values()) / 1e6:.1f} M trainable parameters) on "
+              f"{cfg.data}: {world} process(es) on {device.type}, global batch {cfg.batch_size} = {cfg.micro_batch} x "
+              f"{accum} micro-steps x {world}, {'bf16' if use_bf16 else 'fp32'}")
+    flops_per_clip = None
+    if device.type == "cuda":  # for MFU: the U-Net's forward + backward FLOPs, counted once on the meta device
+        latent_size = (cfg.height // model.autoencoder.factor, cfg.width // model.autoencoder.factor)
+        flops_per_clip = unet_training_flops(model.unet.cfg, cfg.frames, latent_size, model.text_encoder.max_len)
+    log = Log(cfg, world, device, master, flops_per_clip, step)
     bad_in_a_row, skipped = 0, 0
-    timer, clips = time.time(), 0
-    bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+    model.train()
+
     while step < cfg.steps:
-        # the global RNG drives only dropout; seed it from (seed, step, rank) so resume is exact
-        torch.manual_seed(sample_seed(cfg.seed, step, -1 - rank))
+        # ---- step: accum micro-batches, then one update
+        torch.manual_seed(sample_seed(cfg.seed, step, -1 - rank))  # the global RNG drives only dropout: resume is exact
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        finite = True
+        losses = dict.fromkeys(LOSS_TERMS, 0.0)
         for micro in range(accum):
-            batch = next(batches)
             first = step * cfg.batch_size + (micro * world + rank) * cfg.micro_batch
-            indices = range(first, first + cfg.micro_batch)
-            heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H, W)
-            fps = batch["fps"].to(device)  # (b,)
-            if "latent" in batch:  # cached by `python data.py encode`
-                z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
-            else:
-                with torch.no_grad(), autocast:
-                    z0 = model.encode_video(batch["video"].to(device, non_blocking=True)).float()  # (b, C, T, h, w)
-            t, noise, drop = draw_randomness(cfg, step, indices, z0.shape[1:], schedule.num_steps)
-            t, noise = t.to(device), noise.to(device)
-            captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
-            z_t = q_sample(schedule, z0, t, noise)
-            v = v_target(schedule, z0, t, noise)
-            sync = micro == accum - 1 or world == 1
-            flop_counter = None
-            if peak_flops and flops_per_step is None:
-                from torch.utils.flop_counter import FlopCounterMode
-                flop_counter = FlopCounterMode(display=False)
-            with (ddp.no_sync() if not sync else nullcontext()), (flop_counter or nullcontext()):
-                with autocast:
-                    v_hat = ddp(z_t, model.image_latent(z0), t, captions, fps)  # (b, C, T, h, w)
-                losses = diffusion_loss(v_hat, v, latent_heatmap(heatmap, z0.shape[-2:]), cfg.motif_lambda, cfg.loss_mode)
-                (losses["loss"] / accum).backward()
-            if flop_counter is not None:
-                flops_per_step = flop_counter.get_total_flops() * accum
-            for k in ("loss", "diffusion", "motif", "moving", "static"):
-                window[k] += losses[k].item() / accum
-            finite = finite and math.isfinite(losses["loss"].item())
-        window["n"] += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)  # synced gradients: same on all ranks
-        finite = finite and math.isfinite(grad_norm.item())
-        if world > 1:  # a rank's non-finite loss skips the step on every rank
-            flag = torch.tensor([float(not finite)], device=device)
-            dist.all_reduce(flag)
-            finite = flag.item() == 0
-        if finite:
-            optimizer.step()
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in trainable], 1 - decay)
-            bad_in_a_row = 0
-        else:  # a non-finite loss or gradient: skip the update, count it
-            skipped += 1
-            bad_in_a_row += 1
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step + 1}); "
-                                   f"stopping. Lower lr (now {cfg.lr}) or check the data; the last good checkpoint is kept")
-        optimizer.zero_grad(set_to_none=True)
+            terms = forward_backward(cfg, model, ddp, next(batches), range(first, first + cfg.micro_batch), step,
+                                     schedule, autocast, device, accum, sync=world == 1 or micro == accum - 1)
+            losses = {k: losses[k] + terms[k] / accum for k in LOSS_TERMS}
+        stepped, grad_norm = update(cfg, model, optimizer, ema, losses, step, world, device)
+        bad_in_a_row = 0 if stepped else bad_in_a_row + 1
+        skipped += not stepped
+        if bad_in_a_row >= cfg.max_bad_steps:
+            raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step + 1}); "
+                                  f"stopping. Lower lr (now {cfg.lr}) or check the data; the last good checkpoint is kept")
         step += 1
-        clips += cfg.batch_size
-        bar.update(1)
 
+        # ---- log
+        log.add(losses)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.time() - timer
-            n = window.pop("n")
-            record = {"step": step, **{k: v / n for k, v in window.items()}, "lr": lr, "grad_norm": grad_norm.item(),
-                      "skipped_steps": skipped,
-                      "clips_per_s": clips / elapsed, "peak_mem_gb": peak_memory_gb(device)}
-            if flops_per_step and peak_flops:
-                record["mfu"] = flops_per_step / world * n / elapsed / peak_flops  # per GPU
-            if world > 1:  # average the logged numbers over ranks
-                numbers = torch.tensor([record[k] for k in ("loss", "diffusion", "motif", "moving", "static")], device=device)
-                dist.all_reduce(numbers)
-                for k, value in zip(("loss", "diffusion", "motif", "moving", "static"), numbers.tolist()):
-                    record[k] = value / world
-            if master:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.set_postfix(loss=f"{record['loss']:.4f}", moving=f"{record['moving']:.3f}",
-                                static=f"{record['static']:.3f}", clips_s=f"{record['clips_per_s']:.1f}")
-                bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-            window = {k: 0.0 for k in ("loss", "diffusion", "motif", "moving", "static")} | {"n": 0}
-            timer, clips = time.time(), 0
-        stopping = bool(stop_signal)
-        if world > 1:  # stop together: any rank that got the signal stops them all
-            flag = torch.tensor([float(stopping)], device=device)
-            dist.all_reduce(flag)
-            stopping = flag.item() > 0
+            log.write(step, lr, grad_norm, skipped)
+
+        # ---- save (and stop, together, if any rank got a stop signal)
+        stopping = any_rank(bool(stop_signals), world, device)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-            save(step)
+            save(cfg, model, optimizer, ema, step, world, master)
         if stopping:
             if master:
-                bar.write(f"stop signal: saved step {step} to {out_dir}; continue with --resume")
+                log.bar.write(f"stop signal: saved step {step} to {cfg.out_dir}; continue with --resume")
             break
-    bar.close()
+
+    log.close()
     if master:
-        log_file.close()
-        print(f"done: step {step}, checkpoint {out_dir / (out_dir / 'latest').read_text().strip()}")
+        print(f"done: step {step}, checkpoint {Path(cfg.out_dir) / (Path(cfg.out_dir) / 'latest').read_text().strip()}")
     if world > 1:
         dist.destroy_process_group()
     return model
@@ -521,12 +487,9 @@ def train(cfg: Config):
 
 def main(argv=None):
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
-        train(cfg)
-    except (ValueError, ImportError, TrainingStopped) as e:  # the last line: a DataLoader worker's error comes with
-        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None  # the worker's traceback before it
-    except OSError as e:  # a full disk, an out_dir that is a file, no permission: the message says which
-        raise SystemExit(f"error: {e.strerror or e}: {e.filename or ''}") from None
+        train(load_config(sys.argv[1:] if argv is None else argv))
+    except (ValueError, ImportError, OSError, TrainingStopped) as e:
+        fail(e)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_model_flops_of_a_tiny_unet_match_a_count_on_the_cpu():
 
 def test_bench_size_is_the_comparison_network():
     with torch.device("meta"):
-        unet = UNet(SIZES["bench"])
+        unet = UNet(bench.SIZES["bench"])
     attentions = [m for m in unet.modules() if type(m).__name__ == "Attention"]
     assert {a.heads for a in attentions} == {8}
     assert [s[0].in_layers[2].out_channels for s in unet.input_blocks[1:] if type(s[0]).__name__ == "ResBlock"] == \
@@ -97,9 +97,9 @@ def test_sample_runs_at_a_tiny_size(tmp_path):
     assert result["step_s"] > 0 and result["flops"] > 0 and "kl-f8" in result["note"]
 
 
-def test_heatmap_runs_at_a_tiny_size(tmp_path, shared):
+def test_heatmap_runs_at_a_tiny_size(tmp_path, fixtures):
     (result,) = run_bench(tmp_path, "--what", "heatmap", "--size", "32x48", "--frames", "2", "--steps", "1",
-                          "--warmup", "0", "--raft", str(shared / "weights" / "raft_small.pth"))
+                          "--warmup", "0", "--raft", str(fixtures / "raft_small.pth"))
     assert result["name"] == "heatmap 32x48" and result["step_s"] > 0 and result["flops"] > 0
 
 

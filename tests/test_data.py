@@ -3,7 +3,6 @@ held-out split) and captioned video folders full of broken files, odd encodings 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 
 import data
-import flow
+import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -277,13 +276,13 @@ def test_a_captions_file_that_cannot_be_parsed_is_a_one_line_error(tmp_path):
         folder = tmp_path / suffix
         folder.mkdir()
         (folder / f"captions.{suffix}").write_text(text)
-        with pytest.raises(SystemExit, match=message) as error:
+        with pytest.raises(ValueError, match=message) as error:
             data.read_captions(folder)
         assert "\n" not in str(error.value)
     binary = tmp_path / "binary"
     binary.mkdir()
     (binary / "captions.csv").write_bytes(np.random.default_rng(1).bytes(3000))
-    with pytest.raises(SystemExit, match="path and caption columns"):
+    with pytest.raises(ValueError, match="path and caption columns"):
         data.read_captions(binary)
 
 
@@ -323,11 +322,11 @@ def test_video_folder_items_skip_every_unusable_video_and_keep_stride_and_fps_ri
 def test_a_folder_with_no_usable_video_stops_before_training(tmp_path):
     write_videos(tmp_path)
     (tmp_path / "captions.csv").write_text("path,caption\n" + "".join(f"{name},x\n" for name in BAD))
-    with pytest.raises(SystemExit, match="no usable clip") as error:
+    with pytest.raises(ValueError, match="no usable clip") as error:
         data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, raft=still_raft)
     assert "\n" not in str(error.value) and "empty file: empty.mp4" in str(error.value)
     (tmp_path / "captions.csv").write_text("path,caption\ngood.mp4,x\n")
-    with pytest.raises(SystemExit, match="no video .* has cached heatmaps.*python flow.py cache"):
+    with pytest.raises(ValueError, match="no video .* has cached heatmaps.*python prepare.py heatmaps"):
         data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE)           # no cache and no RAFT
 
 
@@ -348,66 +347,4 @@ def test_cached_heatmaps_are_used_and_uncached_or_stale_videos_skipped(tmp_path,
     stale = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, max_stride=MAX_STRIDE)
     with pytest.raises(ValueError, match="stale heatmap cache"):
         [stale[index] for index in range(6)]
-    assert not flow.cache_is_complete(path, MAX_STRIDE) and flow.cache_is_complete(path, 1)
-
-
-def test_cached_latents_are_the_clip_encoded_frame_by_frame(tmp_path, capsys):
-    """`data.py encode` + latents=...: an item's latent equals the autoencoder run on that item's frames."""
-    from model import KL_SIZES, KLAutoencoder
-    write_videos(tmp_path)
-    (tmp_path / "captions.csv").write_text("path,caption\ngood.mp4,a\ngood.gif,b\nempty.mp4,c\n")
-    for name in ("good.mp4", "good.gif"):
-        pairs = {f"stride_{s}": np.full((12 - s, 32, 32), 40 * s, np.uint8) for s in range(1, MAX_STRIDE + 1)}
-        data.save_npz(data.cache_path(tmp_path, name, (32, 32)), num_frames=np.array(12), **pairs)
-    torch.manual_seed(0)
-    autoencoder = KLAutoencoder(KL_SIZES["tiny"])
-    with torch.no_grad():
-        for p in autoencoder.parameters():
-            p.normal_(0, 0.05)
-    data.encode_folder(tmp_path, autoencoder, "kl-f8", (32, 32), "cpu", chunk=5)
-    assert "encoded 2 videos; 1 unusable: 1 empty file: empty.mp4" in capsys.readouterr().out
-    with np.load(data.latent_cache_path(tmp_path, "good.mp4", (32, 32))) as cache:
-        assert cache["latents"].shape == (12, 4, 4, 4) and cache["latents"].dtype == np.float16
-    frames = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), max_stride=MAX_STRIDE)
-    cached = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), max_stride=MAX_STRIDE, latents="kl-f8")
-    for index in range(4):
-        item, from_cache = frames[index], cached[index]
-        assert "video" not in from_cache and from_cache["caption"] == item["caption"]
-        assert torch.equal(from_cache["fps"], item["fps"]) and torch.equal(from_cache["heatmap"], item["heatmap"])
-        with torch.no_grad():
-            expected = autoencoder.encode(item["video"][None])[0]                      # (4, T, 4, 4)
-        assert from_cache["latent"].shape == expected.shape
-        assert torch.allclose(from_cache["latent"], expected, atol=2e-3 * expected.abs().max().item())
-    with pytest.raises(SystemExit, match="2 stale latent cache: good.mp4, good.gif"):  # another autoencoder's
-        data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), latents="other")
-    shutil.rmtree(tmp_path / ".latent_cache")
-    with pytest.raises(SystemExit, match="no video .* has cached latents.*python data.py encode"):
-        data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), latents="kl-f8")
-    result = run("data.py", "encode", str(tmp_path), "--init", str(tmp_path / "missing.ckpt"))
-    assert one_line_error(result) and "no such file" in result.stderr
-
-
-def test_check_cli_counts_usable_and_skipped_videos(tmp_path):
-    write_videos(tmp_path)
-    write_csv(tmp_path)
-    result = run("data.py", "check", str(tmp_path), "--frames", str(FRAMES))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{len(GOOD) + 1} usable, {len(BAD) + len(rows()[1])} skipped" in result.stdout
-    for line in ("1 empty file: empty.mp4", "3 unreadable: truncated.mp4, random.mp4, text.mp4", "1 too short: short.mp4",
-                 "1 no video stream: audio.m4a", "1 missing file: missing.mp4", "1 bad encoding: captions.csv line"):
-        assert line in result.stdout
-    (tmp_path / "captions.csv").write_text("path,caption\nempty.mp4,x\ntext.mp4,y\n")
-    result = run("data.py", "check", str(tmp_path), "--frames", str(FRAMES))
-    assert one_line_error(result) and "no usable video" in result.stderr and "0 usable, 2 skipped" in result.stdout
-
-
-def test_demo_image_cli_writes_a_png_and_its_prompts(tmp_path):
-    out = tmp_path / "first.png"
-    result = run("data.py", "--demo-image", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    image = np.asarray(Image.open(out))
-    assert Image.open(out).format == "PNG" and image.shape == (256, 256, 3)
-    prompts = [e["caption"] for e in data.held_out_pairs() if e["image_id"] == 0]
-    assert [line.strip() for line in result.stdout.splitlines()[1:]] == prompts
-    with pytest.raises(SystemExit):
-        data.main(["--demo-image", str(tmp_path / "first.txt")])
+    assert not prepare.heatmap_cache_is_complete(path, MAX_STRIDE) and prepare.heatmap_cache_is_complete(path, 1)

@@ -6,8 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model import (KL_SIZES, SIZES, KLAutoencoder, ModelConfig, MotifModel, OpenCLIPTextEncoder, UNet,
-                   load_t2v_unet, load_videocrafter2)
+from checkpoint import load_t2v_unet, load_videocrafter2
+from conftest import regenerate_weights
+from model import KL_SIZES, SIZES, KLAutoencoder, ModelConfig, MotifModel, OpenCLIPTextEncoder, UNet
 from test_model import randomize
 
 SCALE = 0.18215
@@ -19,33 +20,45 @@ CAPTIONS = ["the red circle moves left", "", "a very long caption " * 20]
 # ----------------------------------------------------------------------------- the KL-f8 autoencoder
 
 @pytest.fixture(scope="module")
-def vae_reference(shared):
-    return torch.load(shared / "reference" / "vae_kl_f8_tiny.pt", weights_only=True)
+def vae_reference(fixtures):
+    """tests/fixtures/vae_kl_small.pt with its weights regenerated as "state_dict": frames of 24 x 40, factor 2."""
+    reference = torch.load(fixtures / "vae_kl_small.pt", weights_only=True)
+    return {**reference, "state_dict": regenerate_weights(reference["keys"])}
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(vae_reference):
-    vae = KLAutoencoder(KL_SIZES["tiny"])
+def small_vae(vae_reference):
+    vae = KLAutoencoder(KL_SIZES["small"])
     vae.load_state_dict(vae_reference["state_dict"])  # strict: our names are lvdm's
     return vae
 
 
-def test_kl_autoencoder_matches_videocrafter_reference(tiny_vae, vae_reference):
-    assert list(tiny_vae.state_dict()) == list(vae_reference["state_dict"])  # same names, same order
-    x = vae_reference["inputs"]["x"]  # (2, 3, 64, 64)
+@pytest.fixture(scope="module")
+def tiny_vae_reference(shared):
+    return torch.load(shared / "reference" / "vae_kl_f8_tiny.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("size", ["small", "tiny"])
+def test_kl_autoencoder_matches_videocrafter_reference(size, request):
+    reference = request.getfixturevalue("vae_reference" if size == "small" else "tiny_vae_reference")
+    vae = KLAutoencoder(KL_SIZES[size])
+    vae.load_state_dict(reference["state_dict"])  # strict: our names are lvdm's
+    assert list(vae.state_dict()) == list(reference["state_dict"])  # same names, same order
+    x = reference["inputs"]["x"]  # (2, 3, 24, 40) small, (2, 3, 64, 64) tiny
+    h, w = x.shape[-2] // vae.factor, x.shape[-1] // vae.factor
     with torch.no_grad():
-        moments = tiny_vae.quant_conv(tiny_vae.encoder(x))
-        z = tiny_vae.encode(x[:, :, None])  # a one-frame video
-        decoded = tiny_vae.decode(vae_reference["posterior_mean"][:, :, None] * SCALE)
-    assert (moments - vae_reference["moments"]).abs().max() <= 1e-4
-    assert z.shape == (2, 4, 1, 8, 8)
-    assert (z[:, :, 0] / SCALE - vae_reference["posterior_mean"]).abs().max() <= 1e-4  # mean x 0.18215
-    assert decoded.shape == (2, 3, 1, 64, 64)
-    assert (decoded[:, :, 0] - vae_reference["decoded"]).abs().max() <= 1e-4  # latents / 0.18215 first
+        moments = vae.quant_conv(vae.encoder(x))
+        z = vae.encode(x[:, :, None])  # a one-frame video
+        decoded = vae.decode(reference["posterior_mean"][:, :, None] * SCALE)
+    assert (moments - reference["moments"]).abs().max() <= 1e-4
+    assert z.shape == (2, 4, 1, h, w)
+    assert (z[:, :, 0] / SCALE - reference["posterior_mean"]).abs().max() <= 1e-4  # mean x 0.18215
+    assert decoded.shape == (2, 3, 1, *x.shape[-2:])
+    assert (decoded[:, :, 0] - reference["decoded"]).abs().max() <= 1e-4  # latents / 0.18215 first
 
 
-def test_full_kl_autoencoder_has_videocrafter2_parameter_shapes(shared):
-    ref = json.loads((shared / "reference" / "vae_kl_f8_full_keys.json").read_text())
+def test_full_kl_autoencoder_has_videocrafter2_parameter_shapes(fixtures):
+    ref = json.loads((fixtures / "vae_kl_f8_full_keys.json").read_text())
     with torch.device("meta"):
         vae = KLAutoencoder(KL_SIZES["full"])
     assert [[k, list(v.shape)] for k, v in vae.state_dict().items()] == ref["state_dict"]
@@ -53,9 +66,8 @@ def test_full_kl_autoencoder_has_videocrafter2_parameter_shapes(shared):
     assert (vae.latent_channels, vae.factor) == (4, 8)
 
 
-def test_kl_autoencoder_codes_each_frame_alone_in_chunks(vae_reference):
-    vae = KLAutoencoder(KL_SIZES["tiny"], frames_per_chunk=4)
-    vae.load_state_dict(vae_reference["state_dict"])
+def test_kl_autoencoder_codes_each_frame_alone_in_chunks():
+    vae = randomize(KLAutoencoder(KL_SIZES["tiny"], frames_per_chunk=4))
     video = torch.rand(2, 3, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (B, 3, T, H, W)
     batches = []
     hooks = [m.register_forward_hook(lambda m, i, o: batches.append(len(i[0]))) for m in (vae.encoder, vae.decoder)]
@@ -71,11 +83,11 @@ def test_kl_autoencoder_codes_each_frame_alone_in_chunks(vae_reference):
     assert (z[:, :, 0] - z[:, :, 1]).abs().max() > 1e-2
 
 
-def test_kl_autoencoder_samples_the_posterior(tiny_vae, vae_reference):
-    x = vae_reference["inputs"]["x"][:, :, None]  # (2, 3, 1, 64, 64)
+def test_kl_autoencoder_samples_the_posterior(small_vae, vae_reference):
+    x = vae_reference["inputs"]["x"][:, :, None]  # (2, 3, 1, 24, 40)
     with torch.no_grad():
-        mean = tiny_vae.encode(x)
-        draws = [tiny_vae.encode(x, sample=True, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+        mean = small_vae.encode(x)
+        draws = [small_vae.encode(x, sample=True, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # the generator decides
     logvar = vae_reference["posterior_logvar"][:, :, None]
     noise = (draws[0] - mean) / SCALE / torch.exp(0.5 * logvar)  # what was drawn, in units of the posterior's std
@@ -218,7 +230,7 @@ def vc2_checkpoint(tmp_path_factory, t2v_unet, vae_reference, small_clip):
 
 
 def full_recipe_model(**change):
-    cfg = ModelConfig(size="tiny", autoencoder="kl-f8", kl_size="tiny", text_encoder="openclip",
+    cfg = ModelConfig(size="tiny", autoencoder="kl-f8", kl_size="small", text_encoder="openclip",
                       openclip_model=CLIP_NAME, temporal_dropout=0.0)
     return MotifModel(replace(cfg, **change)).eval()
 
@@ -229,7 +241,7 @@ def test_videocrafter2_checkpoint_loads_exactly(vc2_checkpoint, t2v_unet, small_
     report = load_videocrafter2(model, vc2_checkpoint)
     saved = vc2_checkpoint["state_dict"]
     n_clip = len(clip_text_state(small_clip))
-    assert report == {"unet": {"loaded": 1482, "ignored": 0}, "autoencoder": {"loaded": 184, "ignored": 0},
+    assert report == {"unet": {"loaded": 1482, "ignored": 0}, "autoencoder": {"loaded": 124, "ignored": 0},
                       "text_encoder": {"loaded": n_clip, "ignored": 0}, "other": {"loaded": 0, "ignored": 2}}
     for module, prefix in ((model.unet, "model.diffusion_model."), (model.autoencoder, "first_stage_model."),
                            (model.text_encoder, "cond_stage_model.")):
@@ -258,7 +270,7 @@ def test_videocrafter2_checkpoint_loads_through_ddp_and_compile_prefixes(vc2_che
     wrapped = {wrapper + k: v for k, v in vc2_checkpoint["state_dict"].items()}  # no {"state_dict": ...} either
     report = load_videocrafter2(model, wrapped)
     loaded = [report[part]["loaded"] for part in ("unet", "autoencoder", "text_encoder")]
-    assert loaded == [1482, 184, len(clip_text_state(small_clip))] and report["other"]["ignored"] == 2
+    assert loaded == [1482, 124, len(clip_text_state(small_clip))] and report["other"]["ignored"] == 2
     saved = vc2_checkpoint["state_dict"]
     assert torch.equal(model.autoencoder.encoder.conv_in.weight, saved["first_stage_model.encoder.conv_in.weight"])
     unet = UNet(SIZES["tiny"])
@@ -271,7 +283,7 @@ def test_videocrafter2_checkpoint_parts_the_model_does_not_use_are_ignored(vc2_c
     before = {k: v.clone() for k, v in model.text_encoder.state_dict().items()}
     report = load_videocrafter2(model, vc2_checkpoint)
     assert report["text_encoder"]["loaded"] == 0 and report["text_encoder"]["ignored"] > 0
-    assert report["unet"]["loaded"] == 1482 and report["autoencoder"]["loaded"] == 184
+    assert report["unet"]["loaded"] == 1482 and report["autoencoder"]["loaded"] == 124
     assert all(torch.equal(v, before[k]) for k, v in model.text_encoder.state_dict().items())
 
 
@@ -279,7 +291,7 @@ def test_videocrafter2_checkpoint_that_does_not_fit_is_refused_and_changes_nothi
     saved = vc2_checkpoint["state_dict"]
     model = full_recipe_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    wider_vae = KLAutoencoder(replace(KL_SIZES["tiny"], ch=64))
+    wider_vae = KLAutoencoder(replace(KL_SIZES["small"], ch=64))
     wider_unet = UNet(replace(SIZES["tiny"], in_channels=4, model_channels=64, head_channels=32))
     other_vae = {"first_stage_model." + k: v for k, v in wider_vae.state_dict().items()}
     other_unet = {"model.diffusion_model." + k: v for k, v in wider_unet.state_dict().items()}

@@ -1,10 +1,6 @@
 """flow.py: the heatmap rules by hand, RAFT (real weights) against exact flow and a known translation,
-the cache and show command lines, and bad input."""
+and weights that are not RAFT's."""
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,23 +9,19 @@ import torch
 import data
 import flow
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 WEIGHTS = {"small": "raft_small.pth", "large": "raft_large_sintel.pth"}
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
-def rafts(shared):
-    """name -> flow.RAFT with the real weights, loaded once per module."""
+def rafts(fixtures, request):
+    """name -> flow.RAFT with the real weights, loaded once per module: raft_small from tests/fixtures,
+    raft_large from ../shared (the test is skipped without it)."""
     loaded = {}
 
     def get(name):
         if name not in loaded:
-            loaded[name] = flow.RAFT(shared / "weights" / WEIGHTS[name])
+            folder = fixtures if name == "small" else request.getfixturevalue("shared") / "weights"
+            loaded[name] = flow.RAFT(folder / WEIGHTS[name])
         return loaded[name]
     return get
 
@@ -109,11 +101,11 @@ def test_raft_heatmap_matches_the_exact_flow_heatmap_on_shapes(rafts, name, size
     assert error < 0.03          # a flow left at RAFT's resolution would be 4x too long at 32 px
 
 
-def test_raft_finds_a_known_translation_of_a_real_frame(rafts, shared):
+def test_raft_finds_a_known_translation_of_a_real_frame(rafts, fixtures):
     """Two windows of a real frame, k px apart: flow -k px everywhere inside; identical frames: ~0.
     132x180 is padded to 136x184 for RAFT (multiples of 8). Frames fed in 0..255 instead of [-1, 1]
     fail this; RAFT's feature normalisation makes [0, 1] indistinguishable here."""
-    image = data.load_frames(shared / "videos" / "realshort.mp4")[0][0]     # (240, 320, 3)
+    image = data.load_frames(fixtures / "realshort.mp4")[0][0]               # (240, 320, 3)
     height, width, k, y, x = 132, 180, 12, 50, 40
     window = image[y:y + height, x:x + width]                               # (h, w, 3)
     shifted = image[y:y + height, x + k:x + k + width]                      # window moved k px left
@@ -132,72 +124,12 @@ def test_raft_finds_a_known_translation_of_a_real_frame(rafts, shared):
     assert estimated[1].norm(dim=0).max() < 1.0 and heatmaps[1].max() < 0.02  # sigma(0) = 0.0067
 
 
-# ---- the command lines ----
-
-def write_folder(root, frames=4):
-    """Two shapes clips (an mp4 and a gif), a broken file, and captions.csv listing them."""
-    for k, name in enumerate(["a.mp4", "b.gif"]):
-        rng = np.random.default_rng([5, k])
-        scene = data.make_scene(rng, 32)
-        video, _ = data.render_clip(scene, {0: data.allowed_motions(scene["objects"][0], 32)[1]}, frames=frames)
-        data.write_video(root / name, video, fps=10)
-    (root / "broken.mp4").write_text("not a video\n")
-    (root / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\nbroken.mp4,three\n")
-
-
-def test_cache_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raft(tmp_path, shared, rafts):
-    write_folder(tmp_path)
-    command = ["flow.py", "cache", str(tmp_path), "--size", "32x32", "--max-stride", "2", "--device", "cpu",
-               "--weights", str(shared / "weights" / "raft_small.pth")]
-    first = run(*command)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "cached 2 videos" in first.stdout and "1 unreadable: broken.mp4" in first.stdout
-    caches = {name: data.cache_path(tmp_path, name, (32, 32)) for name in ("a.mp4", "b.gif")}
-    for path in caches.values():
-        with np.load(path) as cache:
-            assert sorted(cache.files) == ["num_frames", "stride_1", "stride_2"] and int(cache["num_frames"]) == 4
-            assert cache["stride_1"].shape == (3, 32, 32) and cache["stride_2"].shape == (2, 32, 32)
-            assert cache["stride_1"].dtype == np.uint8 and cache["stride_1"].max() > 200  # a shape moves
-    stamps = {name: path.stat().st_mtime_ns for name, path in caches.items()}
-
-    second = run(*command)
-    assert second.returncode == 0 and "2 already cached" in second.stdout and "cached 0 videos" in second.stdout
-    assert {name: path.stat().st_mtime_ns for name, path in caches.items()} == stamps
-
-    dataset = data.VideoFolderDataset(tmp_path, frames=3, size=(32, 32), max_stride=2)   # cache only
-    for index in range(2):
-        item = dataset[index]
-        on_the_fly = flow.video_heatmap(item["video"].transpose(0, 1), rafts("small"))     # (T, H, W)
-        assert item["heatmap"].shape == on_the_fly.shape == (3, 32, 32)
-        assert (item["heatmap"] - on_the_fly).abs().max() <= 1 / 255
-
-
-def test_show_cli_writes_frame_flow_and_heatmap_side_by_side(tmp_path, shared):
-    out = tmp_path / "vis.mp4"
-    result = run("flow.py", "show", str(shared / "videos" / "realshort.mp4"), "--out", str(out), "--frames", "4",
-                 "--size", "64x96", "--device", "cpu", "--weights", str(shared / "weights" / "raft_small.pth"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    frames, _ = data.load_frames(out)
-    assert frames.shape == (4, 64, 3 * 96, 3)
-    heatmap = frames[..., 2 * 96:, :].astype(int)                          # (T, H, W, 3)
-    assert np.abs(heatmap - heatmap.mean(-1, keepdims=True)).max() < 16   # grey
-
-
-def test_bad_weights_and_missing_videos_are_one_line_errors(tmp_path, shared):
-    not_raft = tmp_path / "not_raft.pth"
-    torch.save({"conv.weight": torch.zeros(3, 3)}, not_raft)
+def test_weights_that_are_not_rafts_are_a_clear_error(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(SystemExit, match="cannot read RAFT weights"):
+    with pytest.raises(ValueError, match="cannot read RAFT weights"):
         flow.RAFT(garbage)
-    video = str(shared / "videos" / "newtonscradle.gif")
-    results = {
-        "neither a torchvision raft_small nor a raft_large": run(
-            "flow.py", "show", video, "--out", str(tmp_path / "x.mp4"), "--frames", "2", "--size", "64x64",
-            "--device", "cpu", "--weights", str(not_raft)),
-        "missing file": run("flow.py", "show", str(tmp_path / "nothing.mp4"), "--out", str(tmp_path / "x.mp4"),
-                            "--device", "cpu", "--weights", str(shared / "weights" / "raft_small.pth")),
-    }
-    for message, result in results.items():
-        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
-        assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+    not_raft = tmp_path / "not_raft.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, not_raft)
+    with pytest.raises(ValueError, match="neither a torchvision raft_small nor a raft_large"):
+        flow.RAFT(not_raft)

@@ -5,7 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model import SIZES, BytesTextEncoder, ModelConfig, MotifModel, PixelAutoencoder, UNet, load_t2v_unet
+from checkpoint import load_t2v_unet
+from conftest import regenerate_weights
+from model import SIZES, BytesTextEncoder, ModelConfig, MotifModel, PixelAutoencoder, UNet, UNetConfig
 
 
 def randomize(module, seed=0):
@@ -16,6 +18,41 @@ def randomize(module, seed=0):
             fan_in = p[0].numel() if p.dim() > 1 else 1
             p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5 if p.dim() > 1 else 1 + 0.1 * torch.randn(p.shape, generator=g))
     return module
+
+
+# ----------------------------------------------------------------------------- parity with VideoCrafter's code
+
+@pytest.fixture(scope="module")
+def small_reference(fixtures):
+    return torch.load(fixtures / "unet_vc2_small.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def small_unet(small_reference):
+    """tests/fixtures/unet_vc2_small.pt's U-Net: 6 frames of 16 x 24, the weights regenerated from its key list."""
+    config = small_reference["config"]
+    cfg = UNetConfig(model_channels=config["model_channels"], channel_mult=tuple(config["channel_mult"]),
+                     num_res_blocks=config["num_res_blocks"], head_channels=config["num_head_channels"],
+                     attention_levels=tuple(r.bit_length() - 1 for r in config["attention_resolutions"]),
+                     context_dim=config["context_dim"])
+    unet = UNet(cfg).eval()
+    unet.load_state_dict(regenerate_weights(small_reference["keys"]))  # strict: our names and order are lvdm's
+    assert [e["key"] for e in small_reference["keys"]] == [k for k, _ in unet.named_parameters()]
+    return unet
+
+
+@pytest.mark.parametrize("output, change", [("output", {}), ("output_t_changed", {"timesteps": 1}),
+                                            ("output_fps_changed", {"fps": 2}), ("output_ctx_zero", {"context": 0})])
+def test_matches_videocrafter_reference_at_the_compact_size(small_unet, small_reference, output, change):
+    x = dict(small_reference["inputs"])
+    for key, value in change.items():  # the probes: t + 1, fps + 2, a zero context
+        x[key] = x[key] * 0 if key == "context" else x[key] + value
+    with torch.no_grad():
+        y = small_unet(x["x"], x["timesteps"], x["context"], x["fps"])
+    assert y.shape == (2, 4, 6, 16, 24)
+    assert (y - small_reference[output]).abs().max() <= 1e-4
+    if change:  # each probe changes the output far beyond the tolerance
+        assert (y - small_reference["output"]).abs().max() > 0.05
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +84,8 @@ def test_matches_reference_with_zero_context(tiny_unet, reference):
     assert (y - reference["output"]).abs().max() > 0.1  # the text matters
 
 
-def test_full_size_has_videocrafter2_parameter_shapes(shared):
-    ref = json.loads((shared / "reference" / "unet_vc2_full_keys.json").read_text())
+def test_full_size_has_videocrafter2_parameter_shapes(fixtures):
+    ref = json.loads((fixtures / "unet_vc2_full_keys.json").read_text())
     with torch.device("meta"):
         unet = UNet(SIZES["vc2"])
     ours = [(k, list(v.shape)) for k, v in unet.state_dict().items()]
@@ -56,6 +93,8 @@ def test_full_size_has_videocrafter2_parameter_shapes(shared):
     assert ours == expected  # same names, order and shapes; 8 input channels (x-cat)
     assert sum(v.numel() for v in unet.state_dict().values()) == ref["params"] + 320 * 4 * 9
 
+
+# ----------------------------------------------------------------------------- our own design
 
 def test_fresh_unet_outputs_zero_because_of_zero_init():
     unet = UNet(replace(SIZES["tiny"], temporal_dropout=0.0))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train
+from checkpoint import CHECKPOINT_KIND, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -60,7 +61,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
         process.wait()
         kills += 1
         if (out / "latest").exists():  # whatever the moment, the pointer names a complete checkpoint
-            assert train.load_checkpoint(out)["step"] >= 1
+            assert load_checkpoint(out)["step"] >= 1
     final = start(steps + [f"--out_dir={out}", "--resume"])
     assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
     assert kills >= 2
@@ -68,7 +69,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert sorted(got) == list(range(1, 31))
     for step in ref:
         assert ref[step]["loss"] == got[step]["loss"], step
-    a, b = train.load_checkpoint(tmp_path / "ref"), train.load_checkpoint(out)
+    a, b = load_checkpoint(tmp_path / "ref"), load_checkpoint(out)
     assert a["step"] == b["step"] == 30
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     assert len(list(out.glob("ckpt_*.pt"))) == 2  # keep_checkpoints
@@ -79,7 +80,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     wait_for_step(tmp_path, 3, process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0
-    saved = train.load_checkpoint(tmp_path)["step"]
+    saved = load_checkpoint(tmp_path)["step"]
     assert saved >= 3 and saved == max(last_losses(tmp_path))  # nothing trained was lost
     assert "continue with --resume" in process.stdout.read()
 
@@ -95,7 +96,7 @@ def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path):
     assert len(ranks) >= 2
     os.kill(ranks[-1], signal.SIGUSR1)
     assert process.wait(timeout=120) == 0, process.stderr.read()[-2000:]
-    assert train.load_checkpoint(tmp_path)["step"] >= 2
+    assert load_checkpoint(tmp_path)["step"] >= 2
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
@@ -133,9 +134,9 @@ class Payload:
 def test_a_checkpoint_carrying_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"kind": train.CHECKPOINT_KIND, "model": Payload(str(marker))}, evil)
+    torch.save({"kind": CHECKPOINT_KIND, "model": Payload(str(marker))}, evil)
     with pytest.raises(ValueError, match="cannot read checkpoint"):
-        train.load_checkpoint(evil)
+        load_checkpoint(evil)
     result = subprocess.run([sys.executable, "sample.py", str(evil), "x", f"--ckpt={evil}"], cwd=ROOT, env=ENV,
                             capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -145,7 +146,7 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path):
     assert not marker.exists()
     truncated = tmp_path / "half.pt"
     good = tmp_path / "good.pt"
-    torch.save({"kind": train.CHECKPOINT_KIND, "x": torch.zeros(1000)}, good)
+    torch.save({"kind": CHECKPOINT_KIND, "x": torch.zeros(1000)}, good)
     truncated.write_bytes(good.read_bytes()[:500])
     with pytest.raises(ValueError, match="cannot read checkpoint"):
-        train.load_checkpoint(truncated)
+        load_checkpoint(truncated)

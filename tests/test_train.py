@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import train
+from checkpoint import resolve_checkpoint
+from model import ModelConfig, MotifModel
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--preset=shapes", "--height=16", "--width=16", "--frames=4", "--batch_size=4", "--micro_batch=2",
@@ -65,7 +67,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     train.train(train.load_config(TINY + ["--steps=4", f"--out_dir={full}"]))
     train.train(train.load_config(TINY + ["--steps=2", f"--out_dir={part}"]))
-    ckpt = torch.load(train.resolve_checkpoint(part), weights_only=True)
+    ckpt = torch.load(resolve_checkpoint(part), weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["steps"] == 2 and len(ckpt["ema"]) > 0
     train.train(train.load_config(TINY + ["--steps=4", f"--out_dir={part}", "--resume"]))
     a, b = losses(full), losses(part)
@@ -73,8 +75,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for x, y in zip(a, b):
         for key in ("loss", "diffusion", "motif", "moving", "static"):
             assert x[key] == y[key], (x["step"], key)
-    final_full = torch.load(train.resolve_checkpoint(full), weights_only=True)
-    final_part = torch.load(train.resolve_checkpoint(part), weights_only=True)
+    final_full = torch.load(resolve_checkpoint(full), weights_only=True)
+    final_part = torch.load(resolve_checkpoint(part), weights_only=True)
     for k, v in final_full["model"].items():
         assert torch.equal(v, final_part["model"][k]), k
     assert final_full["ema"].keys() == final_part["ema"].keys()
@@ -91,7 +93,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert "2 process(es)" in two.stdout
     rank0, rank1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     single = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
-    initial = train.MotifModel(train.model_config(train.load_config(args)))
+    initial = MotifModel(ModelConfig.from_run_config(vars(train.load_config(args))))
     moved = 0
     for k, v in rank0.items():
         assert torch.equal(v, rank1[k]), k  # DDP keeps the ranks identical
@@ -109,7 +111,7 @@ def tiny_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
     torch.set_num_threads(1)
     train.train(train.load_config(TINY + ["--steps=2", f"--out_dir={out}"]))
-    return train.resolve_checkpoint(out)
+    return resolve_checkpoint(out)
 
 
 def test_sample_writes_a_readable_video(tiny_ckpt, tmp_path):
@@ -250,7 +252,7 @@ def test_ddim_returns_the_clean_video_when_the_model_knows_it():
         def __init__(self, z0):
             super().__init__()
             self.z0, self.autoencoder, self.weight = z0, PixelAutoencoder(4), torch.nn.Parameter(torch.zeros(1))
-            self.image_latent, self.encode_video = train.MotifModel.image_latent, self.autoencoder.encode
+            self.image_latent, self.encode_video = MotifModel.image_latent, self.autoencoder.encode
 
         def text_encoder(self, captions):
             return torch.zeros(len(captions), 1, 1)

@@ -1,0 +1,141 @@
+"""prepare.py's commands: the demo image, checking a folder, caching heatmaps and latents, showing a video's flow;
+and their one-line errors."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import flow
+import prepare
+from model import KL_SIZES, KLAutoencoder
+from test_data import BAD, FRAMES, GOOD, MAX_STRIDE, one_line_error, rows, run, write_csv, write_videos
+
+
+def write_folder(root, frames=4):
+    """Two shapes clips (an mp4 and a gif), a broken file, and captions.csv listing them."""
+    for k, name in enumerate(["a.mp4", "b.gif"]):
+        rng = np.random.default_rng([5, k])
+        scene = data.make_scene(rng, 32)
+        video, _ = data.render_clip(scene, {0: data.allowed_motions(scene["objects"][0], 32)[1]}, frames=frames)
+        data.write_video(root / name, video, fps=10)
+    (root / "broken.mp4").write_text("not a video\n")
+    (root / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\nbroken.mp4,three\n")
+
+
+def test_heatmaps_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raft(tmp_path, fixtures):
+    write_folder(tmp_path)
+    command = ["prepare.py", "heatmaps", str(tmp_path), "--size", "32x32", "--max-stride", "2", "--device", "cpu",
+               "--weights", str(fixtures / "raft_small.pth")]
+    first = run(*command)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "cached 2 videos" in first.stdout and "1 unreadable: broken.mp4" in first.stdout
+    caches = {name: data.cache_path(tmp_path, name, (32, 32)) for name in ("a.mp4", "b.gif")}
+    for path in caches.values():
+        with np.load(path) as cache:
+            assert sorted(cache.files) == ["num_frames", "stride_1", "stride_2"] and int(cache["num_frames"]) == 4
+            assert cache["stride_1"].shape == (3, 32, 32) and cache["stride_2"].shape == (2, 32, 32)
+            assert cache["stride_1"].dtype == np.uint8 and cache["stride_1"].max() > 200  # a shape moves
+    stamps = {name: path.stat().st_mtime_ns for name, path in caches.items()}
+
+    second = run(*command)
+    assert second.returncode == 0 and "2 already cached" in second.stdout and "cached 0 videos" in second.stdout
+    assert {name: path.stat().st_mtime_ns for name, path in caches.items()} == stamps
+
+    dataset = data.VideoFolderDataset(tmp_path, frames=3, size=(32, 32), max_stride=2)   # cache only
+    raft = flow.RAFT(fixtures / "raft_small.pth")
+    for index in range(2):
+        item = dataset[index]
+        on_the_fly = flow.video_heatmap(item["video"].transpose(0, 1), raft)               # (T, H, W)
+        assert item["heatmap"].shape == on_the_fly.shape == (3, 32, 32)
+        assert (item["heatmap"] - on_the_fly).abs().max() <= 1 / 255
+
+
+def test_show_cli_writes_frame_flow_and_heatmap_side_by_side(tmp_path, fixtures):
+    out = tmp_path / "vis.mp4"
+    result = run("prepare.py", "show", str(fixtures / "realshort.mp4"), "--out", str(out), "--frames", "4",
+                 "--size", "64x96", "--device", "cpu", "--weights", str(fixtures / "raft_small.pth"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    frames, _ = data.load_frames(out)
+    assert frames.shape == (4, 64, 3 * 96, 3)
+    heatmap = frames[..., 2 * 96:, :].astype(int)                          # (T, H, W, 3)
+    assert np.abs(heatmap - heatmap.mean(-1, keepdims=True)).max() < 16   # grey
+
+
+def test_bad_weights_and_missing_videos_are_one_line_errors(tmp_path, fixtures):
+    not_raft = tmp_path / "not_raft.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, not_raft)
+    video = str(fixtures / "realshort.mp4")
+    results = {
+        "neither a torchvision raft_small nor a raft_large": run(
+            "prepare.py", "show", video, "--out", str(tmp_path / "x.mp4"), "--frames", "2", "--size", "64x64",
+            "--device", "cpu", "--weights", str(not_raft)),
+        "missing file": run("prepare.py", "show", str(tmp_path / "nothing.mp4"), "--out", str(tmp_path / "x.mp4"),
+                            "--device", "cpu", "--weights", str(fixtures / "raft_small.pth")),
+    }
+    for message, result in results.items():
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_cached_latents_are_the_clip_encoded_frame_by_frame(tmp_path, capsys):
+    """`prepare.py latents` + latents=...: an item's latent equals the autoencoder run on that item's frames."""
+    write_videos(tmp_path)
+    (tmp_path / "captions.csv").write_text("path,caption\ngood.mp4,a\ngood.gif,b\nempty.mp4,c\n")
+    for name in ("good.mp4", "good.gif"):
+        pairs = {f"stride_{s}": np.full((12 - s, 32, 32), 40 * s, np.uint8) for s in range(1, MAX_STRIDE + 1)}
+        data.save_npz(data.cache_path(tmp_path, name, (32, 32)), num_frames=np.array(12), **pairs)
+    torch.manual_seed(0)
+    autoencoder = KLAutoencoder(KL_SIZES["tiny"])
+    with torch.no_grad():
+        for p in autoencoder.parameters():
+            p.normal_(0, 0.05)
+    prepare.cache_latents(tmp_path, autoencoder, "kl-f8", (32, 32), "cpu", chunk=5)
+    assert "encoded 2 videos; 1 unusable: 1 empty file: empty.mp4" in capsys.readouterr().out
+    with np.load(data.latent_cache_path(tmp_path, "good.mp4", (32, 32))) as cache:
+        assert cache["latents"].shape == (12, 4, 4, 4) and cache["latents"].dtype == np.float16
+    frames = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), max_stride=MAX_STRIDE)
+    cached = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), max_stride=MAX_STRIDE, latents="kl-f8")
+    for index in range(4):
+        item, from_cache = frames[index], cached[index]
+        assert "video" not in from_cache and from_cache["caption"] == item["caption"]
+        assert torch.equal(from_cache["fps"], item["fps"]) and torch.equal(from_cache["heatmap"], item["heatmap"])
+        with torch.no_grad():
+            expected = autoencoder.encode(item["video"][None])[0]                      # (4, T, 4, 4)
+        assert from_cache["latent"].shape == expected.shape
+        assert torch.allclose(from_cache["latent"], expected, atol=2e-3 * expected.abs().max().item())
+    with pytest.raises(ValueError, match="2 stale latent cache: good.mp4, good.gif"):  # another autoencoder's
+        data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), latents="other")
+    shutil.rmtree(tmp_path / ".latent_cache")
+    with pytest.raises(ValueError, match="no video .* has cached latents.*python prepare.py latents"):
+        data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), latents="kl-f8")
+    result = run("prepare.py", "latents", str(tmp_path), "--init", str(tmp_path / "missing.ckpt"))
+    assert one_line_error(result) and "no such file" in result.stderr
+
+
+def test_check_cli_counts_usable_and_skipped_videos(tmp_path):
+    write_videos(tmp_path)
+    write_csv(tmp_path)
+    result = run("prepare.py", "check", str(tmp_path), "--frames", str(FRAMES))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(GOOD) + 1} usable, {len(BAD) + len(rows()[1])} skipped" in result.stdout
+    for line in ("1 empty file: empty.mp4", "3 unreadable: truncated.mp4, random.mp4, text.mp4", "1 too short: short.mp4",
+                 "1 no video stream: audio.m4a", "1 missing file: missing.mp4", "1 bad encoding: captions.csv line"):
+        assert line in result.stdout
+    (tmp_path / "captions.csv").write_text("path,caption\nempty.mp4,x\ntext.mp4,y\n")
+    result = run("prepare.py", "check", str(tmp_path), "--frames", str(FRAMES))
+    assert one_line_error(result) and "no usable video" in result.stderr and "0 usable, 2 skipped" in result.stdout
+
+
+def test_demo_image_cli_writes_a_png_and_its_prompts(tmp_path):
+    out = tmp_path / "first.png"
+    result = run("prepare.py", "demo-image", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    image = np.asarray(Image.open(out))
+    assert Image.open(out).format == "PNG" and image.shape == (256, 256, 3)
+    prompts = [e["caption"] for e in data.held_out_pairs() if e["image_id"] == 0]
+    assert [line.strip() for line in result.stdout.splitlines()[1:]] == prompts
+    with pytest.raises(SystemExit, match="png"):
+        prepare.main(["demo-image", str(tmp_path / "first.txt")])

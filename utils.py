@@ -1,0 +1,77 @@
+"""What every command shares: the device, HxW sizes, files written atomically, peak memory.
+
+Library functions in this project raise ValueError for anything a user can get wrong; only a
+command's `main` turns it into one line, `error: ...`, and exit status 1 (`fail`).
+"""
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def pick_device(name="auto"):
+    """"auto" (the GPU if there is one, else the CPU), "cpu", "cuda" or "cuda:N" -> torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name}, but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def parse_size(text):
+    """'320x512' -> (320, 512): height x width, both positive."""
+    try:
+        height, width = (int(side) for side in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected a size HxW like 320x512, got {text!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"sizes must be positive, got {text!r}")
+    return height, width
+
+
+def write_atomically(path, write):
+    """Call write(file) on a temporary file beside `path`, fsync it, rename it to `path` and fsync the folder:
+    a reader (or a run killed at any moment) sees the old file or the new one whole, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+
+
+def peak_memory_gb(device):
+    """The most memory this process has held: CUDA max allocated on a GPU, else peak RSS (VmHWM on Linux, which,
+    unlike ru_maxrss, does not carry a parent's peak across fork and exec)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (20 if sys.platform == "linux" else 30)
+
+
+def fail(error):
+    """A command's way out for a user's mistake: `error: <the message's last line>` on stderr, exit status 1.
+    The last line, because an error raised in a DataLoader worker arrives with the worker's traceback before it."""
+    if isinstance(error, OSError) and error.strerror:  # a full disk, a folder given as a file, no permission
+        raise SystemExit(f"error: {error.strerror}: {error.filename or ''}")
+    text = str(error).strip()
+    raise SystemExit(f"error: {text.splitlines()[-1] if text else type(error).__name__}")
