@@ -53,7 +53,7 @@ from loss import diffusion_loss
 from model import SIZES as MODEL_SIZES
 from model import ModelConfig, MotifModel, UNet, UNetConfig
 from sample import ddim_sample
-from utils import fail, parse_size, peak_memory_gb, pick_device
+from utils import fail, parse_size, peak_memory_gb, pick_device, write_atomically
 
 ROOT = Path(__file__).resolve().parent
 SIZES = {
@@ -582,10 +582,10 @@ def main(argv=None):
     print_table(opts, device, results)
     if opts.json:
         out = Path(opts.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"options": dataclasses.asdict(opts), "device": device_name(device),
-                                   "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                   "results": results}, indent=1) + "\n")
+        report = json.dumps({"options": dataclasses.asdict(opts), "device": device_name(device),
+                             "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results},
+                            indent=1) + "\n"
+        write_atomically(out, lambda f: f.write(report.encode()))
         print(f"wrote {out}")
     return results
 

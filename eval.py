@@ -27,17 +27,16 @@ import json
 import sys
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from checkpoint import load_model
-from data import DIRECTIONS, PALETTE, ShapesDataset, held_out_pairs, render_clip
+from data import DIRECTIONS, PALETTE, ShapesDataset, held_out_pairs, render_clip, write_video
 from flow import heatmap_from_flow
 from loss import Schedule, latent_heatmap, q_sample, v_target
 from sample import ddim_sample, ddim_timesteps, to_uint8_frames
-from utils import fail, pick_device
+from utils import fail, pick_device, write_atomically
 
 MOVED = 0.1  # of the frame width: the least travel that counts as moving
 COLOUR_TOLERANCE = 60  # max distance in RGB (0..255) for a pixel to belong to a shape's colour
@@ -147,7 +146,7 @@ def write_grid(entries, videos, path, count=12, scale=4):
         image = np.repeat(entry["image"][None], t, axis=0)
         rows.append(np.concatenate([image, heat, video], axis=2))  # (T, H, 3W, 3)
     grid = np.concatenate(rows, axis=1).repeat(scale, 1).repeat(scale, 2)
-    iio.imwrite(path, grid, duration=250, loop=0)
+    write_video(path, grid, fps=4)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -210,7 +209,7 @@ def main(argv=None):
         entries = held_out_pairs(args.images, size=size)
         results["ground_truth"] = score(entries, ground_truth(entries, frames))
         results["copy_first_frame"] = score(entries, copy_first_frame(entries, frames))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_atomically(out / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
     print(table(results))
     for row in results.get("checkpoints", []):
         if "loss_shares" in row:

@@ -49,6 +49,16 @@ def test_model_flops_of_a_tiny_unet_match_a_count_on_the_cpu():
     assert meta == cpu > 0
 
 
+def test_train_py_mfu_counts_the_flops_bench_py_counts_per_clip():
+    cfg = SIZES["tiny"]
+    opts = bench.resolve(bench.Options(size="tiny", batch=3, frames=2, latent="8x8", context_len=5))
+    inputs = bench.make_inputs(opts, cfg, torch.device("cpu"), 0)
+    unet = UNet(cfg).train()
+    run = {"name": "ours", "model": unet, "call": bench.call_ours, "optimizer": torch.optim.AdamW(unet.parameters())}
+    per_step = bench.step_flops(opts, run, cfg, inputs, bench.nullcontext())
+    assert bench.unet_training_flops(cfg, frames=2, latent_size=(8, 8), context_len=5) * 3 == per_step > 0
+
+
 def test_bench_size_is_the_comparison_network():
     with torch.device("meta"):
         unet = UNet(bench.SIZES["bench"])

@@ -319,6 +319,20 @@ def test_video_folder_items_skip_every_unusable_video_and_keep_stride_and_fps_ri
         assert fresh[index]["caption"] == items[index]["caption"]
 
 
+def test_a_folder_dataset_draws_each_epoch_order_once(tmp_path, monkeypatch):
+    """The order of the videos is one permutation per epoch, drawn once, not once per item (O(N) each)."""
+    write_videos(tmp_path)
+    (tmp_path / "captions.csv").write_text("path,caption\n" + "".join(f"{name},{name}\n" for name in GOOD))
+    dataset = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, max_stride=MAX_STRIDE, raft=still_raft)
+    draws = []
+    real = data.np.random.default_rng
+    monkeypatch.setattr(data.np.random, "default_rng", lambda seed: draws.append(seed) or real(seed))
+    epoch = [dataset[index]["caption"] for index in range(2 * len(GOOD))]  # two epochs
+    assert sorted(epoch[:len(GOOD)]) == sorted(GOOD) == sorted(epoch[len(GOOD):])  # each video once an epoch
+    orders = [seed for seed in draws if seed[1] == data.ORDER_STREAM]
+    assert [seed[2] for seed in orders] == [0, 1]
+
+
 def test_a_folder_with_no_usable_video_stops_before_training(tmp_path):
     write_videos(tmp_path)
     (tmp_path / "captions.csv").write_text("path,caption\n" + "".join(f"{name},x\n" for name in BAD))

@@ -150,3 +150,23 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path):
     truncated.write_bytes(good.read_bytes()[:500])
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         load_checkpoint(truncated)
+
+
+def test_a_checkpoint_whose_config_does_not_describe_its_model_is_a_clear_error(tmp_path):
+    """Another version's config (keys missing, keys extra) or another model's weights: a ValueError, one line."""
+    from checkpoint import load_model
+    out = tmp_path / "run"
+    train.train(train.load_config(TINY + ["--steps=1", f"--out_dir={out}"]))
+    ckpt = load_checkpoint(out)
+    model, config, step = load_model(out, "cpu")
+    assert step == 1 and config["frames"] == 4
+    extra = {**ckpt, "config": {**ckpt["config"], "a_key_of_a_later_version": 3}}
+    missing = {**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "frames"}}
+    other = {**ckpt, "config": {**ckpt["config"], "pixel_patch": 4}}
+    torch.save(extra, tmp_path / "extra.pt")
+    assert load_model(tmp_path / "extra.pt", "cpu")[2] == 1  # keys it does not know are not the model's
+    for name, changed, message in (("missing", missing, r"lacks \['frames'\]"), ("other", other, "do not fit")):
+        torch.save(changed, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=message) as error:
+            load_model(tmp_path / f"{name}.pt", "cpu")
+        assert "\n" not in str(error.value)
