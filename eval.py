@@ -10,6 +10,13 @@ tracking each shape by its colour in every frame:
 - direction accuracy: a shape told to move left/right/up/down travelled at least MOVED (a tenth) of the
   frame width, mostly along that way;
 - still accuracy: a shape told to stay still (or not mentioned) travelled less than that;
+- text-contrast accuracy: over pairs of prompts on the same first frame that ask one shape for two
+  different motions (a shape a prompt does not name stays still), the share of pairs where the shape
+  does what each prompt asks in both clips: a model that ignores the text scores 0;
+- shape integrity: share of (clip, shape) where the shape keeps 50-150 % of its first-frame area in
+  every frame and no palette colour that the first frame lacks appears (shapes that dissolve into
+  blobs or spawn other colours fail); occlusion keeps the ground truth below 1;
+- direction accuracy by the number of shapes in the scene and by the direction asked;
 - static-video rate: of the prompts that ask for motion, the share of clips that barely change
   (the conditional-image-leakage symptom);
 - first-frame PSNR: frame 0 against the conditioning image;
@@ -20,7 +27,9 @@ tracking each shape by its colour in every frame:
 the share of the model's squared error that lies in high-motion regions (weighted by the latent
 heatmap m'), next to the share of the area that moves. MotiF should hold it lower than the plain loss.
 
-Writes out/results.json and, per checkpoint, a gif grid (conditioning image | heatmap | sample).
+Writes out/results.json and, per checkpoint, a gif grid (conditioning image | heatmap | sample);
+--strip K also writes a PNG per checkpoint: held-out first frame K, one row per prompt "the <first shape>
+moves up / left / down / right / stays still", the frames side by side.
 """
 import argparse
 import json
@@ -31,8 +40,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from PIL import Image, ImageDraw
+
 from checkpoint import load_model
-from data import DIRECTIONS, PALETTE, ShapesDataset, held_out_pairs, render_clip, write_video
+from data import DIRECTIONS, PALETTE, PHRASES, ShapesDataset, held_out_pairs, render_clip, write_video
 from flow import heatmap_from_flow
 from loss import Schedule, latent_heatmap, q_sample, v_target
 from sample import ddim_sample, ddim_timesteps, to_uint8_frames
@@ -41,6 +52,8 @@ from utils import fail, pick_device, write_atomically
 MOVED = 0.1  # of the frame width: the least travel that counts as moving
 COLOUR_TOLERANCE = 60  # max distance in RGB (0..255) for a pixel to belong to a shape's colour
 STATIC_CHANGE = 2.0  # mean absolute change (0..255) between first and last frame under which a clip is static
+INTACT_AREA = (0.5, 1.5)  # a shape's area in every frame, relative to the conditioning image, for shape integrity
+FOREIGN_PIXELS = 4  # pixels of a palette colour that make it present in a frame (shape integrity)
 SHARE_TIMESTEPS = (50, 150, 250, 350, 450, 550, 650, 750, 850, 950)
 
 
@@ -73,23 +86,75 @@ def psnr(a, b):
     return float(10 * np.log10(255 ** 2 / max(mse, 1e-2)))  # identical images: 68 dB
 
 
+def colour_counts(video):
+    """Pixels within COLOUR_TOLERANCE of each palette colour in each frame: {colour: (T,) int}."""
+    pixels = video.astype(np.float32)  # (T, H, W, 3)
+    return {name: (np.linalg.norm(pixels - np.array(rgb, np.float32), axis=-1) < COLOUR_TOLERANCE).sum(axis=(1, 2))
+            for name, rgb in PALETTE.items()}
+
+
+def intact(counts, image_counts, colour):
+    """Did the shape of `colour` keep its area in every frame (INTACT_AREA of its area in the conditioning image),
+    in a clip where no palette colour absent from the conditioning image shows (FOREIGN_PIXELS or more)?"""
+    area = counts[colour] / max(image_counts[colour], 1)  # (T,)
+    foreign = any(counts[name].max() >= FOREIGN_PIXELS for name in PALETTE if image_counts[name] < FOREIGN_PIXELS)
+    return bool((area >= INTACT_AREA[0]).all() and (area <= INTACT_AREA[1]).all() and not foreign)
+
+
+def contrast_pairs(entries):
+    """(i, j, shape index) for the pairs of entries on the same first frame that ask the same shape for different
+    motions; a shape a prompt does not name is asked to stay still (as everywhere in the scorer)."""
+    pairs = []
+    for i, a in enumerate(entries):
+        for j in range(i + 1, len(entries)):
+            b = entries[j]
+            if a["image_id"] == b["image_id"]:
+                pairs += [(i, j, k) for k in range(len(a["scene"]["objects"]))
+                          if a["motions"].get(k, "still") != b["motions"].get(k, "still")]
+    return pairs
+
+
 def score(entries, videos):
-    """entries from held_out_pairs, videos uint8 (T, H, W, 3) each -> dict of figures."""
-    moves, stills, static, first, aligned = [], [], [], [], []
+    """entries from held_out_pairs, videos uint8 (T, H, W, 3) each -> dict of figures:
+    - direction_accuracy, also by the number of shapes in the scene (direction_accuracy_by_shapes) and by the
+      direction asked (direction_accuracy_by_direction); still_accuracy; static_video_rate; PSNRs (module doc);
+    - text_contrast_accuracy: over the pairs of prompts on the same first frame that ask one shape for two
+      different motions (contrast_pairs), the share where that shape does what each prompt asks in both clips.
+      Identical clips for both prompts score 0: a model that ignores the text scores 0;
+    - shape_integrity: share of (clip, shape) whose shape keeps 50-150 % of its area in every frame, in a clip
+      without palette colours that the first frame lacks (intact)."""
+    moves, stills, static, first, aligned, integrity = [], [], [], [], [], []
+    by_shapes, by_direction, correct = {}, {}, []  # correct[entry][shape]: did the shape do what the prompt asks?
     for entry, video in zip(entries, videos):
         width = video.shape[2]
-        for index, obj in enumerate(entry["scene"]["objects"]):
+        objects = entry["scene"]["objects"]
+        counts, image_counts = colour_counts(video), colour_counts(entry["image"][None])
+        correct.append([])
+        for index, obj in enumerate(objects):
             centres = track(video, PALETTE[obj["colour"]])
             motion = entry["motions"].get(index, "still")
             ok = judge(centres[-1] - centres[0], motion, width)
-            (stills if motion == "still" else moves).append(ok)
+            correct[-1].append(ok)
+            if motion == "still":
+                stills.append(ok)
+            else:
+                moves.append(ok)
+                by_shapes.setdefault(len(objects), []).append(ok)
+                by_direction.setdefault(motion, []).append(ok)
+            integrity.append(intact(counts, image_counts, obj["colour"]))
         if any(m != "still" for m in entry["motions"].values()):  # the prompt asks for motion
             static.append(np.abs(video[-1].astype(np.float32) - video[0]).mean() < STATIC_CHANGE)
         first.append(psnr(video[0], entry["image"]))
         aligned.append(np.mean([psnr(frame, entry["image"]) for frame in video]))
-    return {"pairs": len(entries), "direction_accuracy": float(np.mean(moves)), "still_accuracy": float(np.mean(stills)),
-            "static_video_rate": float(np.mean(static)), "first_frame_psnr": float(np.mean(first)),
-            "image_alignment_psnr": float(np.mean(aligned))}
+    contrast = [correct[i][k] and correct[j][k] for i, j, k in contrast_pairs(entries)]
+    mean = lambda values: float(np.mean(values)) if values else float("nan")
+    return {"pairs": len(entries), "direction_accuracy": mean(moves),
+            "text_contrast_accuracy": mean(contrast), "still_accuracy": mean(stills),
+            "shape_integrity": mean(integrity), "static_video_rate": mean(static), "first_frame_psnr": mean(first),
+            "image_alignment_psnr": mean(aligned), "contrast_pairs": len(contrast),
+            "direction_accuracy_by_shapes": {str(n): mean(v) for n, v in sorted(by_shapes.items())},
+            "direction_accuracy_by_direction": {d: mean(by_direction[d]) for d in ("left", "right", "up", "down")
+                                                if d in by_direction}}
 
 
 # ----------------------------------------------------------------------------- what gets scored
@@ -149,6 +214,26 @@ def write_grid(entries, videos, path, count=12, scale=4):
     write_video(path, grid, fps=4)
 
 
+def write_strip(model, cfg, entry, path, steps, cfg_scale, seed, scale=4):
+    """A PNG to look at: the first shape of a held-out first frame told to move up, left, down, right and to stay
+    still, one row per prompt (sampled with seed `seed`), the conditioning image then the T frames side by side."""
+    obj = entry["scene"]["objects"][0]
+    prompts = [f"the {obj['colour']} {obj['shape']} {PHRASES[m]}" for m in ("up", "left", "down", "right", "still")]
+    image = torch.from_numpy(entry["image"]).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+    videos = ddim_sample(model, image[None].expand(len(prompts), -1, -1, -1), prompts, cfg["frames"], 8, steps,
+                         cfg_scale, [seed] * len(prompts), progress=False)
+    size, gap, label = cfg["height"] * scale, 2, 150
+    canvas = Image.new("RGB", (label + (cfg["frames"] + 1) * (size + gap), len(prompts) * (size + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, (prompt, video) in enumerate(zip(prompts, videos)):
+        frames = [entry["image"]] + list(to_uint8_frames(video))  # (H, W, 3) each
+        for col, frame in enumerate(frames):
+            tile = Image.fromarray(np.ascontiguousarray(frame)).resize((size, size), Image.NEAREST)
+            canvas.paste(tile, (label + col * (size + gap), row * (size + gap)))
+        draw.text((4, row * (size + gap) + size // 2), prompt.replace(f"the {obj['colour']} ", "", 1), fill="black")
+    canvas.save(path)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def load_shapes_model(path, device):
@@ -160,7 +245,8 @@ def load_shapes_model(path, device):
 
 
 def table(results):
-    keys = ("direction_accuracy", "still_accuracy", "static_video_rate", "first_frame_psnr", "image_alignment_psnr")
+    keys = ("direction_accuracy", "text_contrast_accuracy", "still_accuracy", "shape_integrity", "static_video_rate",
+            "first_frame_psnr", "image_alignment_psnr")
     lines = ["| what | step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for name, figures in results.items():
         for row in figures if isinstance(figures, list) else [figures]:
@@ -181,6 +267,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", default="out/eval", help="folder for results.json and the grids")
+    p.add_argument("--strip", type=int, default=None, metavar="K",
+                   help="also write strip_<i>_step<N>.png: held-out first frame K, its first shape told each motion")
     args = p.parse_args(argv)
     out = Path(args.out)
     results = {}
@@ -203,7 +291,14 @@ def main(argv=None):
             row["loss_shares"] = loss_shares(model, cfg, seed=args.seed)
         results.setdefault("checkpoints", []).append(row)
         write_grid(entries, videos, out / f"grid_{index}_step{step}.gif")
-        print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "loss_shares"))
+        if args.strip is not None:
+            entry = next(e for e in held_out_pairs(args.strip + 1, size=cfg["height"]) if e["image_id"] == args.strip)
+            write_strip(model, cfg, entry, out / f"strip_{index}_step{step}.png", args.steps, args.cfg, args.seed)
+        print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                       if not isinstance(v, dict)))
+        print("direction accuracy by shapes in the scene: " + " ".join(
+            f"{n}: {v:.3f}" for n, v in row["direction_accuracy_by_shapes"].items()) + "; by direction: " + " ".join(
+            f"{d}: {v:.3f}" for d, v in row["direction_accuracy_by_direction"].items()))
     if args.baselines:  # at the checkpoints' size (the first one's), else the demo's 8 frames of 32 x 32
         size, frames = (models[0][2]["height"], models[0][2]["frames"]) if models else (32, 8)
         entries = held_out_pairs(args.images, size=size)

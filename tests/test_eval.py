@@ -1,7 +1,7 @@
 """eval.py's scorer tells ground truth, static and reversed-motion clips apart."""
 import numpy as np
 
-from data import held_out_pairs, render_clip
+from data import PALETTE, held_out_pairs, render_clip
 from eval import copy_first_frame, ground_truth, judge, score, track
 
 REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}
@@ -39,3 +39,46 @@ def test_track_and_judge_by_hand():
     assert not judge(centres[-1] - centres[0], "still", 32)
     assert not judge(np.array([np.nan, np.nan]), "right", 32)  # a shape that vanished did not move right
     assert judge(np.array([0.5, -0.5]), "still", 32)
+
+
+def two_prompts_per_image(entries):
+    """The first two prompts of each first frame."""
+    firsts = {}
+    for entry in entries:
+        firsts.setdefault(entry["image_id"], []).append(entry)
+    return [e for pair in firsts.values() for e in pair[:2]]
+
+
+def test_new_figures_ground_truth_static_reversed_and_wrong_prompt():
+    entries = held_out_pairs(20)
+    truth = score(entries, ground_truth(entries, 8))
+    static = score(entries, copy_first_frame(entries, 8))
+    reversed_ = score(entries, [render_clip(e["scene"], {i: REVERSE[m] for i, m in e["motions"].items()}, 8)[0]
+                                for e in entries])
+    assert truth["contrast_pairs"] == static["contrast_pairs"] > 100
+    assert truth["text_contrast_accuracy"] >= 0.95 and truth["shape_integrity"] >= 0.9  # occlusion: < 1
+    assert all(v >= 0.95 for v in truth["direction_accuracy_by_shapes"].values())
+    assert set(truth["direction_accuracy_by_direction"]) == {"left", "right", "up", "down"}
+    assert static["text_contrast_accuracy"] == 0 and static["shape_integrity"] == 1
+    assert reversed_["text_contrast_accuracy"] <= 0.1
+    # right motion, wrong prompt: each image's two clips swapped, so each moves as the other prompt asks
+    pairs = two_prompts_per_image(entries)
+    clips = ground_truth(pairs, 8)
+    swapped = [clips[i + 1 - 2 * (i % 2)] for i in range(len(pairs))]
+    assert score(pairs, clips)["text_contrast_accuracy"] >= 0.95
+    assert score(pairs, swapped)["text_contrast_accuracy"] == 0  # moving well is not following the text
+
+
+def test_shape_integrity_catches_dissolving_shapes_and_foreign_colours():
+    entry = next(e for e in held_out_pairs(6) if len(e["scene"]["objects"]) == 1)
+    video = ground_truth([entry], 8)[0]
+    assert score([entry], [video])["shape_integrity"] == 1
+    smeared = video.copy()
+    smeared[1:] = video[1:] // 2 + np.roll(video[1:], 5, axis=2) // 2  # the shape smeared into the background
+    assert score([entry], [smeared])["shape_integrity"] == 0
+    foreign = video.copy()
+    colour = next(c for c in PALETTE if c != entry["scene"]["objects"][0]["colour"])
+    foreign[4, :2, :2] = PALETTE[colour]  # 4 pixels of a colour the first frame lacks
+    assert score([entry], [foreign])["shape_integrity"] == 0
+    foreign[4, 0, 0] = video[4, 0, 0]  # 3 pixels are noise, not a colour
+    assert score([entry], [foreign])["shape_integrity"] == 1
