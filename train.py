@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -37,10 +38,12 @@ from tqdm import tqdm
 
 from bench import mfu_peak_flops, unet_training_flops
 from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
-from data import ShapesDataset, VideoFolderDataset
+from data import ShapesDataset, VideoFolderDataset, held_out_pairs, load_frames, resize_center_crop, write_video
+from eval import score
 from flow import RAFT
 from loss import Schedule, diffusion_loss, latent_heatmap, q_sample, v_target
 from model import SIZES, ModelConfig, MotifModel
+from sample import ddim_sample, to_uint8_frames
 from utils import fail, peak_memory_gb, pick_device
 
 
@@ -86,6 +89,7 @@ class Config:
     out_dir: str = "out/recipe"
     seed: int = 0
     log_every: int = 20
+    sample_every: int = 0  # validation samples of held-out pairs (or the folder's first videos) every N steps; 0: off
     ckpt_every: int = 1000
     keep_checkpoints: int = 3  # the newest N of out_dir/ckpt_STEP.pt are kept
     resume: str = ""  # "latest" (out_dir/latest, or a fresh start if there is none) or a checkpoint path
@@ -306,6 +310,14 @@ class Log:
             self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         self.reset()
 
+    def validation(self, step, figures):
+        """Where the validation samples are, and their figures (shapes data) in log.jsonl (rank 0 calls it)."""
+        if figures:
+            self.file.write(json.dumps({"step": step, "validation": figures}) + "\n")
+            self.file.flush()
+        self.bar.write(f"validation samples: {Path(self.cfg.out_dir) / 'samples' / f'step_{step:07d}.gif'}  "
+                       + " ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+
     def close(self):
         self.bar.close()
         if self.file:
@@ -399,6 +411,55 @@ def save(cfg, model, optimizer, ema, step, world, master):
         dist.barrier()
 
 
+# ----------------------------------------------------------------------------- validation samples
+
+VALIDATION_IMAGES = 4  # shapes: the first held-out first frames, each with all its prompts (about 16 pairs)
+VALIDATION_STEPS = 25  # DDIM steps of a validation sample
+
+
+def validation_set(cfg, dataset):
+    """What the validation samples show, as held_out_pairs-style entries with "image" (H, W, 3) uint8 and "caption":
+    on shapes, the first held-out first frames with all their prompts (scored: they carry their scenes and motions);
+    on a video folder, the first frames of its first videos with their captions."""
+    if cfg.data == "shapes":
+        return held_out_pairs(VALIDATION_IMAGES, size=cfg.height)
+    entries = []
+    for video in dataset.videos[:2 * VALIDATION_IMAGES]:
+        frames, _ = load_frames(dataset.root / video["path"])  # (N, H0, W0, 3)
+        entries.append({"image": resize_center_crop(frames[:1], (cfg.height, cfg.width))[0], "caption": video["caption"]})
+    return entries
+
+
+@torch.no_grad()
+def validate(cfg, model, ema, entries, step, autocast):
+    """Sample `entries` with the EMA weights (swapped into the model, then back: bit for bit), write
+    out_dir/samples/step_NNNNNNN.gif (conditioning image | sample, a row per entry) and, on shapes, return the
+    ShapesBench figures of these pairs. Each sample's noise comes from its own seed: no training RNG is touched."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    kept = {name: p.detach().clone() for name, p in trainable.items()}
+    for name, p in trainable.items():
+        p.copy_(ema[name])
+    model.eval()
+    try:
+        images = torch.stack([torch.from_numpy(e["image"]).permute(2, 0, 1).float() / 127.5 - 1 for e in entries])
+        with autocast:
+            videos = ddim_sample(model, images, [e["caption"] for e in entries], cfg.frames, 8, VALIDATION_STEPS,
+                                 seeds=range(len(entries)), progress=False)  # (N, 3, T, H, W)
+    finally:
+        for name, p in trainable.items():
+            p.copy_(kept[name])
+        model.train()
+    videos = [to_uint8_frames(video) for video in videos]  # N x (T, H, W, 3)
+    rows = [np.concatenate([np.repeat(e["image"][None], cfg.frames, 0), video], axis=2) for e, video in zip(entries, videos)]
+    grid = np.concatenate(rows, axis=1)  # (T, N*H, 2W, 3)
+    scale = max(1, 128 // cfg.height)
+    write_video(Path(cfg.out_dir) / "samples" / f"step_{step:07d}.gif", grid.repeat(scale, 1).repeat(scale, 2), 4)
+    if cfg.data != "shapes":
+        return {}
+    figures = score(entries, videos)
+    return {k: figures[k] for k in ("direction_accuracy", "text_contrast_accuracy", "still_accuracy")}
+
+
 def resume_path(cfg, master):
     """What --resume names: a checkpoint or run folder; "latest" is out_dir if it has one, else a fresh start ("")."""
     if cfg.resume != "latest":
@@ -427,7 +488,8 @@ def train(cfg: Config):
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master))
-    batches = make_batches(cfg, build_dataset(cfg, model, device), rank, world, step, device)
+    dataset = build_dataset(cfg, model, device)
+    batches = make_batches(cfg, dataset, rank, world, step, device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     schedule = Schedule(device=device)
     if master:
@@ -440,6 +502,7 @@ def train(cfg: Config):
         latent_size = (cfg.height // model.autoencoder.factor, cfg.width // model.autoencoder.factor)
         flops_per_clip = unet_training_flops(model.unet.cfg, cfg.frames, latent_size, model.text_encoder.max_len)
     log = Log(cfg, world, device, master, flops_per_clip, step)
+    validation = validation_set(cfg, dataset) if cfg.sample_every and master else None
     bad_in_a_row, skipped = 0, 0
     model.train()
 
@@ -467,6 +530,8 @@ def train(cfg: Config):
         log.add(losses)
         if step % cfg.log_every == 0 or step == cfg.steps:
             log.write(step, lr, grad_norm, skipped)
+        if validation and step % cfg.sample_every == 0:
+            log.validation(step, validate(cfg, model, ema, validation, step, autocast))
 
         # ---- save (and stop, together, if any rank got a stop signal)
         stopping = any_rank(bool(stop_signals), world, device)

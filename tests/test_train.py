@@ -268,3 +268,48 @@ def test_ddim_returns_the_clean_video_when_the_model_knows_it():
     for steps, scale in ((1, 1.0), (7, 7.5), (50, 3.0)):
         out = ddim_sample(oracle, video[:, :, 0], ["a", "b"], 4, 8, steps, scale, seeds=[0, 1], progress=False)
         assert (out - video).abs().max() < 1e-4, (steps, scale)
+
+
+# ----------------------------------------------------------------------------- validation samples
+
+def test_validation_samples_do_not_change_training(tmp_path):
+    torch.set_num_threads(1)
+    plain, sampled = tmp_path / "plain", tmp_path / "sampled"
+    train.train(train.load_config(TINY + ["--steps=3", f"--out_dir={plain}"]))
+    train.train(train.load_config(TINY + ["--steps=3", "--sample_every=2", f"--out_dir={sampled}"]))
+    a = [r for r in losses(plain) if "loss" in r]
+    b = [r for r in losses(sampled) if "loss" in r]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 3
+    final = [torch.load(resolve_checkpoint(run), weights_only=True) for run in (plain, sampled)]
+    for part in ("model", "ema"):
+        assert all(torch.equal(v, final[1][part][k]) for k, v in final[0][part].items()), part
+    (validation,) = [r for r in losses(sampled) if "validation" in r]
+    assert validation["step"] == 2
+    assert set(validation["validation"]) == {"direction_accuracy", "text_contrast_accuracy", "still_accuracy"}
+    assert all(0 <= v <= 1 for v in validation["validation"].values())
+    gif = iio.imread(sampled / "samples" / "step_0000002.gif")
+    pairs = len(train.validation_set(train.load_config(TINY), None))
+    assert gif.shape == (4, pairs * 16 * 8, 2 * 16 * 8, 3)  # 4 frames; a row per pair: image | sample, upscaled 8x
+    assert not (plain / "samples").exists()
+
+
+def test_training_on_a_video_folder_with_validation_samples(tmp_path):
+    """A captioned folder with cached heatmaps trains, and its validation samples are its first videos' frames."""
+    from test_data import GOOD, write_videos
+    import data
+    write_videos(tmp_path / "videos")
+    (tmp_path / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n},clip {n}\n" for n in GOOD))
+    for name in GOOD:
+        pairs = {f"stride_{s}": np.full((12 - s, 16, 16), 200, np.uint8) for s in (1, 2)}
+        data.save_npz(data.cache_path(tmp_path / "videos", name, (16, 16)), num_frames=np.array(12), **pairs)
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    train.train(train.load_config(["--data=" + str(tmp_path / "videos"), "--model=demo", "--pixel_patch=2",
+                                   "--height=16", "--width=16", "--frames=4", "--max_stride=2", "--batch_size=2",
+                                   "--micro_batch=2", "--workers=0", "--steps=2", "--sample_every=2", "--log_every=1",
+                                   f"--out_dir={out}"]))
+    records = losses(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2] and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    gif = iio.imread(out / "samples" / "step_0000002.gif")
+    assert gif.shape == (4, len(GOOD) * 16 * 8, 2 * 16 * 8, 3)
+    assert not any("validation" in r for r in records)  # no figures: a folder's captions are not scored
