@@ -114,20 +114,23 @@ def contrast_pairs(entries):
     return pairs
 
 
-def score(entries, videos):
-    """entries from held_out_pairs, videos uint8 (T, H, W, 3) each -> dict of figures:
-    - direction_accuracy, also by the number of shapes in the scene (direction_accuracy_by_shapes) and by the
-      direction asked (direction_accuracy_by_direction); still_accuracy; static_video_rate; PSNRs (module doc);
-    - text_contrast_accuracy: over the pairs of prompts on the same first frame that ask one shape for two
-      different motions (contrast_pairs), the share where that shape does what each prompt asks in both clips.
-      Identical clips for both prompts score 0: a model that ignores the text scores 0;
-    - shape_integrity: share of (clip, shape) whose shape keeps 50-150 % of its area in every frame, in a clip
-      without palette colours that the first frame lacks (intact)."""
-    moves, stills, static, first, aligned, integrity = [], [], [], [], [], []
-    by_shapes, by_direction, correct = {}, {}, []  # correct[entry][shape]: did the shape do what the prompt asks?
+FIGURES = ("direction_accuracy", "text_contrast_accuracy", "still_accuracy", "shape_integrity", "static_video_rate",
+           "first_frame_psnr", "image_alignment_psnr")
+
+
+def tally(entries, videos):
+    """What score() counts, per held-out image: {image_id: {key: [sum, count]}}, for the keys of FIGURES and
+    "direction_accuracy/<number of shapes>", "direction_accuracy/<direction>". pool() of the tallies of any set of
+    images gives that set's figures (ablation.py resamples images this way)."""
+    tallies, correct = {}, []  # correct[entry][shape]: did the shape do what the prompt asks?
+
+    def add(image_id, key, value):
+        counted = tallies.setdefault(image_id, {}).setdefault(key, [0.0, 0])
+        counted[0] += float(value)
+        counted[1] += 1
+
     for entry, video in zip(entries, videos):
-        width = video.shape[2]
-        objects = entry["scene"]["objects"]
+        image, width, objects = entry["image_id"], video.shape[2], entry["scene"]["objects"]
         counts, image_counts = colour_counts(video), colour_counts(entry["image"][None])
         correct.append([])
         for index, obj in enumerate(objects):
@@ -136,25 +139,47 @@ def score(entries, videos):
             ok = judge(centres[-1] - centres[0], motion, width)
             correct[-1].append(ok)
             if motion == "still":
-                stills.append(ok)
+                add(image, "still_accuracy", ok)
             else:
-                moves.append(ok)
-                by_shapes.setdefault(len(objects), []).append(ok)
-                by_direction.setdefault(motion, []).append(ok)
-            integrity.append(intact(counts, image_counts, obj["colour"]))
+                for key in ("direction_accuracy", f"direction_accuracy/{len(objects)}", f"direction_accuracy/{motion}"):
+                    add(image, key, ok)
+            add(image, "shape_integrity", intact(counts, image_counts, obj["colour"]))
         if any(m != "still" for m in entry["motions"].values()):  # the prompt asks for motion
-            static.append(np.abs(video[-1].astype(np.float32) - video[0]).mean() < STATIC_CHANGE)
-        first.append(psnr(video[0], entry["image"]))
-        aligned.append(np.mean([psnr(frame, entry["image"]) for frame in video]))
-    contrast = [correct[i][k] and correct[j][k] for i, j, k in contrast_pairs(entries)]
-    mean = lambda values: float(np.mean(values)) if values else float("nan")
-    return {"pairs": len(entries), "direction_accuracy": mean(moves),
-            "text_contrast_accuracy": mean(contrast), "still_accuracy": mean(stills),
-            "shape_integrity": mean(integrity), "static_video_rate": mean(static), "first_frame_psnr": mean(first),
-            "image_alignment_psnr": mean(aligned), "contrast_pairs": len(contrast),
-            "direction_accuracy_by_shapes": {str(n): mean(v) for n, v in sorted(by_shapes.items())},
-            "direction_accuracy_by_direction": {d: mean(by_direction[d]) for d in ("left", "right", "up", "down")
-                                                if d in by_direction}}
+            add(image, "static_video_rate", np.abs(video[-1].astype(np.float32) - video[0]).mean() < STATIC_CHANGE)
+        add(image, "first_frame_psnr", psnr(video[0], entry["image"]))
+        add(image, "image_alignment_psnr", np.mean([psnr(frame, entry["image"]) for frame in video]))
+    for i, j, k in contrast_pairs(entries):
+        add(entries[i]["image_id"], "text_contrast_accuracy", correct[i][k] and correct[j][k])
+    return tallies
+
+
+def pool(tallies):
+    """The figures of a set of images' tallies: each key's summed values over its summed count."""
+    sums = {}
+    for image in tallies:
+        for key, (total, count) in image.items():
+            pooled = sums.setdefault(key, [0.0, 0])
+            pooled[0] += total
+            pooled[1] += count
+    return {key: total / count for key, (total, count) in sums.items()}
+
+
+def score(entries, videos):
+    """entries from held_out_pairs, videos uint8 (T, H, W, 3) each -> dict of figures (NaN where none was counted):
+    - direction_accuracy, also by the number of shapes in the scene (direction_accuracy_by_shapes) and by the
+      direction asked (direction_accuracy_by_direction); still_accuracy; static_video_rate; PSNRs (module doc);
+    - text_contrast_accuracy: over the pairs of prompts on the same first frame that ask one shape for two
+      different motions (contrast_pairs), the share where that shape does what each prompt asks in both clips.
+      Identical clips for both prompts score 0: a model that ignores the text scores 0;
+    - shape_integrity: share of (clip, shape) whose shape keeps 50-150 % of its area in every frame, in a clip
+      without palette colours that the first frame lacks (intact)."""
+    figures = pool(tally(entries, videos).values())
+    return {"pairs": len(entries), **{key: figures.get(key, float("nan")) for key in FIGURES},
+            "contrast_pairs": len(contrast_pairs(entries)),
+            "direction_accuracy_by_shapes": {n: figures[f"direction_accuracy/{n}"] for n in "123"
+                                             if f"direction_accuracy/{n}" in figures},
+            "direction_accuracy_by_direction": {d: figures[f"direction_accuracy/{d}"] for d in ("left", "right", "up", "down")
+                                                if f"direction_accuracy/{d}" in figures}}
 
 
 # ----------------------------------------------------------------------------- what gets scored
@@ -245,8 +270,7 @@ def load_shapes_model(path, device):
 
 
 def table(results):
-    keys = ("direction_accuracy", "text_contrast_accuracy", "still_accuracy", "shape_integrity", "static_video_rate",
-            "first_frame_psnr", "image_alignment_psnr")
+    keys = FIGURES
     lines = ["| what | step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for name, figures in results.items():
         for row in figures if isinstance(figures, list) else [figures]:

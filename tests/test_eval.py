@@ -1,8 +1,9 @@
 """eval.py's scorer tells ground truth, static and reversed-motion clips apart."""
 import numpy as np
+import pytest
 
 from data import PALETTE, held_out_pairs, render_clip
-from eval import copy_first_frame, ground_truth, judge, score, track
+from eval import FIGURES, copy_first_frame, ground_truth, judge, pool, score, tally, track
 
 REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}
 
@@ -82,3 +83,17 @@ def test_shape_integrity_catches_dissolving_shapes_and_foreign_colours():
     assert score([entry], [foreign])["shape_integrity"] == 0
     foreign[4, 0, 0] = video[4, 0, 0]  # 3 pixels are noise, not a colour
     assert score([entry], [foreign])["shape_integrity"] == 1
+
+
+def test_figures_pool_over_any_set_of_images():
+    """score() is pool() over the images' tallies; a subset of images pools to that subset's score."""
+    entries = held_out_pairs(12)
+    videos = copy_first_frame(entries, 8)[:20] + ground_truth(entries, 8)[20:]  # some right, some static
+    tallies = tally(entries, videos)
+    assert sorted(tallies) == list(range(12))
+    whole, pooled = score(entries, videos), pool(tallies.values())
+    assert all(whole[k] == pytest.approx(pooled[k]) for k in FIGURES)
+    first = [i for i, e in enumerate(entries) if e["image_id"] < 5]
+    part = score([entries[i] for i in first], [videos[i] for i in first])
+    assert all(part[k] == pytest.approx(pool([tallies[i] for i in range(5)])[k]) for k in FIGURES)
+    assert pool([tallies[0], tallies[0]]) == pytest.approx(pool([tallies[0]]))  # a resampled image counts twice
