@@ -17,7 +17,7 @@ run or a different world size sees exactly the same samples; `len()` is only nom
    which shape moves where ("the red circle moves left"); the same first frame appears with
    several captions, so only the text tells the motion. The exact optical flow is known, and
    goes through the same heatmap code as RAFT's flow on real videos.
-2. Video folders: ROOT/captions.csv or captions.jsonl lists videos
+2. Video folders: ROOT/captions.csv (ours, or WebVid's as it is) or captions.jsonl lists videos
    (any format FFmpeg reads); clips are drawn with a random frame stride and only their frames are
    decoded (VideoFile: seek to the key frame before the first); heatmaps come from the cache written
    by `python prepare.py heatmaps ROOT`, or from RAFT inside the training step. Rows and videos that
@@ -381,13 +381,16 @@ def warn(message):
 
 
 def read_captions(root):
-    """Parse ROOT/captions.csv (a header with path and caption columns, optionally fps) or
-    ROOT/captions.jsonl (one {"path", "caption"[, "fps"]} object per line), UTF-8 with or without BOM.
+    """Parse ROOT/captions.csv or ROOT/captions.jsonl, UTF-8 with or without BOM:
+      - a CSV with path and caption columns (and optionally fps);
+      - WebVid's CSV as it is (columns videoid, name, page_dir, ...): video ROOT/videos/{page_dir}/{videoid}.mp4,
+        caption `name`, the container's fps, the layout DynamiCrafter's WebVid dataset reads (webvid_row);
+      - JSON lines, one {"path", "caption"[, "fps"]} object per line.
 
     Returns (videos, skipped): videos = [{"path": relative str, "caption": str, "fps": float or
     None}] for good rows whose file exists; skipped = [(reason, where)] for the others (bad
     encoding, bad JSON, no path, bad path, empty caption, bad fps, missing file). A captions file
-    that cannot be parsed at all, or a CSV without path and caption columns, is a ValueError."""
+    that cannot be parsed at all, or a CSV with neither layout's columns, is a ValueError."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"video folder {root} does not exist")
@@ -415,18 +418,32 @@ def read_captions(root):
     return videos, skipped
 
 
+WEBVID_COLUMNS = {"videoid", "name", "page_dir"}
+
+
+def webvid_row(row):
+    """A row of WebVid's CSV -> our {"path", "caption"}: DynamiCrafter's WebVid dataset (github.com/Doubiiu/
+    DynamiCrafter, lvdm/data/webvid.py: _load_metadata and _get_video_path) reads the caption from `name` and the
+    video from os.path.join(data_dir, 'videos', page_dir, str(videoid) + '.mp4'); ROOT is its data_dir here. A row
+    without a videoid or page_dir gets no path (a "no path" skip); fps comes from the container."""
+    videoid, page_dir = (str(row.get(key) or "").strip() for key in ("videoid", "page_dir"))
+    path = f"videos/{page_dir}/{videoid}.mp4" if videoid and page_dir else None
+    return {"path": path, "caption": row.get("name")}
+
+
 def read_csv_rows(captions_file, text):
-    """[(where, {column: value})] of a captions.csv's text; the header names are matched without
-    case or surrounding spaces."""
+    """[(where, {column: value})] of a captions.csv's text in our layout (path, caption[, fps]), WebVid's rows
+    converted to it; the header names are matched without case or surrounding spaces."""
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = [name.strip().lower() for name in reader.fieldnames or []]
-        if not {"path", "caption"} <= set(header):
+        webvid = not {"path", "caption"} <= set(header) and WEBVID_COLUMNS <= set(header)
+        if not ({"path", "caption"} <= set(header) or webvid):
             found = ", ".join(header[:5]) or "nothing"
-            raise ValueError(f"{captions_file} needs a header line with path and caption columns "
-                             f"(and optionally fps), found: {found}")
+            raise ValueError(f"{captions_file} needs a header line with path and caption columns (and optionally "
+                             f"fps), or WebVid's videoid, name and page_dir; found: {found}")
         reader.fieldnames = header
-        return [(f"line {reader.line_num}", row) for row in reader]
+        return [(f"line {reader.line_num}", webvid_row(row) if webvid else row) for row in reader]
     except csv.Error as error:
         raise ValueError(f"{captions_file} is not a readable CSV file (line {reader.line_num}: {error})")
 

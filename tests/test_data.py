@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -456,3 +457,52 @@ def test_real_clips_read_the_frames_whole_decoding_gives(shared, monkeypatch):
     assert check_clips_match_whole_decoding(videos / "cockatoo.mp4", 16, monkeypatch, count=3,
                                             extra_starts=(76, 145, 200)) >= 3
     assert check_clips_match_whole_decoding(videos / "newtonscradle.gif", 16, monkeypatch) == 0
+
+
+# ---- WebVid's captions CSV ----
+
+WEBVID_HEADER = "videoid,contentUrl,duration,page_dir,name"
+
+
+def write_webvid(root):
+    """WebVid's layout: ROOT/videos/{page_dir}/{videoid}.mp4 and its CSV, with rows that must be skipped."""
+    frames = index_frames(12)
+    for page_dir, videoid in (("000001_000050", "1001"), ("000001_000050", "1002"), ("000051_000100", "77")):
+        (root / "videos" / page_dir).mkdir(parents=True, exist_ok=True)
+        data.write_video(root / "videos" / page_dir / f"{videoid}.mp4", frames, fps=24)
+    (root / "videos" / "000051_000100" / "broken.mp4").write_text("not a video")
+    lines = [WEBVID_HEADER,
+             '1001,https://x/1001.mp4,PT00H00M14S,000001_000050,"Cockatoo, close up, looks ""left"""',
+             "1002,https://x/1002.mp4,PT00H00M10S,000001_000050,Waves roll in",
+             "77,https://x/77.mp4,PT00H00M05S,000051_000100,Aerial view of a city",
+             "broken,https://x/b.mp4,PT00H00M05S,000051_000100,A broken file",
+             "404,https://x/404.mp4,PT00H00M05S,000001_000050,Not downloaded",
+             "1003,https://x/1003.mp4,PT00H00M05S,000001_000050,",
+             ",https://x/.mp4,PT00H00M05S,000001_000050,No video id",
+             "1,https://x/1.mp4,PT00H00M05S,..,Outside the folder"]
+    (root / "captions.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_webvid_csv_reads_as_dynamicrafter_reads_it(tmp_path, capsys):
+    write_webvid(tmp_path)
+    videos, skipped = data.read_captions(tmp_path)
+    assert [(v["path"], v["caption"], v["fps"]) for v in videos] == [
+        ("videos/000001_000050/1001.mp4", 'Cockatoo, close up, looks "left"', None),
+        ("videos/000001_000050/1002.mp4", "Waves roll in", None),
+        ("videos/000051_000100/77.mp4", "Aerial view of a city", None),
+        ("videos/000051_000100/broken.mp4", "A broken file", None)]
+    assert sorted(reason for reason, _ in skipped) == ["bad path", "empty caption", "missing file", "no path"]
+    assert ("missing file", "videos/000001_000050/404.mp4") in skipped
+    dataset = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, max_stride=MAX_STRIDE, cached_heatmaps=False)
+    items = [dataset[index] for index in range(8)]
+    assert {item["caption"] for item in items} == {v["caption"] for v in videos[:3]}
+    assert all(item["fps"].item() in (24, 12, 8) for item in items)             # the container's fps / stride
+    assert dataset.unusable == [("unreadable", "videos/000051_000100/broken.mp4")]
+    prepare.main(["check", str(tmp_path), "--frames", str(FRAMES)])             # the command, in this process
+    report = capsys.readouterr().out
+    assert "3 usable, 5 skipped" in report and "1 unreadable: videos/000051_000100/broken.mp4" in report
+    assert "1 missing file: videos/000001_000050/404.mp4" in report
+    (tmp_path / "captions.csv").write_text("videoid,page_dir,caption_text\n1001,000001_000050,x\n")
+    with pytest.raises(SystemExit, match="error: .*WebVid's videoid, name and page_dir") as error:
+        prepare.main(["check", str(tmp_path)])
+    assert "\n" not in str(error.value)
