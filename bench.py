@@ -64,7 +64,7 @@ from data import (VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_cache
 from flow import RAFT, frame_heatmaps, pair_heatmaps, video_heatmap
 from loss import diffusion_loss, latent_heatmap
 from model import SIZES as MODEL_SIZES
-from model import ModelConfig, MotifModel, UNet, UNetConfig
+from model import KL_SIZES, KLAutoencoder, ModelConfig, MotifModel, UNet, UNetConfig
 from sample import ddim_sample
 from utils import fail, parse_size, peak_memory_gb, pick_device, write_atomically
 
@@ -530,6 +530,7 @@ def bench_heatmap(opts, device):
 
 PROJECTED_CLIPS = (10_000, 100_000, 10_000_000)
 RECIPE_CLIPS = 32_000 * 64  # training clips the recipe draws (steps x global batch), whatever the folder's size
+ASSUMED_MFU = 0.4  # of an H100's dense bf16 peak: an assumption for what one GPU consumes, not a measurement
 
 
 def npz_bytes(**arrays):
@@ -633,7 +634,23 @@ def bench_data(opts, device):
                   "m_mean_abs_difference": statistics.mean(difference), "m_iou": intersection / union if union else None,
                   "m_moving_share": union / (len(difference) * opts.frames * small[0] * small[1])}
         results.append(result)
-    return results + [loader_speed(opts, size)]
+    return results + [loader_speed(opts, size), gpu_appetite(opts, size, flops_per_pair["now"])]
+
+
+def gpu_appetite(opts, size, raft_pair_flops):
+    """Model FLOPs per clip of the vc2 U-Net's forward + backward and of the kl-f8 encoder (meta device), and the
+    clips/s one H100 would take at ASSUMED_MFU: an estimate (no GPU measured it), with cached latents, with the encoder
+    in the step, and with RAFT (--raft, at 128 px) in the step too."""
+    latent = (size[0] // 8, size[1] // 8)
+    unet = unet_training_flops(SIZES["vc2"], opts.frames, latent, 77)
+    with torch.device("meta"):
+        encoder = KLAutoencoder(KL_SIZES["full"])
+        encode = count_flops(lambda: encoder.encode(torch.zeros(1, 3, opts.frames, *size)))
+    rate = ASSUMED_MFU * PEAK_BF16_FLOPS["H100"]
+    raft = (opts.frames - 1) * raft_pair_flops
+    return {"name": "gpu estimate", "unet_flops": unet, "encode_flops": encode, "raft_flops": raft,
+            "clips_per_s": {"cached latents and heatmaps": rate / unet, "encoder in the step": rate / (unet + encode),
+                            "encoder and RAFT in the step": rate / (unet + encode + raft)}}
 
 
 def loader_speed(opts, size):
@@ -655,7 +672,7 @@ def loader_speed(opts, size):
 
 
 def print_data_table(opts, results):
-    videos, loader = results[:-1], results[-1]
+    videos, loader, gpu = results[:-2], results[-2], results[-1]
     print(f"data of {opts.data}: clips of {opts.frames} frames at {opts.size}, strides 1-{opts.max_stride}; "
           f"RAFT {Path(opts.raft).stem}; {torch.get_num_threads()} threads; medians (min-max) of {opts.steps} "
           f"items, RAFT over {opts.flow_clips} clips; today -> now")
@@ -687,8 +704,12 @@ def print_data_table(opts, results):
     for which in ("cache", "in the step"):
         if which in loader:
             t = loader[which]
-            print(f"loader, heatmaps {'from the cache' if which == 'cache' else 'left to the step'}: {t['median']:.3f} s per item ({t['min']:.3f}-{t['max']:.3f}), "
-                  f"{1 / t['median']:.2f} clips/s per worker")
+            print(f"loader, heatmaps {'from the cache' if which == 'cache' else 'left to the step'}: {t['median']:.3f} s "
+                  f"per item ({t['min']:.3f}-{t['max']:.3f}), {1 / t['median']:.2f} clips/s per worker")
+    print(f"one GPU, an estimate (not measured): {gpu['unet_flops'] / 1e12:.1f} TFLOP per clip for the vc2 U-Net's forward"
+          f" + backward, {gpu['encode_flops'] / 1e12:.1f} for the kl-f8 encoder, {gpu['raft_flops'] / 1e12:.2f} for RAFT at"
+          f" 128 px; at {ASSUMED_MFU:.0%} of an H100's {PEAK_BF16_FLOPS['H100'] / 1e12:.0f} TFLOP/s it takes "
+          + ", ".join(f"{rate:.1f} clips/s ({how})" for how, rate in gpu["clips_per_s"].items()))
 
 
 # ----------------------------------------------------------------------------- report
