@@ -11,8 +11,8 @@ area-downsamples m to the latent size and weights the diffusion loss with it.
 
 Real videos take the cheap road to the same place (RAFT.heatmaps): RAFT runs on the frames resized
 to a short side of 128 px, the smallest it takes (a 320x512 pair costs 6x fewer FLOPs than at full
-size), and the pair heatmaps are area-averaged to the latent size at once, since loss.py averages
-them to it anyway. The synthetic shapes videos know their exact flow and skip RAFT, not the rest.
+size), and the pair heatmaps are area-averaged at once to 1/8 of the frame size (the kl-f8 latent's),
+since loss.py averages them to the latent size anyway. The synthetic shapes videos know their exact flow and skip RAFT, not the rest.
 The commands that cache a folder's heatmaps and show a video's are in prepare.py (`heatmaps`, `show`).
 """
 from pathlib import Path

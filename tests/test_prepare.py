@@ -11,6 +11,7 @@ from PIL import Image
 import data
 import flow
 import prepare
+import train
 from model import KL_SIZES, KLAutoencoder
 from test_data import BAD, FRAMES, GOOD, MAX_STRIDE, cached_pairs, one_line_error, rows, run, write_csv, write_videos
 
@@ -157,20 +158,19 @@ def test_training_with_heatmaps_from_the_step_matches_training_from_the_cache(tm
     write_folder(tmp_path)
     (tmp_path / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\n")   # both cacheable: the same list
     weights = str(fixtures / "raft_small.pth")
-    assert run("prepare.py", "heatmaps", str(tmp_path), "--size", "32x32", "--max-stride", "1", "--device", "cpu",
-               "--weights", weights).returncode == 0
-    common = ["train.py", f"--data={tmp_path}", "--model=demo", "--autoencoder=pixel", "--text_encoder=bytes",
-              "--height=32", "--width=32", "--frames=3", "--max_stride=1", "--batch_size=2", "--micro_batch=2",
-              "--steps=1", "--log_every=1", "--workers=1", "--device=cpu"]
+    prepare.cache_heatmaps(tmp_path, weights, (32, 32), 1, torch.device("cpu"))
+    common = [f"--data={tmp_path}", "--model=demo", "--autoencoder=pixel", "--text_encoder=bytes", "--height=32",
+              "--width=32", "--frames=3", "--max_stride=1", "--batch_size=2", "--micro_batch=2", "--steps=1",
+              "--log_every=1", "--workers=1", "--device=cpu"]
     records = {}
     for name, extra in (("cached", []), ("in the step", [f"--flow_weights={weights}"])):
-        result = run(*common, f"--out_dir={tmp_path / 'out' / name}", *extra)
-        assert result.returncode == 0, result.stderr[-2000:]
+        train.train(train.load_config([*common, f"--out_dir={tmp_path / 'out' / name}", *extra]))
         records[name] = json.loads((tmp_path / "out" / name / "log.jsonl").read_text().splitlines()[-1])
     cached, in_step = records["cached"], records["in the step"]
     assert cached["diffusion"] == in_step["diffusion"] and cached["motif"] > 0
     assert in_step["motif"] == pytest.approx(cached["motif"], rel=0.02)
     data.save_npz(data.cache_path(tmp_path, "a.mp4", (32, 32)), num_frames=np.array(4),
                   stride_1=np.zeros((3, 32, 32), np.uint8))                # the older prepare.py's full-size cache
-    result = run(*common, f"--out_dir={tmp_path / 'out' / 'stale'}")
-    assert one_line_error(result) and "stale heatmap cache" in result.stderr and "python prepare.py heatmaps" in result.stderr
+    with pytest.raises(SystemExit, match="error: stale heatmap cache .*run: python prepare.py heatmaps") as error:
+        train.main([*common, f"--out_dir={tmp_path / 'out' / 'stale'}"])
+    assert "\n" not in str(error.value)
