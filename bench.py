@@ -5,6 +5,7 @@
     python bench.py --compare videocrafter,diffusers,diffusers-hd8 --videocrafter ~/VideoCrafter --threads 1
     python bench.py --what sample --size vc2 --frames 16 --latent 40x64 --dtype bf16
     python bench.py --what heatmap --size 320x512 --frames 16 --raft tests/fixtures/raft_small.pth
+    python bench.py --what data --data videos --frames 16 --max-stride 8 --threads 1     # a video folder's data costs
 
 --what train times one training step: forward + backward + AdamW step of the U-Net on random inputs of the
 size asked (x-cat latents, timesteps, fps, and a random text context of 77 tokens: the text encoder is not
@@ -20,6 +21,14 @@ decomposes into its matmuls; every contender is counted the same way, whichever 
 Q K^T, checkpointing recomputes the forward); bench.py registers the formulas PyTorch lacks for the CPU
 flash-attention ops, so CPU attention counts there as it does on GPU.
 
+--what data measures, per video of the folder --data (captions.csv/.jsonl), what a training item of --frames frames
+at --size with a stride up to --max-stride costs today and now: decoding (the whole video, or the clip's frames
+by seeking: data.VideoFile), RAFT (every pair at full size, or at a short side of 128 px: RAFT.heatmaps), the
+heatmap cache (bytes per video-second and the per-item read, from the real pair heatmaps of --flow-clips sampled
+clips tiled to the video's pair count), how far m' moves (mean |difference| and IoU of m' > 0.5), and the folder's
+data loader in one process (clips/s per worker, with the caches of `prepare.py heatmaps` and without); it projects
+bytes and FLOPs to 10 k, 100 k and 10 M clips like each video.
+
 --compare adds other implementations of the same network, run the same way and interleaved round by
 round (ours, theirs, ..., then in reverse order), so a load that changes over time hits all alike; the
 speed-up is the median over rounds of their step time / ours. Peak memory per contender: on GPU the
@@ -33,6 +42,7 @@ RSS of a fresh process running that contender alone. The baselines are imported 
 """
 import argparse
 import dataclasses
+import io
 import json
 import os
 import statistics
@@ -44,14 +54,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count,
                                      sdpa_flop_count)
 
-from flow import RAFT, video_heatmap
-from loss import diffusion_loss
+from data import (VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_cache_is_complete, heatmap_size, cache_path,
+                  load_frames, read_captions, resize_center_crop)
+from flow import RAFT, frame_heatmaps, pair_heatmaps, video_heatmap
+from loss import diffusion_loss, latent_heatmap
 from model import SIZES as MODEL_SIZES
-from model import ModelConfig, MotifModel, UNet, UNetConfig
+from model import KL_SIZES, KLAutoencoder, ModelConfig, MotifModel, UNet, UNetConfig
 from sample import ddim_sample
 from utils import fail, parse_size, peak_memory_gb, pick_device, write_atomically
 
@@ -68,8 +81,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 
 @dataclass
 class Options:
-    what: str = "train"  # train | sample | heatmap
-    size: str = ""  # a model.SIZES name (train, sample; default bench) or the frame size HxW (heatmap; default 320x512)
+    what: str = "train"  # train | sample | heatmap | data
+    size: str = ""  # a model.SIZES name (train, sample; default bench) or the frame size HxW (heatmap, data; 320x512)
     batch: int = 2  # clips per step (train)
     frames: int = 8
     latent: str = "32x32"  # latent height x width (train, sample); frames are 8x larger with kl-f8
@@ -91,7 +104,10 @@ class Options:
     kl_size: str = "full"  # sample: a model.KL_SIZES name
     pixel_patch: int = 4  # sample: the pixel autoencoder's space-to-depth factor
     text_encoder: str = "bytes"  # sample: bytes | openclip (random weights either way)
-    raft: str = str(ROOT / "tests" / "fixtures" / "raft_small.pth")  # heatmap: small | large | a .pth
+    raft: str = str(ROOT / "tests" / "fixtures" / "raft_small.pth")  # heatmap, data: small | large | a .pth
+    data: str = ""  # data: a video folder (captions.csv or captions.jsonl)
+    max_stride: int = 8  # data: the training's largest frame stride
+    flow_clips: int = 2  # data: clips per video whose heatmaps are computed both ways (full-size RAFT is slow)
     json: str = "out/bench.json"  # where the results go ("" for nowhere)
     seed: int = 0
 
@@ -105,14 +121,18 @@ def parse_hw(text, what):
 
 def resolve(opts: Options) -> Options:
     """Fill the per-mode defaults and check the options; a ValueError says what is wrong."""
-    if opts.what not in ("train", "sample", "heatmap"):
-        raise ValueError(f"--what takes train, sample or heatmap, not {opts.what!r}")
-    if opts.what == "heatmap":
-        parse_hw(opts.size or "320x512", "--size (the frame size, for heatmap)")
+    if opts.what not in ("train", "sample", "heatmap", "data"):
+        raise ValueError(f"--what takes train, sample, heatmap or data, not {opts.what!r}")
+    if opts.what in ("heatmap", "data"):
+        parse_hw(opts.size or "320x512", f"--size (the frame size, for {opts.what})")
     elif (opts.size or "bench") not in SIZES:
         raise ValueError(f"--size {opts.size!r} is no model size; sizes: {', '.join(SIZES)}")
+    if opts.what == "data" and not (Path(opts.data).is_dir() and opts.frames >= 2 and opts.max_stride >= 1
+                                    and opts.flow_clips >= 1):
+        raise ValueError(f"--what data needs --data, a video folder ({opts.data!r} is none), --frames of at least 2, "
+                         "--max-stride and --flow-clips of at least 1")
     h, w = parse_hw(opts.latent, "--latent")
-    if opts.what != "heatmap":
+    if opts.what in ("train", "sample"):
         factor = 2 ** (len(SIZES[opts.size or "bench"].channel_mult) - 1)
         if h % factor or w % factor:
             raise ValueError(f"--latent {opts.latent}: this U-Net halves it {factor.bit_length() - 1} times; "
@@ -131,10 +151,10 @@ def resolve(opts: Options) -> Options:
             raise ValueError(f"unknown contender {name!r}; contenders: {', '.join(CONTENDERS)}")
         if name == "videocrafter":
             import_videocrafter(opts)  # fails now, not after the other models are built
-    default_size = "320x512" if opts.what == "heatmap" else "bench"
+    default_size = "320x512" if opts.what in ("heatmap", "data") else "bench"
     return replace(opts, size=opts.size or default_size,
                    warmup=opts.warmup if opts.warmup >= 0 else (2 if opts.what == "train" else 1),
-                   steps=opts.steps or {"train": 10, "sample": 3, "heatmap": 5}[opts.what])
+                   steps=opts.steps or {"train": 10, "sample": 3, "heatmap": 5, "data": 10}[opts.what])
 
 
 def synchronize(device):
@@ -506,6 +526,192 @@ def bench_heatmap(opts, device):
     return [summary(f"heatmap {h}x{w}", note, times, flops, device, "fp32")]
 
 
+# ----------------------------------------------------------------------------- a video folder's data
+
+PROJECTED_CLIPS = (10_000, 100_000, 10_000_000)
+RECIPE_CLIPS = 32_000 * 64  # training clips the recipe draws (steps x global batch), whatever the folder's size
+ASSUMED_MFU = 0.4  # of an H100's dense bf16 peak: an assumption for what one GPU consumes, not a measurement
+
+
+def npz_bytes(**arrays):
+    """Bytes of np.savez_compressed(arrays): what data.save_npz writes."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def spread(times):
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def dataset_draws(num_frames, opts, rng):
+    """(stride, frame numbers) of opts.steps clips, drawn as VideoFolderDataset draws them."""
+    draws = []
+    for _ in range(opts.steps):
+        stride = int(rng.integers(1, min(opts.max_stride, (num_frames - 1) // (opts.frames - 1)) + 1))
+        start = int(rng.integers(0, num_frames - (opts.frames - 1) * stride))
+        draws.append((stride, start + stride * np.arange(opts.frames)))
+    return draws
+
+
+def cache_read_time(pairs, num_frames, stride, picked, small):
+    """Seconds the loader spends on one item's heatmap (np.load of the stride's array, its pairs, frame_heatmaps)
+    from a cache whose stride array is the clip's real uint8 pairs (T-1, h, w) tiled to the video's N - s pairs."""
+    tiled = np.resize(pairs, (num_frames - stride, *pairs.shape[1:]))                    # (N-s, h, w)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cache.npz"
+        path.write_bytes(npz_bytes(num_frames=np.array(num_frames), heatmap_size=np.array(small),
+                                   **{f"stride_{stride}": tiled}))
+
+        def read():
+            with np.load(path) as cache:
+                return frame_heatmaps(torch.from_numpy(cache[f"stride_{stride}"][picked[:-1]]).float() / 255)
+        read()
+        return statistics.median(timed(read)[0] for _ in range(3))
+
+
+def bench_data(opts, device):
+    """Per video of --data: decoding, RAFT, heatmap cache and m', today (whole decode, full-size heatmaps of every pair
+    and stride) and now (seek, RAFT at 128 px, heatmaps at 1/8 size); the folder's loader; projections."""
+    size = parse_hw(opts.size, "--size")
+    small = heatmap_size(size)
+    raft = RAFT(opts.raft, device=device)
+    one_pair = torch.rand(1, 3, *size) * 2 - 1
+    flops_per_pair = {"today": count_flops(lambda: raft.pairs(one_pair, one_pair)),
+                      "now": count_flops(lambda: raft.heatmaps(one_pair, one_pair, small))}
+    videos, _ = read_captions(opts.data)
+    results = []
+    for number, video in enumerate(videos):
+        path = Path(opts.data) / video["path"]
+        file = VideoFile(path)
+        num_frames, fps = file.num_frames, video["fps"] or file.fps
+        if num_frames < opts.frames:
+            print(f"{video['path']}: {num_frames} frames, fewer than --frames {opts.frames}: left out")
+            continue
+        draws = dataset_draws(num_frames, opts, np.random.default_rng([opts.seed, number]))
+        decode = {"today": [], "now": []}
+        for i, (stride, picked) in enumerate(draws):   # interleaved, alternating which goes first
+            for which in (("today", "now") if i % 2 == 0 else ("now", "today")):
+                read = (lambda: load_frames(path)[0][picked]) if which == "today" else (lambda: VideoFile(path).read(picked))
+                seconds, _ = timed(lambda: resize_center_crop(read(), size))
+                decode[which].append(seconds)
+        raft_time, cache_bytes, cache_read = {"today": [], "now": []}, {"today": [], "now": []}, {"today": [], "now": []}
+        difference, intersection, union = [], 0, 0
+        for stride, picked in draws[:opts.flow_clips]:
+            clip = frames_to_tensor(resize_center_crop(file.read(picked), size)).to(device)   # (T, 3, H, W)
+            for which in ("today", "now"):
+                compute = ((lambda: pair_heatmaps(raft.pairs(clip[:-1], clip[1:]))) if which == "today" else
+                           (lambda: raft.heatmaps(clip[:-1], clip[1:], small)))
+                seconds, pairs = timed(compute)
+                pairs = (pairs.cpu() * 255).round().to(torch.uint8).numpy()                   # (T-1, h, w)
+                raft_time[which].append(seconds)
+                cache_bytes[which].append((len(npz_bytes(pairs=pairs)) - len(npz_bytes(pairs=pairs[:0]))) / len(pairs))
+                cache_read[which].append(cache_read_time(pairs, num_frames, stride, picked, small))
+                m = latent_heatmap(frame_heatmaps(torch.from_numpy(pairs).float() / 255)[None], small)[0, 0]  # (T, h, w)
+                if which == "today":
+                    m_today = m
+            difference.append((m - m_today).abs().mean().item())
+            intersection += ((m > 0.5) & (m_today > 0.5)).sum().item()
+            union += ((m > 0.5) | (m_today > 0.5)).sum().item()
+        pairs_per_video = sum(num_frames - s for s in range(1, min(opts.max_stride, num_frames - 1) + 1))
+        seconds_of_video = num_frames / (fps or 30.0)
+        result = {"name": video["path"], "frames": num_frames, "seconds": seconds_of_video, "fps": fps,
+                  "decode_s": {w: spread(t) for w, t in decode.items()},
+                  "raft_clip_s": {w: statistics.median(t) for w, t in raft_time.items()},
+                  "raft_pair_gflop": {w: f / 1e9 for w, f in flops_per_pair.items()},
+                  "pairs_per_video": pairs_per_video, "pairs_per_clip": opts.frames - 1,
+                  "cache_bytes_per_video_s": {w: statistics.mean(b) * pairs_per_video / seconds_of_video
+                                              for w, b in cache_bytes.items()},
+                  "cache_raw_bytes_per_video_s": {"today": pairs_per_video * size[0] * size[1] / seconds_of_video,
+                                                  "now": pairs_per_video * small[0] * small[1] / seconds_of_video},
+                  "cache_read_s": {w: statistics.median(t) for w, t in cache_read.items()},
+                  "m_mean_abs_difference": statistics.mean(difference), "m_iou": intersection / union if union else None,
+                  "m_moving_share": union / (len(difference) * opts.frames * small[0] * small[1])}
+        results.append(result)
+    return results + [loader_speed(opts, size), gpu_appetite(opts, size, flops_per_pair["now"])]
+
+
+def gpu_appetite(opts, size, raft_pair_flops):
+    """Model FLOPs per clip of the vc2 U-Net's forward + backward and of the kl-f8 encoder (meta device), and the
+    clips/s one H100 would take at ASSUMED_MFU: an estimate (no GPU measured it), with cached latents, with the encoder
+    in the step, and with RAFT (--raft, at 128 px) in the step too."""
+    latent = (size[0] // 8, size[1] // 8)
+    unet = unet_training_flops(SIZES["vc2"], opts.frames, latent, 77)
+    with torch.device("meta"):
+        encoder = KLAutoencoder(KL_SIZES["full"])
+        encode = count_flops(lambda: encoder.encode(torch.zeros(1, 3, opts.frames, *size)))
+    rate = ASSUMED_MFU * PEAK_BF16_FLOPS["H100"]
+    raft = (opts.frames - 1) * raft_pair_flops
+    return {"name": "gpu estimate", "unet_flops": unet, "encode_flops": encode, "raft_flops": raft,
+            "clips_per_s": {"cached latents and heatmaps": rate / unet, "encoder in the step": rate / (unet + encode),
+                            "encoder and RAFT in the step": rate / (unet + encode + raft)}}
+
+
+def loader_speed(opts, size):
+    """Seconds per item of the folder's VideoFolderDataset in this process (one loader worker), over opts.steps items:
+    with its heatmap cache when `prepare.py heatmaps` made one, and with heatmaps left to the step."""
+    videos, _ = read_captions(opts.data)
+    cached = all(heatmap_cache_is_complete(cache_path(opts.data, v["path"], size), size, opts.max_stride, opts.frames)
+                 for v in videos)
+    result = {"name": "loader"}
+    for which, cached_heatmaps in (("cache", True), ("in the step", False)):
+        if cached_heatmaps and not cached:
+            print(f"loader with the heatmap cache: not measured, run python prepare.py heatmaps {opts.data} first")
+            continue
+        dataset = VideoFolderDataset(opts.data, frames=opts.frames, size=size, max_stride=opts.max_stride,
+                                     seed=opts.seed, cached_heatmaps=cached_heatmaps)
+        dataset[0]
+        result[which] = spread([timed(lambda: dataset[index])[0] for index in range(1, opts.steps + 1)])
+    return result
+
+
+def print_data_table(opts, results):
+    videos, loader, gpu = results[:-2], results[-2], results[-1]
+    print(f"data of {opts.data}: clips of {opts.frames} frames at {opts.size}, strides 1-{opts.max_stride}; "
+          f"RAFT {Path(opts.raft).stem}; {torch.get_num_threads()} threads; medians (min-max) of {opts.steps} "
+          f"items, RAFT over {opts.flow_clips} clips; today -> now")
+    for r in videos:
+        d = r["decode_s"]
+        mb = {w: r["cache_bytes_per_video_s"][w] / 1e6 for w in ("today", "now")}
+        print(f"{r['name']}: {r['frames']} frames, {r['seconds']:.1f} s at {r['fps'] or 0:.3g} fps")
+        print(f"  decode + resize per item  {d['today']['median']:.3f} s ({d['today']['min']:.3f}-{d['today']['max']:.3f})"
+              f" -> {d['now']['median']:.3f} s ({d['now']['min']:.3f}-{d['now']['max']:.3f})")
+        print(f"  RAFT per training clip    {r['raft_clip_s']['today']:.2f} s -> {r['raft_clip_s']['now']:.2f} s "
+              f"({r['pairs_per_clip']} pairs; {r['raft_pair_gflop']['today']:.1f} -> {r['raft_pair_gflop']['now']:.1f} "
+              f"GFLOP per pair)")
+        print(f"  RAFT per video (cache)    {r['pairs_per_video']} pairs: "
+              f"{r['raft_clip_s']['today'] / r['pairs_per_clip'] * r['pairs_per_video'] / 60:.1f} min -> "
+              f"{r['raft_clip_s']['now'] / r['pairs_per_clip'] * r['pairs_per_video'] / 60:.1f} min")
+        print(f"  cache per video-second    {mb['today']:.2f} MB ({r['cache_raw_bytes_per_video_s']['today'] / 1e6:.1f} MB "
+              f"raw) -> {mb['now'] * 1e3:.1f} kB ({r['cache_raw_bytes_per_video_s']['now'] / 1e3:.1f} kB raw)")
+        print(f"  cache read per item       {r['cache_read_s']['today'] * 1e3:.1f} ms -> {r['cache_read_s']['now'] * 1e3:.2f} ms")
+        iou = "-" if r["m_iou"] is None else f"{r['m_iou']:.3f}"
+        print(f"  m' now vs today           mean |difference| {r['m_mean_abs_difference']:.4f}, IoU of m' > 0.5 {iou} "
+              f"(moving in either: {r['m_moving_share']:.1%} of m')")
+        for clips in PROJECTED_CLIPS:
+            seconds = clips * r["seconds"]
+            print(f"  {clips:>10,} such clips: cache {mb['today'] * seconds / 1e6:,.1f} TB -> {mb['now'] * seconds / 1e6:,.3f} TB;"
+                  f" RAFT for the cache {clips * r['pairs_per_video'] * r['raft_pair_gflop']['today'] / 1e9:,.1f} -> "
+                  f"{clips * r['pairs_per_video'] * r['raft_pair_gflop']['now'] / 1e9:,.1f} EFLOP")
+        print(f"  RAFT in the step, the recipe's {RECIPE_CLIPS:,} clips: "
+              f"{RECIPE_CLIPS * r['pairs_per_clip'] * r['raft_pair_gflop']['now'] / 1e9:,.1f} EFLOP, whatever the folder's size")
+    for which in ("cache", "in the step"):
+        if which in loader:
+            t = loader[which]
+            print(f"loader, heatmaps {'from the cache' if which == 'cache' else 'left to the step'}: {t['median']:.3f} s "
+                  f"per item ({t['min']:.3f}-{t['max']:.3f}), {1 / t['median']:.2f} clips/s per worker")
+    print(f"one GPU, an estimate (not measured): {gpu['unet_flops'] / 1e12:.1f} TFLOP per clip for the vc2 U-Net's forward"
+          f" + backward, {gpu['encode_flops'] / 1e12:.1f} for the kl-f8 encoder, {gpu['raft_flops'] / 1e12:.2f} for RAFT at"
+          f" 128 px; at {ASSUMED_MFU:.0%} of an H100's {PEAK_BF16_FLOPS['H100'] / 1e12:.0f} TFLOP/s it takes "
+          + ", ".join(f"{rate:.1f} clips/s ({how})" for how, rate in gpu["clips_per_s"].items()))
+
+
 # ----------------------------------------------------------------------------- report
 
 def fmt(value, spec):
@@ -513,6 +719,8 @@ def fmt(value, spec):
 
 
 def print_table(opts, device, results):
+    if opts.what == "data":
+        return print_data_table(opts, results)
     if opts.what == "train":
         head = (f"training step (forward + backward + AdamW): size {opts.size}, batch {opts.batch}, "
                 f"{opts.frames} frames, latent {opts.latent}, {opts.dtype}"
@@ -576,7 +784,8 @@ def main(argv=None):
         device = pick_device(opts.device)
         if opts.threads and device.type == "cpu":
             torch.set_num_threads(opts.threads)
-        results = {"train": bench_train, "sample": bench_sample, "heatmap": bench_heatmap}[opts.what](opts, device)
+        results = {"train": bench_train, "sample": bench_sample, "heatmap": bench_heatmap,
+                   "data": bench_data}[opts.what](opts, device)
     except ValueError as e:
         fail(e)
     print_table(opts, device, results)

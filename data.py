@@ -5,7 +5,8 @@ with its caption, its fps and its motion heatmap (from flow.py), which loss.py u
 weights of the motion focal loss:
 
     {"video":   float32 (3, T, H, W) in [-1, 1]   (or "latent": (C, T, h, w), from a latent cache),
-     "heatmap": float32 (T, H, W) in [0, 1], at pixel resolution,
+     "heatmap": float32 (T, h, w) in [0, 1]: shapes at pixel resolution, video folders at 1/8 of it
+                (or none: train.py computes it inside the step),
      "caption": str,
      "fps":     float32 scalar tensor, source fps / frame stride}
 
@@ -16,10 +17,12 @@ run or a different world size sees exactly the same samples; `len()` is only nom
    which shape moves where ("the red circle moves left"); the same first frame appears with
    several captions, so only the text tells the motion. The exact optical flow is known, and
    goes through the same heatmap code as RAFT's flow on real videos.
-2. Video folders: ROOT/captions.csv (or .jsonl) lists videos (any format FFmpeg reads); clips are
-   drawn with a random frame stride; heatmaps come from the cache written by `python prepare.py
-   heatmaps ROOT`. Rows and videos that cannot be used are skipped and counted in warnings; only a
-   folder with nothing usable stops the run (a ValueError).
+2. Video folders: ROOT/captions.csv (ours, or WebVid's as it is) or captions.jsonl lists videos
+   (any format FFmpeg reads); clips are drawn with a random frame stride and only their frames are
+   decoded (VideoFile: seek to the key frame before the first); heatmaps come from the cache written
+   by `python prepare.py heatmaps ROOT`, or from RAFT inside the training step. Rows and videos that
+   cannot be used are skipped and counted in warnings; only a folder with nothing usable stops the
+   run (a ValueError).
 
 The commands that look at and prepare data (check a folder, cache heatmaps and latents, write a
 demo image) are in prepare.py.
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from flow import frame_heatmaps, heatmap_from_flow, video_heatmap
+from flow import frame_heatmaps, heatmap_from_flow
 from utils import write_atomically
 
 # ---- the synthetic "shapes" videos ----
@@ -232,43 +235,113 @@ class UnusableVideo(Exception):
         self.reason = reason
 
 
-def read_video(path):
-    """Decode every frame of a video file with PyAV (FFmpeg): (frames uint8 (N, H, W, 3), fps or None).
+# Codecs whose key frames are intra-coded: decoding from a key frame gives the frames that decoding from the start
+# gives. Other formats (gif, animated png, ...) draw each frame over the previous ones and are decoded from the start.
+SEEKABLE_CODECS = {"h264", "hevc", "av1", "vp8", "vp9", "mpeg4", "mpeg1video", "mpeg2video"}
 
-    Any container FFmpeg reads (mp4, webm, gif, animated png ...); grey, palette and RGBA frames
-    become RGB (alpha is dropped). A file without a video stream raises UnusableVideo; a corrupt
-    one raises whatever the decoder raises: use load_frames to get a reason for every failure."""
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise UnusableVideo("no video stream")
-        stream = container.streams.video[0]
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]  # N x (H, W, 3)
-        rate = stream.average_rate or stream.guessed_rate
-    fps = float(rate) if rate else None
-    frames = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)         # (N, H, W, 3)
-    return frames, (fps if fps and math.isfinite(fps) and fps > 0 else None)
+
+def unreadable(error):
+    """UnusableVideo("unreadable") with the first line of whatever a demuxer or decoder raised."""
+    return UnusableVideo("unreadable", str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+class VideoFile:
+    """A video file, read the way a training clip needs it: the frame count and fps from its packets (no
+    decoding), then just the frames asked for, decoded from the key frame before the first of them.
+
+        video = VideoFile(path)                  # UnusableVideo if it cannot give frames
+        clip = video.read(range(40, 56, 2))      # uint8 (8, H, W, 3)
+
+    Frame k is the k-th frame a decoder outputs when it decodes the whole file (presentation order), with any
+    container FFmpeg reads (mp4, webm, gif, animated png ...); grey, palette and RGBA frames become RGB (alpha is
+    dropped). Frames are found by their timestamps, so variable frame rates seek right; files whose codec cannot
+    start at a key frame (SEEKABLE_CODECS), or whose packets lack distinct timestamps, are decoded from the start,
+    stopping after the last frame asked for. Any failure is an UnusableVideo with a short reason."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UnusableVideo("missing file")
+        if self.path.stat().st_size == 0:
+            raise UnusableVideo("empty file")
+        try:
+            with av.open(str(self.path)) as container:
+                if not container.streams.video:
+                    raise UnusableVideo("no video stream")
+                stream = container.streams.video[0]
+                packets = [(packet.pts, packet.is_keyframe) for packet in container.demux(stream)
+                           if packet.size and not packet.is_discard]            # what the decoder will output
+                codec, rate = stream.codec_context.name, stream.average_rate or stream.guessed_rate
+        except UnusableVideo:
+            raise
+        except Exception as error:       # demuxers raise many types for a corrupt file
+            raise unreadable(error) from None
+        fps = float(rate) if rate else None
+        self.fps = fps if fps and math.isfinite(fps) and fps > 0 else None
+        self.num_frames = len(packets)
+        pts = [p for p, _ in packets]
+        seekable = codec in SEEKABLE_CODECS and None not in pts and len(set(pts)) == len(pts)
+        self.timestamps = sorted(pts) if seekable else None                         # frame k's pts
+        self.frame_of = {t: k for k, t in enumerate(self.timestamps)} if seekable else None
+        self.key_frames = sorted(p for p, key in packets if key) if seekable else []   # their pts
+
+    def read(self, picked):
+        """The frames picked (increasing frame numbers < num_frames) -> uint8 (len(picked), H, W, 3)."""
+        picked = list(picked)
+        if not picked:
+            raise ValueError("read needs at least one frame number")
+        seek_to = self.key_frame_before(picked[0])
+        try:
+            frames = self.decode(picked, seek_to)
+            if frames is None:           # seeking missed a frame: decode from the start instead
+                frames = self.decode(picked, None)
+        except UnusableVideo:
+            raise
+        except Exception as error:       # decoders raise many types for a corrupt file
+            raise unreadable(error) from None
+        missing = [k for k in picked if k not in frames]
+        if missing:
+            raise UnusableVideo("unreadable", f"frame {missing[0]} of {self.num_frames} does not decode")
+        return np.stack([frames[k] for k in picked])                               # (T, H, W, 3)
+
+    def key_frame_before(self, k):
+        """The timestamp of the last key frame at or before frame k, or None: decode from the start (a codec that
+        cannot seek, or frame k is in the first group of pictures)."""
+        if self.timestamps is None:
+            return None
+        before = [pts for pts in self.key_frames if pts <= self.timestamps[k]]
+        return before[-1] if len(before) > 1 else None
+
+    def decode(self, picked, seek_to):
+        """{k: uint8 (H, W, 3)} for the frames k in picked that decode, from the start (seek_to None: frames counted)
+        or from seek_to (a key frame's timestamp: frames known by their timestamps; None unless all are found)."""
+        wanted, frames = set(picked), {}
+        with av.open(str(self.path)) as container:
+            stream = container.streams.video[0]
+            if seek_to is not None:
+                # the first packet first: decoders keep what it says (FFmpeg's H.264 decoder reads the x264 version
+                # there, to work around old x264 bugs; without it a 4:4:4 clip decodes to green after a seek)
+                stream.codec_context.decode(next(packet for packet in container.demux(stream) if packet.size))
+                container.seek(seek_to, stream=stream, backward=True)
+            for count, frame in enumerate(container.decode(stream)):
+                k = count if seek_to is None else self.frame_of.get(frame.pts, -1)
+                if k in wanted:
+                    frames[k] = frame.to_ndarray(format="rgb24")                   # (H, W, 3)
+                if k >= picked[-1]:
+                    break
+        return frames if seek_to is None or len(frames) == len(wanted) else None
 
 
 def load_frames(path, min_frames=1):
-    """read_video, turning every way a file can fail into UnusableVideo with a short reason:
-    missing file, empty file, no video stream, unreadable (not a video, truncated, corrupt, a codec
-    FFmpeg cannot decode), no frames, too short (fewer than min_frames)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UnusableVideo("missing file")
-    if path.stat().st_size == 0:
-        raise UnusableVideo("empty file")
-    try:
-        frames, fps = read_video(path)
-    except UnusableVideo:
-        raise
-    except Exception as error:       # decoders raise many types for a corrupt file
-        raise UnusableVideo("unreadable", str(error).splitlines()[0] if str(error) else type(error).__name__)
-    if len(frames) == 0:
+    """Every frame of a video: (uint8 (N, H, W, 3), fps or None), or UnusableVideo with a short reason: missing
+    file, empty file, no video stream, unreadable (not a video, truncated, corrupt, a codec FFmpeg cannot decode),
+    no frames, too short (fewer than min_frames)."""
+    video = VideoFile(path)
+    if video.num_frames == 0:
         raise UnusableVideo("no frames")
-    if len(frames) < min_frames:
-        raise UnusableVideo("too short", f"{len(frames)} frames < {min_frames}")
-    return frames, fps
+    if video.num_frames < min_frames:
+        raise UnusableVideo("too short", f"{video.num_frames} frames < {min_frames}")
+    return video.read(range(video.num_frames)), video.fps
 
 
 def write_video(path, frames, fps):
@@ -308,13 +381,16 @@ def warn(message):
 
 
 def read_captions(root):
-    """Parse ROOT/captions.csv (a header with path and caption columns, optionally fps) or
-    ROOT/captions.jsonl (one {"path", "caption"[, "fps"]} object per line), UTF-8 with or without BOM.
+    """Parse ROOT/captions.csv or ROOT/captions.jsonl, UTF-8 with or without BOM:
+      - a CSV with path and caption columns (and optionally fps);
+      - WebVid's CSV as it is (columns videoid, name, page_dir, ...): video ROOT/videos/{page_dir}/{videoid}.mp4,
+        caption `name`, the container's fps, the layout DynamiCrafter's WebVid dataset reads (webvid_row);
+      - JSON lines, one {"path", "caption"[, "fps"]} object per line.
 
     Returns (videos, skipped): videos = [{"path": relative str, "caption": str, "fps": float or
     None}] for good rows whose file exists; skipped = [(reason, where)] for the others (bad
     encoding, bad JSON, no path, bad path, empty caption, bad fps, missing file). A captions file
-    that cannot be parsed at all, or a CSV without path and caption columns, is a ValueError."""
+    that cannot be parsed at all, or a CSV with neither layout's columns, is a ValueError."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"video folder {root} does not exist")
@@ -342,18 +418,32 @@ def read_captions(root):
     return videos, skipped
 
 
+WEBVID_COLUMNS = {"videoid", "name", "page_dir"}
+
+
+def webvid_row(row):
+    """A row of WebVid's CSV -> our {"path", "caption"}: DynamiCrafter's WebVid dataset (github.com/Doubiiu/
+    DynamiCrafter, lvdm/data/webvid.py: _load_metadata and _get_video_path) reads the caption from `name` and the
+    video from os.path.join(data_dir, 'videos', page_dir, str(videoid) + '.mp4'); ROOT is its data_dir here. A row
+    without a videoid or page_dir gets no path (a "no path" skip); fps comes from the container."""
+    videoid, page_dir = (str(row.get(key) or "").strip() for key in ("videoid", "page_dir"))
+    path = f"videos/{page_dir}/{videoid}.mp4" if videoid and page_dir else None
+    return {"path": path, "caption": row.get("name")}
+
+
 def read_csv_rows(captions_file, text):
-    """[(where, {column: value})] of a captions.csv's text; the header names are matched without
-    case or surrounding spaces."""
+    """[(where, {column: value})] of a captions.csv's text in our layout (path, caption[, fps]), WebVid's rows
+    converted to it; the header names are matched without case or surrounding spaces."""
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = [name.strip().lower() for name in reader.fieldnames or []]
-        if not {"path", "caption"} <= set(header):
+        webvid = not {"path", "caption"} <= set(header) and WEBVID_COLUMNS <= set(header)
+        if not ({"path", "caption"} <= set(header) or webvid):
             found = ", ".join(header[:5]) or "nothing"
-            raise ValueError(f"{captions_file} needs a header line with path and caption columns "
-                             f"(and optionally fps), found: {found}")
+            raise ValueError(f"{captions_file} needs a header line with path and caption columns (and optionally "
+                             f"fps), or WebVid's videoid, name and page_dir; found: {found}")
         reader.fieldnames = header
-        return [(f"line {reader.line_num}", row) for row in reader]
+        return [(f"line {reader.line_num}", webvid_row(row) if webvid else row) for row in reader]
     except csv.Error as error:
         raise ValueError(f"{captions_file} is not a readable CSV file (line {reader.line_num}: {error})")
 
@@ -407,9 +497,32 @@ def parse_caption_row(row):
     return {"path": path.strip(), "caption": caption.strip(), "fps": fps}, None
 
 
+HEATMAP_FACTOR = 8      # cached pair heatmaps are 1/8 of the frame size: the kl-f8 latent's, where the loss uses them
+
+
+def heatmap_size(size):
+    """The size (h, w) of the cached heatmaps of frames of size (H, W)."""
+    return max(1, size[0] // HEATMAP_FACTOR), max(1, size[1] // HEATMAP_FACTOR)
+
+
 def cache_path(root, relpath, size):
-    """Where `python prepare.py heatmaps` stores a video's pair heatmaps at size (H, W)."""
+    """Where `python prepare.py heatmaps` stores a video's pair heatmaps for frames of size (H, W):
+    {"num_frames": N, "heatmap_size": (h, w), "stride_s": uint8 (N-s, h, w) for s = 1..max stride}."""
     return Path(root) / ".motion_cache" / f"{relpath}.{size[0]}x{size[1]}.npz"
+
+
+def heatmap_cache_is_complete(path, size, max_stride, frames=2):
+    """Whether the cache file at path holds, at heatmap_size(size), every stride up to max_stride that a clip of
+    `frames` frames of its video can have (False for a missing or damaged file, one written with a smaller
+    --max-stride, or one written by an older prepare.py, which stored full-size heatmaps)."""
+    try:
+        with np.load(path) as cache:
+            if "heatmap_size" not in cache.files or tuple(cache["heatmap_size"]) != heatmap_size(size):
+                return False
+            needed = min(max_stride, (int(cache["num_frames"]) - 1) // (frames - 1))
+            return all(f"stride_{stride}" in cache.files for stride in range(1, needed + 1))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def latent_cache_path(root, relpath, size):
@@ -436,27 +549,29 @@ class VideoFolderDataset(torch.utils.data.Dataset):
 
     Item i: video = epoch permutation (epoch = i // num_videos) at position i % num_videos; then
     stride s ~ U{1..min(max_stride, (N-1)//(T-1))} and a uniform start a, from an RNG seeded by
-    (seed, i). Frames a, a+s, ..., are resized and center-cropped to size; fps = (the row's fps,
-    else the container's, else 30) / s. The heatmap is frame_heatmaps of the cached stride-s pair
-    heatmaps (a, a+s), (a+s, a+2s), ...; without a flow.RAFT passed as raft, videos with no cache
-    are left out (with a warning). Unusable rows and videos are skipped and counted in warnings
-    on stderr naming the first few: a video that turns out unusable is replaced by the next one
-    in the permutation. A folder where no video decodes is a ValueError at construction. Videos
-    are decoded whole: keep them short (seconds, like WebVid's), or cut long ones first."""
+    (seed, i). Frames a, a+s, ..., are decoded alone (VideoFile: from the key frame before frame a,
+    N from the packets), resized and center-cropped to size; fps = (the row's fps, else the
+    container's, else 30) / s. The heatmap (T, h, w) is frame_heatmaps of the cached stride-s pair
+    heatmaps (a, a+s), (a+s, a+2s), ... at 1/8 of size (`prepare.py heatmaps`), and videos with no
+    cache are left out (with a warning); with cached_heatmaps=False items carry no heatmap and
+    train.py computes it inside the step (flow.clip_heatmaps). Unusable rows and videos are skipped
+    and counted in warnings on stderr naming the first few: a video that turns out unusable is
+    replaced by the next one in the permutation. A folder where no video can give a clip, or whose
+    heatmap cache is stale, is a ValueError at construction."""
 
-    def __init__(self, root, frames=16, size=(320, 512), max_stride=8, seed=0, raft=None, latents=""):
+    def __init__(self, root, frames=16, size=(320, 512), max_stride=8, seed=0, cached_heatmaps=True, latents=""):
         self.root, self.frames, self.size = Path(root), frames, tuple(size)
-        self.max_stride, self.seed, self.raft, self.latents = max_stride, seed, raft, latents
-        if latents and raft is not None:
-            raise ValueError("cached latents need cached heatmaps: on-the-fly RAFT would decode the videos anyway")
+        self.max_stride, self.seed, self.cached_heatmaps, self.latents = max_stride, seed, cached_heatmaps, latents
+        if latents and not cached_heatmaps:
+            raise ValueError("cached latents need cached heatmaps: computing them in the step needs the frames")
         self.videos, skipped = read_captions(self.root)
         if skipped:
             warn(f"{len(skipped)} of {len(skipped) + len(self.videos)} listed videos skipped: {summarise(skipped)}")
         if not self.videos:
             raise ValueError(f"no usable video listed in {self.root}")
         size_text = f"{self.size[0]}x{self.size[1]}"
-        caches = [] if raft else [("heatmaps", cache_path, f"python prepare.py heatmaps {self.root} --size {size_text} "
-                                   f"--max-stride {max_stride}")]
+        self.heatmaps_command = f"python prepare.py heatmaps {self.root} --size {size_text} --max-stride {max_stride}"
+        caches = [("heatmaps", cache_path, self.heatmaps_command)] if cached_heatmaps else []
         if latents:
             caches.append(("latents", latent_cache_path, f"python prepare.py latents {self.root} --size {size_text} "
                            "--init path/to/model.ckpt"))
@@ -468,11 +583,15 @@ class VideoFolderDataset(torch.utils.data.Dataset):
                 warn(f"{len(uncached)} of {len(self.videos)} videos skipped: "
                      f"{summarise([(f'no cached {what}', path) for path in sorted(uncached)])}; to use them, run: {command}")
                 self.videos = [v for v in self.videos if v["path"] not in uncached]
+        first_cache = cache_path(self.root, self.videos[0]["path"], self.size)  # one file: a check that costs nothing
+        if cached_heatmaps and not heatmap_cache_is_complete(first_cache, self.size, max_stride, frames):
+            raise ValueError(f"stale heatmap cache {first_cache} (written by an older prepare.py, which stored full-size "
+                             f"heatmaps, or with a smaller --max-stride, or damaged); run: {self.heatmaps_command}")
         self.epoch_order = (-1, None)  # (epoch, its permutation of the videos)
         self.unusable = []             # [(reason, path)] found while reading, in this process
         for video in self.videos:      # fail now, not in the middle of training, if no video is readable
             try:
-                self.cached_latents(video["path"]) if latents else load_frames(self.root / video["path"], self.frames)
+                self.cached_latents(video["path"]) if latents else self.open_video(video["path"])
                 break
             except UnusableVideo as error:
                 self.unusable.append((error.reason, video["path"]))
@@ -506,6 +625,15 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             self.epoch_order = (epoch, np.random.default_rng([self.seed, ORDER_STREAM, epoch]).permutation(len(self.videos)))
         return self.epoch_order[1]
 
+    def open_video(self, relpath):
+        """The VideoFile of a listed video with at least T frames (its packets are read, nothing is decoded)."""
+        video = VideoFile(self.root / relpath)
+        if video.num_frames == 0:
+            raise UnusableVideo("no frames")
+        if video.num_frames < self.frames:
+            raise UnusableVideo("too short", f"{video.num_frames} frames < {self.frames}")
+        return video
+
     def clip(self, video, rng):
         if self.latents:
             latents, container_fps = self.cached_latents(video["path"])                # (N, C, h, w)
@@ -513,26 +641,23 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             if num_frames < self.frames:
                 raise UnusableVideo("too short", f"{num_frames} frames < {self.frames}")
         else:
-            frames, container_fps = load_frames(self.root / video["path"], self.frames)  # (N, H0, W0, 3)
-            num_frames = len(frames)
+            file = self.open_video(video["path"])
+            num_frames, container_fps = file.num_frames, file.fps
         max_stride = min(self.max_stride, (num_frames - 1) // (self.frames - 1))
         stride = int(rng.integers(1, max_stride + 1))
         start = int(rng.integers(0, num_frames - (self.frames - 1) * stride))
         picked = start + stride * np.arange(self.frames)                               # (T,)
         fps = video["fps"] or container_fps or FALLBACK_FPS
-        item = {"heatmap": self.cached_heatmap(video["path"], num_frames, picked[:-1], stride),  # (T, H, W)
-                "caption": video["caption"],
-                "fps": torch.tensor(fps / stride, dtype=torch.float32)}
+        item = {"caption": video["caption"], "fps": torch.tensor(fps / stride, dtype=torch.float32)}
+        if self.cached_heatmaps:
+            item["heatmap"] = self.cached_heatmap(video["path"], num_frames, picked[:-1], stride)  # (T, h, w)
+            if item["heatmap"] is None:
+                raise UnusableVideo("stale heatmap cache", f"re-run {self.heatmaps_command}")
         if self.latents:
             item["latent"] = torch.from_numpy(latents[picked]).float().transpose(0, 1)  # (C, T, h, w)
         else:
-            clip = frames_to_tensor(resize_center_crop(frames[picked], self.size))     # (T, 3, H, W)
-            if item["heatmap"] is None and self.raft is not None:
-                item["heatmap"] = video_heatmap(clip, self.raft)                       # (T, H, W)
-            item["video"] = clip.transpose(0, 1)                                       # (3, T, H, W)
-        if item["heatmap"] is None:
-            raise UnusableVideo("stale heatmap cache", f"re-run python prepare.py heatmaps {self.root} "
-                                f"--size {self.size[0]}x{self.size[1]} --max-stride {self.max_stride}")
+            frames = resize_center_crop(file.read(picked), self.size)                 # (T, H, W, 3)
+            item["video"] = frames_to_tensor(frames).transpose(0, 1)                   # (3, T, H, W)
         return item
 
     def cached_latents(self, relpath):
@@ -547,13 +672,14 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         return latents, (fps if fps > 0 else None)
 
     def cached_heatmap(self, relpath, num_frames, pair_starts, stride):
-        """frame_heatmaps of the cached pairs (j, j+stride) for j in pair_starts, or None if the
-        cache is missing or damaged, or was made from a different video or with a smaller max stride."""
+        """frame_heatmaps (T, h, w) of the cached pairs (j, j+stride) for j in pair_starts, or None if the cache is
+        missing or damaged, or was made from a different video, by an older prepare.py or with a smaller max stride."""
         path = cache_path(self.root, relpath, self.size)
         key = f"stride_{stride}"
         try:
             with np.load(path) as cache:
-                if key not in cache.files or len(cache[key]) != num_frames - stride:
+                if ("heatmap_size" not in cache.files or tuple(cache["heatmap_size"]) != heatmap_size(self.size)
+                        or key not in cache.files or len(cache[key]) != num_frames - stride):
                     return None
                 pairs = torch.from_numpy(cache[key][pair_starts]).float() / 255        # (T-1, H, W)
         except (OSError, ValueError, zipfile.BadZipFile):

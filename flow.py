@@ -9,8 +9,11 @@ area-downsamples m to the latent size and weights the diffusion loss with it.
           --> sigma(x) = 1 / (1 + exp(100 (0.05 - x)))      pair heatmaps (T-1, H, W)
           --> frame i: max of the pair into it and the pair out of it       (T, H, W)
 
-The synthetic shapes videos know their exact flow and skip RAFT, not the rest. The commands that
-cache a folder's heatmaps and show a video's are in prepare.py (`heatmaps`, `show`).
+Real videos take the cheap road to the same place (RAFT.heatmaps): RAFT runs on the frames resized
+to a short side of 128 px, the smallest it takes (a 320x512 pair costs 6x fewer FLOPs than at full
+size), and the pair heatmaps are area-averaged at once to 1/8 of the frame size (the kl-f8 latent's),
+since loss.py averages them to the latent size anyway. The synthetic shapes videos know their exact flow and skip RAFT, not the rest.
+The commands that cache a folder's heatmaps and show a video's are in prepare.py (`heatmaps`, `show`).
 """
 from pathlib import Path
 
@@ -114,9 +117,31 @@ class RAFT:
             flows.append(flow.to(first.device))
         return torch.cat(flows)                                                # (N, 2, H, W)
 
+    @torch.no_grad()
+    def heatmaps(self, first, second, size):
+        """Pair heatmaps (N, h, w) at size = (h, w) of frame pairs (N, 3, H, W) in [-1, 1]: RAFT on the frames resized
+        so that their short side is 128 (the aspect kept), pair_heatmaps relative to that width, area-averaged to size."""
+        height, width = first.shape[-2:]
+        scale = RAFT_MIN_SIDE / min(height, width)
+        run_size = [round(height * scale), round(width * scale)]
+        first, second = (F.interpolate(x.float(), size=run_size, mode="bilinear", antialias=scale < 1, align_corners=False)
+                         for x in (first, second))                            # (N, 3, 128, w')
+        pairs = pair_heatmaps(self.pairs(first, second))                      # (N, 128, w')
+        return F.interpolate(pairs[:, None], size=tuple(size), mode="area")[:, 0]  # (N, h, w)
+
     def __call__(self, frames):
         """frames (T, 3, H, W) in [-1, 1] -> flow (T-1, 2, H, W) between consecutive frames."""
         return self.pairs(frames[:-1], frames[1:])
+
+
+def clip_heatmaps(raft, videos, size):
+    """A batch of clips (B, 3, T, H, W) in [-1, 1] -> their motion heatmaps (B, T, h, w) at size, through
+    RAFT.heatmaps: what train.py computes inside the step for video folders without a heatmap cache."""
+    b, _, t, height, width = videos.shape
+    frames = videos.transpose(1, 2)                                            # (B, T, 3, H, W)
+    pairs = raft.heatmaps(frames[:, :-1].reshape(-1, 3, height, width), frames[:, 1:].reshape(-1, 3, height, width),
+                          size)                                                # (B (T-1), h, w)
+    return frame_heatmaps(pairs.view(b, t - 1, *size))                         # (B, T, h, w)
 
 
 def video_heatmap(frames, raft):

@@ -3,7 +3,7 @@
     python prepare.py demo-image first.png            # a held-out shapes first frame, and the prompts that fit it
     python prepare.py demo-video clip.gif             # a shapes training clip next to its motion heatmap
     python prepare.py check videos --frames 16        # which videos of a folder are usable, and why not the others
-    python prepare.py heatmaps videos --size 320x512 --max-stride 8    # RAFT motion heatmaps, cached once
+    python prepare.py heatmaps videos --size 320x512 --max-stride 8    # RAFT motion heatmaps (1/8 size), cached once
     python prepare.py latents videos --init model.ckpt --size 320x512  # kl-f8 latents, cached once (full recipe)
     python prepare.py show clip.mp4 --out vis.mp4     # frame | optical flow | heatmap, side by side
 
@@ -14,7 +14,6 @@ killed command leaves no half cache; rerunning a command skips what is already c
 import argparse
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,10 @@ from torchvision.utils import flow_to_image
 from tqdm import tqdm
 
 from checkpoint import load_kl_autoencoder, read_state_dict
-from data import (FALLBACK_FPS, ShapesDataset, UnusableVideo, cache_path, frames_to_tensor, held_out_pairs,
-                  latent_cache_path, load_frames, read_captions, resize_center_crop, save_npz, summarise, write_video)
-from flow import RAFT, heatmap_from_flow, pair_heatmaps
+from data import (FALLBACK_FPS, ShapesDataset, UnusableVideo, cache_path, frames_to_tensor, heatmap_cache_is_complete,
+                  heatmap_size, held_out_pairs, latent_cache_path, load_frames, read_captions, resize_center_crop,
+                  save_npz, summarise, write_video)
+from flow import RAFT, heatmap_from_flow
 from utils import fail, parse_size, pick_device
 
 
@@ -80,25 +80,16 @@ def check_folder(root, frames):
         raise ValueError(f"no usable video in {root}")
 
 
-def heatmap_cache_is_complete(path, max_stride):
-    """Whether the cache file at path holds every stride up to max_stride that its video allows
-    (False for a missing or damaged file, or one written with a smaller --max-stride)."""
-    try:
-        with np.load(path) as cache:
-            needed = min(max_stride, int(cache["num_frames"]) - 1)
-            return all(f"stride_{stride}" in cache.files for stride in range(1, needed + 1))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return False
-
-
 def cache_heatmaps(root, weights, size, max_stride, device):
-    """Store, for every listed video, the pair heatmaps of frames (j, j+s) for all j and each
-    stride s <= max_stride, as uint8 (round(255 h)) under "stride_s", and the video's frame count
-    under "num_frames", in data.cache_path(root, video, size). Complete caches are kept; missing,
-    damaged or too-few-strides ones are (re)computed. Unusable videos are skipped and counted;
+    """Store, for every listed video, the pair heatmaps of frames (j, j+s) for all j and each stride s <= max_stride,
+    computed by RAFT.heatmaps (flow at a short side of 128 px, area-averaged to data.heatmap_size(size), 1/8 of the
+    frames), as uint8 (round(255 h)) under "stride_s", with the video's frame count under "num_frames" and the
+    heatmaps' size under "heatmap_size", in data.cache_path(root, video, size). Complete caches are kept; missing,
+    damaged, too-few-strides and older (full-size) ones are (re)computed. Unusable videos are skipped and counted;
     a folder where nothing is usable is a ValueError."""
     videos, skipped = read_captions(root)
-    todo = [video for video in videos if not heatmap_cache_is_complete(cache_path(root, video["path"], size), max_stride)]
+    todo = [video for video in videos
+            if not heatmap_cache_is_complete(cache_path(root, video["path"], size), size, max_stride)]
     print(f"{root}: {len(videos)} videos listed, {len(videos) - len(todo)} already cached, {len(skipped)} "
           f"skipped{': ' + summarise(skipped) if skipped else ''}")
     raft = RAFT(weights, device) if todo else None
@@ -111,18 +102,18 @@ def cache_heatmaps(root, weights, size, max_stride, device):
             continue
         frames = resize_center_crop(frames, size)                               # (N, H, W, 3)
         strides = range(1, min(max_stride, len(frames) - 1) + 1)
-        heatmaps = {"num_frames": np.array(len(frames))}
+        heatmaps = {"num_frames": np.array(len(frames)), "heatmap_size": np.array(heatmap_size(size))}
         with tqdm(total=sum(len(frames) - s for s in strides), desc=video["path"], unit="pair", leave=False,
                   disable=None) as bar:
             for stride in strides:
                 chunks = []
                 for start in range(0, len(frames) - stride, raft.chunk):
                     end = min(start + raft.chunk, len(frames) - stride)
-                    flow = raft.pairs(frames_to_tensor(frames[start:end]),
-                                      frames_to_tensor(frames[start + stride:end + stride]))  # (n, 2, H, W)
-                    chunks.append(pair_heatmaps(flow))                                  # (n, H, W)
+                    chunks.append(raft.heatmaps(frames_to_tensor(frames[start:end]),
+                                                frames_to_tensor(frames[start + stride:end + stride]),
+                                                heatmap_size(size)))                   # (n, h, w)
                     bar.update(end - start)
-                heatmaps[f"stride_{stride}"] = (torch.cat(chunks) * 255).round().to(torch.uint8).numpy()  # (N-s, H, W)
+                heatmaps[f"stride_{stride}"] = (torch.cat(chunks) * 255).round().to(torch.uint8).numpy()  # (N-s, h, w)
         save_npz(cache_path(root, video["path"], size), **heatmaps)
         done, pairs = done + 1, pairs + bar.total
     seconds = time.perf_counter() - started

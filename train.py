@@ -38,9 +38,10 @@ from tqdm import tqdm
 
 from bench import mfu_peak_flops, unet_training_flops
 from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
-from data import ShapesDataset, VideoFolderDataset, held_out_pairs, load_frames, resize_center_crop, write_video
+from data import (ShapesDataset, VideoFile, VideoFolderDataset, heatmap_size, held_out_pairs, resize_center_crop,
+                  write_video)
 from eval import score
-from flow import RAFT
+from flow import RAFT, clip_heatmaps
 from loss import Schedule, diffusion_loss, latent_heatmap, q_sample, v_target
 from model import SIZES, ModelConfig, MotifModel
 from sample import ddim_sample, to_uint8_frames
@@ -61,7 +62,7 @@ class Config:
     height: int = 320
     width: int = 512
     max_stride: int = 8  # dynamic frame stride: s ~ U[1, max_stride] per clip, fps = source fps / s
-    flow_weights: str = ""  # RAFT for videos without cached heatmaps: small | large | a .pth ("" = cache only)
+    flow_weights: str = ""  # RAFT inside the step for video folders, no heatmap cache: small | large | a .pth ("" = the cache)
     latents: bool = False  # read the autoencoder's latents from the cache of `python data.py encode` (video folders)
     workers: int = 4  # data loader processes per rank
     # model (model.py)
@@ -175,7 +176,7 @@ def check_config(cfg, world_size):
 
 # ----------------------------------------------------------------------------- data
 
-def build_dataset(cfg: Config, model: MotifModel, device):
+def build_dataset(cfg: Config, model: MotifModel):
     """The training data the config names: the shapes videos or a video folder (with its caches)."""
     factor = model.resolution_factor
     if cfg.height % factor or cfg.width % factor:
@@ -191,9 +192,9 @@ def build_dataset(cfg: Config, model: MotifModel, device):
     if cfg.latents and (cfg.flow_weights or cfg.autoencoder == "pixel"):
         raise ValueError("--latents reads cached kl-f8 latents and cached heatmaps: it goes with --autoencoder=kl-f8 "
                          "and without --flow_weights")
-    raft = RAFT(cfg.flow_weights, device=device) if cfg.flow_weights else None
     return VideoFolderDataset(cfg.data, frames=cfg.frames, size=(cfg.height, cfg.width), max_stride=cfg.max_stride,
-                              seed=cfg.seed, raft=raft, latents=cfg.autoencoder if cfg.latents else "")
+                              seed=cfg.seed, cached_heatmaps=not cfg.flow_weights,
+                              latents=cfg.autoencoder if cfg.latents else "")
 
 
 class StepIndices(torch.utils.data.Sampler):
@@ -359,16 +360,21 @@ def setup_model(cfg, device, master, resume):
     return model, optimizer, ema, ckpt["step"]
 
 
-def forward_backward(cfg, model, ddp, batch, indices, step, schedule, autocast, device, accum, sync):
-    """One micro-batch: encode, noise, predict v, loss, backward (gradients synced across ranks only if `sync`).
-    Returns the loss terms as floats."""
-    heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H, W)
+def forward_backward(cfg, model, ddp, raft, batch, indices, step, schedule, autocast, device, accum, sync):
+    """One micro-batch: encode, heatmaps (cached, or RAFT's here when `raft` is given), noise, predict v, loss, backward
+    (gradients synced across ranks only if `sync`). Returns the loss terms as floats."""
     fps = batch["fps"].to(device)  # (b,)
     if "latent" in batch:  # cached by `python prepare.py latents`
         z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
     else:
+        video = batch["video"].to(device, non_blocking=True)  # (b, 3, T, H, W)
         with torch.no_grad(), autocast:
-            z0 = model.encode_video(batch["video"].to(device, non_blocking=True)).float()  # (b, C, T, h, w)
+            z0 = model.encode_video(video).float()  # (b, C, T, h, w)
+    if raft is None:  # cached (video folders) or exact (shapes)
+        heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H', W')
+    else:  # RAFT on just these clips' frame pairs, batched, at the size of a cached heatmap (the same m')
+        heatmap = clip_heatmaps(raft, video, heatmap_size(video.shape[-2:]))  # (b, T, H/8, W/8)
+    heatmap = latent_heatmap(heatmap, z0.shape[-2:])  # (b, 1, T, h, w)
     t, noise, drop = draw_randomness(cfg, step, indices, z0.shape[1:], schedule.num_steps)
     t, noise = t.to(device), noise.to(device)
     captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
@@ -377,7 +383,7 @@ def forward_backward(cfg, model, ddp, batch, indices, step, schedule, autocast, 
     with nullcontext() if sync else ddp.no_sync():
         with autocast:
             v_hat = ddp(z_t, model.image_latent(z0), t, captions, fps)  # (b, C, T, h, w)
-        losses = diffusion_loss(v_hat, v, latent_heatmap(heatmap, z0.shape[-2:]), cfg.motif_lambda, cfg.loss_mode)
+        losses = diffusion_loss(v_hat, v, heatmap, cfg.motif_lambda, cfg.loss_mode)
         (losses["loss"] / accum).backward()
     return {k: value.item() for k, value in losses.items()}
 
@@ -425,8 +431,8 @@ def validation_set(cfg, dataset):
         return held_out_pairs(VALIDATION_IMAGES, size=cfg.height)
     entries = []
     for video in dataset.videos[:2 * VALIDATION_IMAGES]:
-        frames, _ = load_frames(dataset.root / video["path"])  # (N, H0, W0, 3)
-        entries.append({"image": resize_center_crop(frames[:1], (cfg.height, cfg.width))[0], "caption": video["caption"]})
+        first = VideoFile(dataset.root / video["path"]).read([0])  # (1, H0, W0, 3)
+        entries.append({"image": resize_center_crop(first, (cfg.height, cfg.width))[0], "caption": video["caption"]})
     return entries
 
 
@@ -473,10 +479,9 @@ def resume_path(cfg, master):
 
 def make_batches(cfg, dataset, rank, world, step, device):
     """This rank's micro-batches from `step` on (StepIndices), loaded by cfg.workers processes."""
-    workers = 0 if cfg.flow_weights else cfg.workers  # on-the-fly RAFT runs on the training device, in this process
     return iter(torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch,
-                                            sampler=StepIndices(cfg, rank, world, step), num_workers=workers,
-                                            pin_memory=device.type == "cuda", persistent_workers=workers > 0))
+                                            sampler=StepIndices(cfg, rank, world, step), num_workers=cfg.workers,
+                                            pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
 
 
 def train(cfg: Config):
@@ -488,8 +493,9 @@ def train(cfg: Config):
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master))
-    dataset = build_dataset(cfg, model, device)
+    dataset = build_dataset(cfg, model)
     batches = make_batches(cfg, dataset, rank, world, step, device)
+    raft = RAFT(cfg.flow_weights, device=device) if cfg.flow_weights and cfg.data != "shapes" else None
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     schedule = Schedule(device=device)
     if master:
@@ -515,7 +521,7 @@ def train(cfg: Config):
         losses = dict.fromkeys(LOSS_TERMS, 0.0)
         for micro in range(accum):
             first = step * cfg.batch_size + (micro * world + rank) * cfg.micro_batch
-            terms = forward_backward(cfg, model, ddp, next(batches), range(first, first + cfg.micro_batch), step,
+            terms = forward_backward(cfg, model, ddp, raft, next(batches), range(first, first + cfg.micro_batch), step,
                                      schedule, autocast, device, accum, sync=world == 1 or micro == accum - 1)
             losses = {k: losses[k] + terms[k] / accum for k in LOSS_TERMS}
         stepped, grad_norm = update(cfg, model, optimizer, ema, losses, step, world, device)

@@ -1,12 +1,15 @@
 """bench.py at tiny sizes: its FLOP counting against independent counts, the fields it reports, every mode runs."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bench
+import data
+import prepare
 from model import SIZES, UNet
 
 
@@ -117,7 +120,36 @@ def test_heatmap_runs_at_a_tiny_size(tmp_path, fixtures):
                                            (["--latent", "36x36"], "multiples of 8"),
                                            (["--what", "heatmap", "--size", "tiny"], "HxW"),
                                            (["--compare", "nope"], "unknown contender"),
-                                           (["--size", "tiny", "--compare", "videocrafter"], "--videocrafter PATH")])
+                                           (["--size", "tiny", "--compare", "videocrafter"], "--videocrafter PATH"),
+                                           (["--what", "data", "--data", "nowhere"], "needs --data, a video folder")])
 def test_bad_options_are_one_line_errors(args, message):
     with pytest.raises(SystemExit, match=message):
         bench.main([*args, "--json", ""])
+
+
+def test_data_measures_a_folder_today_and_now(tmp_path, fixtures, monkeypatch):
+    """--what data on two 256 px shapes clips: decode both ways, RAFT at full size against RAFT at 128 px (fewer
+    FLOPs), caches 64x smaller raw at 1/8 size, m' close, and the loader with and without the heatmap cache.
+    (The GPU estimate's FLOPs are unet_training_flops, tested above, and the encoder's: left out here, for time.)"""
+    monkeypatch.setattr(bench, "gpu_appetite", lambda opts, size, raft_pair_flops: {
+        "name": "gpu estimate", "unet_flops": 1.0, "encode_flops": 1.0, "raft_flops": 1.0, "clips_per_s": {}})
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for k, name in enumerate(["a.mp4", "b.gif"]):
+        scene = data.make_scene(np.random.default_rng([7, k]), 256)
+        video, _ = data.render_clip(scene, {0: data.allowed_motions(scene["objects"][0], 256)[1]}, frames=6)
+        data.write_video(folder / name, video, fps=10)
+    (folder / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\n")
+    prepare.cache_heatmaps(folder, str(fixtures / "raft_small.pth"), (256, 256), 2, torch.device("cpu"))
+    *videos, loader, _ = run_bench(tmp_path, "--what", "data", "--data", str(folder), "--size", "256x256",
+                                   "--frames", "3", "--max-stride", "2", "--steps", "2", "--flow-clips", "1",
+                                   "--raft", str(fixtures / "raft_small.pth"))
+    assert [v["name"] for v in videos] == ["a.mp4", "b.gif"] and {"cache", "in the step"} <= set(loader)
+    for v in videos:
+        n = v["frames"]                     # 6, or fewer in the gif: Pillow merges a shape's repeated last frames
+        assert n >= 4 and v["pairs_per_video"] == (n - 1) + (n - 2) and v["seconds"] == pytest.approx(0.6)
+        assert all(v["decode_s"][w]["median"] > 0 and v["cache_read_s"][w] > 0 for w in ("today", "now"))
+        assert v["raft_pair_gflop"]["today"] > 3 * v["raft_pair_gflop"]["now"]            # 256 px against 128 px
+        raw = v["cache_raw_bytes_per_video_s"]
+        assert raw["today"] == pytest.approx(64 * raw["now"]) and v["cache_bytes_per_video_s"]["now"] < raw["now"]
+        assert v["m_mean_abs_difference"] < 0.05 and v["m_iou"] > 0.5

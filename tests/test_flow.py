@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import flow
@@ -101,6 +102,31 @@ def test_raft_heatmap_matches_the_exact_flow_heatmap_on_shapes(rafts, name, size
     assert error < 0.03          # a flow left at RAFT's resolution would be 4x too long at 32 px
 
 
+def latent_and_moving(pairs, size):
+    """Pair heatmaps (N, H', W') as a cache stores them (uint8) -> m' at size (N, h, w), and m' > 0.5."""
+    m = F.interpolate(((pairs * 255).round() / 255)[:, None], size=size, mode="area")[:, 0]
+    return m, m > 0.5
+
+
+@pytest.mark.parametrize("name", ["small", "large"])
+def test_heatmaps_from_raft_at_its_smallest_size_match_the_exact_flow_on_shapes(rafts, name):
+    """RAFT.heatmaps on 256 px clips (every shape moving): RAFT sees them at 128 px, the heatmap is taken relative to
+    that width and stored at 32x32 (1/8: the latent's size). m' against the exact flow's; for raft_large (the recipe's)
+    also the full-size road's, for the README (3x the time, so not for raft_small)."""
+    first, second, exact = moving_shapes_pairs(256)
+    truth, truth_moving = latent_and_moving(flow.pair_heatmaps(exact), (32, 32))
+    raft = rafts(name)
+    roads = [("at full size", lambda: flow.pair_heatmaps(raft.pairs(first, second)))] if name == "large" else []
+    for how, pairs in roads + [("at 128 px", lambda: raft.heatmaps(first, second, (32, 32)))]:
+        pairs = pairs()
+        m, moving = latent_and_moving(pairs, (32, 32))                           # (N, 32, 32)
+        iou = (moving & truth_moving).sum((1, 2)) / (moving | truth_moving).sum((1, 2))  # (N,)
+        error = (m - truth).abs().mean()
+        print(f"\nraft_{name} {how}, m' at 32x32 of 256 px clips against the exact flow's: IoU "
+              f"{[round(v, 3) for v in iou.tolist()]} mean {iou.mean():.3f}, mean |difference| {error:.4f}")
+    assert iou.mean() > IOU_FLOOR[name, 128] - 0.1 and iou.min() > 0.45 and error < 0.03   # the 128 px road
+
+
 def test_raft_finds_a_known_translation_of_a_real_frame(rafts, fixtures):
     """Two windows of a real frame, k px apart: flow -k px everywhere inside; identical frames: ~0.
     132x180 is padded to 136x184 for RAFT (multiples of 8). Frames fed in 0..255 instead of [-1, 1]
@@ -122,6 +148,9 @@ def test_raft_finds_a_known_translation_of_a_real_frame(rafts, fixtures):
     heatmaps = flow.pair_heatmaps(estimated)                                # (2, h, w)
     assert heatmaps[0, 16:-16, 16:-16].median() > 0.7                       # sigma(12 / 180) = 0.84
     assert estimated[1].norm(dim=0).max() < 1.0 and heatmaps[1].max() < 0.02  # sigma(0) = 0.0067
+    reduced = rafts("small").heatmaps(first, second, (33, 45))             # RAFT at 128x175: 11.6 px of 175
+    assert reduced[0, 4:-4, 4:-4].median().item() == pytest.approx(flow.sigma(torch.tensor(k / width)).item(), abs=0.03)
+    assert reduced[1].max() < 0.02
 
 
 def test_weights_that_are_not_rafts_are_a_clear_error(tmp_path):

@@ -1,5 +1,6 @@
 """prepare.py's commands: the demo image, checking a folder, caching heatmaps and latents, showing a video's flow;
 and their one-line errors."""
+import json
 import shutil
 
 import numpy as np
@@ -10,8 +11,9 @@ from PIL import Image
 import data
 import flow
 import prepare
+import train
 from model import KL_SIZES, KLAutoencoder
-from test_data import BAD, FRAMES, GOOD, MAX_STRIDE, one_line_error, rows, run, write_csv, write_videos
+from test_data import BAD, FRAMES, GOOD, MAX_STRIDE, cached_pairs, one_line_error, rows, run, write_csv, write_videos
 
 
 def write_folder(root, frames=4):
@@ -26,6 +28,7 @@ def write_folder(root, frames=4):
 
 
 def test_heatmaps_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raft(tmp_path, fixtures):
+    """1/8-size pair heatmaps of every stride, from RAFT at a short side of 128; an older full-size cache is redone."""
     write_folder(tmp_path)
     command = ["prepare.py", "heatmaps", str(tmp_path), "--size", "32x32", "--max-stride", "2", "--device", "cpu",
                "--weights", str(fixtures / "raft_small.pth")]
@@ -35,9 +38,10 @@ def test_heatmaps_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raf
     caches = {name: data.cache_path(tmp_path, name, (32, 32)) for name in ("a.mp4", "b.gif")}
     for path in caches.values():
         with np.load(path) as cache:
-            assert sorted(cache.files) == ["num_frames", "stride_1", "stride_2"] and int(cache["num_frames"]) == 4
-            assert cache["stride_1"].shape == (3, 32, 32) and cache["stride_2"].shape == (2, 32, 32)
-            assert cache["stride_1"].dtype == np.uint8 and cache["stride_1"].max() > 200  # a shape moves
+            assert sorted(cache.files) == ["heatmap_size", "num_frames", "stride_1", "stride_2"]
+            assert int(cache["num_frames"]) == 4 and cache["heatmap_size"].tolist() == [4, 4]
+            assert cache["stride_1"].shape == (3, 4, 4) and cache["stride_2"].shape == (2, 4, 4)
+            assert cache["stride_1"].dtype == np.uint8 and cache["stride_1"].max() > 100  # a shape moves
     stamps = {name: path.stat().st_mtime_ns for name, path in caches.items()}
 
     second = run(*command)
@@ -48,9 +52,16 @@ def test_heatmaps_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raf
     raft = flow.RAFT(fixtures / "raft_small.pth")
     for index in range(2):
         item = dataset[index]
-        on_the_fly = flow.video_heatmap(item["video"].transpose(0, 1), raft)               # (T, H, W)
-        assert item["heatmap"].shape == on_the_fly.shape == (3, 32, 32)
-        assert (item["heatmap"] - on_the_fly).abs().max() <= 1 / 255
+        in_the_step = flow.clip_heatmaps(raft, item["video"][None], (4, 4))[0]             # (T, h, w)
+        assert item["heatmap"].shape == in_the_step.shape == (3, 4, 4)
+        assert (item["heatmap"] - in_the_step).abs().max() <= 1 / 255
+
+    path = caches["a.mp4"]                                             # made by the older prepare.py: full size
+    data.save_npz(path, num_frames=np.array(4), stride_1=np.zeros((3, 32, 32), np.uint8),
+                  stride_2=np.zeros((2, 32, 32), np.uint8))
+    third = run(*command)
+    assert third.returncode == 0 and "1 already cached" in third.stdout and "cached 1 videos" in third.stdout
+    assert data.heatmap_cache_is_complete(path, (32, 32), 2)
 
 
 def test_show_cli_writes_frame_flow_and_heatmap_side_by_side(tmp_path, fixtures):
@@ -85,8 +96,7 @@ def test_cached_latents_are_the_clip_encoded_frame_by_frame(tmp_path, capsys):
     write_videos(tmp_path)
     (tmp_path / "captions.csv").write_text("path,caption\ngood.mp4,a\ngood.gif,b\nempty.mp4,c\n")
     for name in ("good.mp4", "good.gif"):
-        pairs = {f"stride_{s}": np.full((12 - s, 32, 32), 40 * s, np.uint8) for s in range(1, MAX_STRIDE + 1)}
-        data.save_npz(data.cache_path(tmp_path, name, (32, 32)), num_frames=np.array(12), **pairs)
+        data.save_npz(data.cache_path(tmp_path, name, (32, 32)), **cached_pairs(12, (32, 32)))
     torch.manual_seed(0)
     autoencoder = KLAutoencoder(KL_SIZES["tiny"])
     with torch.no_grad():
@@ -139,3 +149,28 @@ def test_demo_image_cli_writes_a_png_and_its_prompts(tmp_path):
     assert [line.strip() for line in result.stdout.splitlines()[1:]] == prompts
     with pytest.raises(SystemExit, match="png"):
         prepare.main(["demo-image", str(tmp_path / "first.txt")])
+
+
+def test_training_with_heatmaps_from_the_step_matches_training_from_the_cache(tmp_path, fixtures):
+    """--flow_weights: RAFT on each micro-batch's frame pairs inside the step, no cache, loader workers still on.
+    Its first step sees the same clips, noise and, up to the cache's uint8 rounding, the same m' as a run reading
+    the cache of `prepare.py heatmaps`; a stale cache stops the cached run before training, in one line."""
+    write_folder(tmp_path)
+    (tmp_path / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\n")   # both cacheable: the same list
+    weights = str(fixtures / "raft_small.pth")
+    prepare.cache_heatmaps(tmp_path, weights, (32, 32), 1, torch.device("cpu"))
+    common = [f"--data={tmp_path}", "--model=demo", "--autoencoder=pixel", "--text_encoder=bytes", "--height=32",
+              "--width=32", "--frames=3", "--max_stride=1", "--batch_size=2", "--micro_batch=2", "--steps=1",
+              "--log_every=1", "--workers=1", "--device=cpu"]
+    records = {}
+    for name, extra in (("cached", []), ("in the step", [f"--flow_weights={weights}"])):
+        train.train(train.load_config([*common, f"--out_dir={tmp_path / 'out' / name}", *extra]))
+        records[name] = json.loads((tmp_path / "out" / name / "log.jsonl").read_text().splitlines()[-1])
+    cached, in_step = records["cached"], records["in the step"]
+    assert cached["diffusion"] == in_step["diffusion"] and cached["motif"] > 0
+    assert in_step["motif"] == pytest.approx(cached["motif"], rel=0.02)
+    data.save_npz(data.cache_path(tmp_path, "a.mp4", (32, 32)), num_frames=np.array(4),
+                  stride_1=np.zeros((3, 32, 32), np.uint8))                # the older prepare.py's full-size cache
+    with pytest.raises(SystemExit, match="error: stale heatmap cache .*run: python prepare.py heatmaps") as error:
+        train.main([*common, f"--out_dir={tmp_path / 'out' / 'stale'}"])
+    assert "\n" not in str(error.value)

@@ -299,9 +299,11 @@ def test_training_on_a_video_folder_with_validation_samples(tmp_path):
     import data
     write_videos(tmp_path / "videos")
     (tmp_path / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n},clip {n}\n" for n in GOOD))
+    size = data.heatmap_size((16, 16))
     for name in GOOD:
-        pairs = {f"stride_{s}": np.full((12 - s, 16, 16), 200, np.uint8) for s in (1, 2)}
-        data.save_npz(data.cache_path(tmp_path / "videos", name, (16, 16)), num_frames=np.array(12), **pairs)
+        pairs = {f"stride_{s}": np.full((12 - s, *size), 200, np.uint8) for s in (1, 2)}
+        data.save_npz(data.cache_path(tmp_path / "videos", name, (16, 16)), num_frames=np.array(12),
+                      heatmap_size=np.array(size), **pairs)
     torch.set_num_threads(1)
     out = tmp_path / "run"
     train.train(train.load_config(["--data=" + str(tmp_path / "videos"), "--model=demo", "--pixel_patch=2",
