@@ -449,8 +449,9 @@ def train(cfg: Config):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master), world, use_bf16)
     batches = make_batches(cfg, build_dataset(cfg, model, device), rank, world, step, device)
-    if world > 1 and not cfg.shard:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world > 1 and not cfg.shard:  # the gradients are views of DDP's all-reduce buckets, not a second copy of them
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True)
     else:
         wrapped = model  # alone, or sharded in place
     schedule = Schedule(device=device)
