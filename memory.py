@@ -15,10 +15,11 @@ and the median of the others.
 micro-batch: gradients are dropped as they are produced and autocast's cache of bf16 weight copies is off, so the
 peak above the weights is the activations (and the temporaries of the largest block). It also measures, once with the
 cache on, what autocast's bf16 copies of the fp32 weights add (a DDP run has them until its forward ends).
---what table lists the states runs, fits the vc2 activations against clips x frames x latent pixels (the bf16 runs;
-fp32 runs, if any, give a bound: CPU autocast keeps GroupNorm and LayerNorm in bf16 where CUDA's runs them in fp32),
-takes the bytes per parameter of each kind of state from the states runs, and computes the vc2 rows: DDP and sharded
-over 1-8 GPUs, offloaded on one (compute_table says how each column is obtained).
+--what table lists the states runs, takes the bytes per parameter of each kind of state from them and the vc2
+activations from the activations runs (bf16), and computes the vc2 rows: DDP and sharded over 1-8 GPUs, offloaded on
+one (compute_table says how each column is obtained).
+On CPU, bf16 autocast runs GroupNorm and LayerNorm in fp32 here, as CUDA's autocast does (the CPU's keeps them in
+bf16): the activations measured are a GPU run's, as far as a CPU can tell.
 """
 import argparse
 import ctypes
@@ -43,6 +44,7 @@ from shard import full_value, local, shard_model
 from utils import fail, peak_memory_gb, pick_device, write_atomically
 
 GIB = 2 ** 30
+REGISTRATIONS = []
 
 
 @dataclass
@@ -69,6 +71,22 @@ def track_cpu_memory_exactly():
     libc = ctypes.util.find_library("c")
     if not libc or not ctypes.CDLL(libc).mallopt(-3, 64 * 1024):  # -3: M_MMAP_THRESHOLD
         raise ValueError("CPU memory figures need glibc (Linux): mallopt(M_MMAP_THRESHOLD) is not available")
+
+
+def autocast_norms_in_fp32():
+    """Under autocast on the CPU, run GroupNorm and LayerNorm in fp32, as CUDA's autocast runs them (the CPU's keeps
+    them in bf16), so that the activations measured on a CPU are those of a GPU run: fp32 norm outputs."""
+    library = torch.library.Library("aten", "IMPL")
+
+    def in_fp32(op):
+        def kernel(*args, **kwargs):
+            with torch.autocast("cpu", enabled=False):
+                return op(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args], **kwargs)
+        return kernel
+
+    for name in ("group_norm", "layer_norm"):
+        library.impl(name, in_fp32(getattr(torch.ops.aten, name).default), "AutocastCPU")
+    REGISTRATIONS.append(library)  # a registration lasts as long as its Library object
 
 
 def rss_gib(field="VmRSS"):
@@ -206,16 +224,15 @@ def recipe_counts():
 
 
 def load_results(folder):
+    """The states runs and the vc2 bf16 activations runs in `folder`."""
     results = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
     states = [r for r in results if r["options"]["what"] == "states"]
     activations = [r for r in results if r["options"]["what"] == "activations" and r["options"]["size"] == "vc2"
                    and r["options"]["dtype"] == "bf16"]
     if not states or len(activations) < 2:
-        raise ValueError(f"{folder}: the table needs states runs and at least two vc2 activations runs "
+        raise ValueError(f"{folder}: the table needs states runs and at least two vc2 bf16 activations runs "
                          f"(found {len(states)} and {len(activations)}); see memory.py's docstring")
-    fp32 = [r for r in results if r["options"]["what"] == "activations" and r["options"]["size"] == "vc2"
-            and r["options"]["dtype"] == "fp32"]
-    return states, activations, fp32
+    return states, activations
 
 
 def bytes_per_parameter(states):
@@ -230,32 +247,25 @@ def bytes_per_parameter(states):
     return {k: max(run[k] for run in per_run) for k in kinds}
 
 
-def line_fit(xs, ys):
-    """Least-squares (intercept, slope) of ys against xs."""
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    return mean_y - slope * mean_x, slope
-
-
 def compute_table(folder):
     """The vc2 rows, GiB per GPU, from the measured figures in `folder` and parameter counts:
     weights, gradients, AdamW, EMA = bytes per parameter (states runs) x 1.41 B / GPUs (sharded) or / 1 (DDP), on the
-    GPU unless offloaded; frozen = the fp32 OpenCLIP text encoder and kl-f8 autoencoder, whole on every GPU;
-    extra, DDP = what a forward + backward holds above the weights whatever the clip size: the intercept of the
-    measured peaks with autocast's cache on (its bf16 copies of the weights); extra, sharded = FSDP2's buffers for
-    the largest block, computed: its bf16 weights and the next block's, its bf16 gradients and their fp32 copy for the
-    reduce-scatter, 10 bytes a parameter; activations = the measured slope x 16 x 40 x 64 latent voxels x clips."""
-    states, activations, fp32 = load_results(folder)
+    GPU unless offloaded (then in CPU memory); frozen = the fp32 OpenCLIP text encoder and kl-f8 autoencoder, whole on
+    every GPU; activations = the peak above the weights of the measured vc2 run with the most latent voxels (clips x
+    frames x latent pixels), moved along the line through the two largest runs to b clips of 16 x 40 x 64 (the peak
+    grows faster than linearly at small sizes, where a block's constant part decides it; the two largest runs give
+    the slope where the activations do); extra, DDP = what autocast's cache of bf16 weight copies adds to the peak of
+    the largest run (measured); extra, sharded = FSDP2's buffers for the largest block, computed: its bf16 weights and
+    the next block's (prefetch), its bf16 gradients and their fp32 copy for the reduce-scatter, 10 bytes a parameter."""
+    states, activations = load_results(folder)
     counts = recipe_counts()
     per_param = bytes_per_parameter(states)
-    xs = [r["result"]["voxels"] * r["options"]["batch"] for r in activations]
-    intercept, slope = line_fit(xs, [r["result"]["activations_gib"] for r in activations])
-    cached = [(x, r["result"]["activations_gib"] + r["result"]["autocast_cache_gib"]) for x, r in zip(xs, activations)]
-    ddp_extra, _ = line_fit(*zip(*cached))
+    runs = sorted(activations, key=lambda r: r["result"]["voxels"] * r["options"]["batch"])
+    (x1, y1), (x2, y2) = ((r["result"]["voxels"] * r["options"]["batch"], r["result"]["activations_gib"]) for r in runs[-2:])
+    slope = (y2 - y1) / (x2 - x1)
     clip_voxels = RECIPE["frames"] * RECIPE["latent"][0] * RECIPE["latent"][1]
-    clip = slope * clip_voxels
-    fp32_clip = line_fit([r["result"]["voxels"] * r["options"]["batch"] for r in fp32],
-                         [r["result"]["activations_gib"] for r in fp32])[1] * clip_voxels if len(fp32) > 1 else None
+    act = {b: y2 + slope * (b * clip_voxels - x2) for b in MICRO_BATCHES}
+    ddp_extra = runs[-1]["result"]["autocast_cache_gib"]
     p = counts["trainable"] / GIB
     frozen = 4 * counts["frozen"] / GIB
     working = 10 * counts["largest_block"] / GIB
@@ -263,16 +273,16 @@ def compute_table(folder):
     for mode, gpus in [("DDP", n) for n in GPUS] + [("sharded", n) for n in GPUS] + [("sharded + offload", 1)]:
         split, on_gpu = (1 if mode == "DDP" else gpus), "offload" not in mode
         row = {"mode": mode, "gpus": gpus, **{k: on_gpu * v * p / split for k, v in per_param.items()},
-               "frozen": frozen, "extra": ddp_extra if mode == "DDP" else working, "activations": clip,
+               "frozen": frozen, "extra": ddp_extra if mode == "DDP" else working, "activations": act,
                "cpu": (not on_gpu) * sum(per_param.values()) * p}
         fixed = sum(row[k] for k in ("weights", "gradients", "adamw", "ema", "frozen", "extra"))
-        row["total"] = {b: fixed + clip * b for b in MICRO_BATCHES}
+        row["total"] = {b: fixed + a for b, a in act.items()}
         rows.append(row)
+    measured = [{"voxels": r["result"]["voxels"] * r["options"]["batch"], "frames": r["options"]["frames"],
+                 "latent": r["options"]["latent"], "batch": r["options"]["batch"], "gib": r["result"]["activations_gib"],
+                 "autocast_cache_gib": r["result"].get("autocast_cache_gib")} for r in runs]
     return {"states": [measured_row(run) for run in states], "counts": counts, "bytes_per_parameter": per_param,
-            "activations": {"intercept_gib": intercept, "gib_per_voxel": slope, "per_clip_gib": clip,
-                            "fp32_per_clip_gib": fp32_clip,
-                            "measured": [{"voxels": x, "gib": r["result"]["activations_gib"],
-                                          "with_autocast_cache_gib": c} for x, r, (_, c) in zip(xs, activations, cached)]},
+            "activations": {"measured": measured, "gib_per_voxel": slope, "per_micro_batch_gib": act},
             "ddp_extra_gib": ddp_extra, "fsdp_working_gib": working, "rows": rows}
 
 
@@ -301,18 +311,18 @@ def print_table(table):
     print("bytes per parameter (a DDP rank; a sharded run's ranks together): "
           + ", ".join(f"{k} {v:.3f}" for k, v in table["bytes_per_parameter"].items()))
     for m in a["measured"]:
-        print(f"  measured: {m['voxels']:6d} latent voxels: {m['gib']:.3f} GiB, with autocast's cache "
-              f"{m['with_autocast_cache_gib']:.3f} GiB")
-    print(f"activations: {a['intercept_gib']:.3f} GiB + {a['gib_per_voxel'] * 2 ** 30:.0f} bytes per voxel -> "
-          f"{a['per_clip_gib']:.2f} GiB per 16 x 40 x 64 clip; extra: DDP {table['ddp_extra_gib']:.2f} GiB (measured), "
-          f"sharded {table['fsdp_working_gib']:.2f} GiB (computed)")
-    if a["fp32_per_clip_gib"]:
-        print(f"activations in fp32 (no autocast), the bound for CUDA's fp32 norms: {a['fp32_per_clip_gib']:.2f} GiB per clip")
-    print("GiB per GPU          weights  grads  AdamW   EMA  frozen  extra  act/clip    b=1    b=2    b=4    b=8")
+        print(f"  vc2 activations, {m['batch']} x {m['frames']} x {m['latent']} latents ({m['voxels']} voxels): "
+              f"{m['gib']:.3f} GiB" + (f"; autocast's cache adds {m['autocast_cache_gib']:.3f}" if m["autocast_cache_gib"]
+                                        is not None else ""))
+    print(f"activations: {a['gib_per_voxel'] * GIB:.0f} bytes per latent voxel at the largest sizes; extra: DDP "
+          f"{table['ddp_extra_gib']:.2f} GiB (measured), sharded {table['fsdp_working_gib']:.2f} GiB (computed)")
+    print("GiB per GPU          weights  grads  AdamW   EMA  frozen  extra |  act b=1  b=2   b=4   b=8 | total b=1  b=2   "
+          "b=4   b=8")
     for r in table["rows"]:
         print(f"{r['mode']:>17} x{r['gpus']}  {r['weights']:7.2f} {r['gradients']:6.2f} {r['adamw']:6.2f} "
-              f"{r['ema']:5.2f} {r['frozen']:7.2f} {r['extra']:6.2f} {r['activations']:9.2f}  "
-              + " ".join(f"{r['total'][b]:6.1f}" for b in MICRO_BATCHES)
+              f"{r['ema']:5.2f} {r['frozen']:7.2f} {r['extra']:6.2f} |  "
+              + " ".join(f"{r['activations'][b]:5.1f}" for b in MICRO_BATCHES) + " |     "
+              + " ".join(f"{r['total'][b]:5.1f}" for b in MICRO_BATCHES)
               + (f"   (+{r['cpu']:.1f} GiB of CPU memory)" if r["cpu"] else ""))
 
 
@@ -340,6 +350,7 @@ def main(argv=None):
             device = pick_device(opts.device)
             if device.type == "cpu":
                 track_cpu_memory_exactly()
+                autocast_norms_in_fp32()
             result = (measure_states if opts.what == "states" else measure_activations)(opts, device)
             if not result:
                 return
