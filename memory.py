@@ -194,16 +194,12 @@ def measure_activations(opts, device):
         return peak_memory_gb(device) - before
 
     peak_above_weights(False)  # warm-up: the allocator's pools and PyTorch's one-time buffers
-    report = {"params": sum(p.numel() for p in unet.parameters()), "voxels": opts.frames * unet_pixels(opts),
+    height, width = parse_hw(opts.latent, "--latent")
+    report = {"params": sum(p.numel() for p in unet.parameters()), "voxels": opts.frames * height * width,
               "activations_gib": peak_above_weights(False)}
     if opts.dtype == "bf16":
         report["autocast_cache_gib"] = peak_above_weights(True) - report["activations_gib"]
     return report
-
-
-def unet_pixels(opts):
-    h, w = parse_hw(opts.latent, "--latent")
-    return h * w
 
 
 # ----------------------------------------------------------------------------- the table
