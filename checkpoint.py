@@ -48,12 +48,13 @@ def resolve_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint of ours (a file or a run folder); a clear error for anything else."""
+    """Load a checkpoint of ours (a file or a run folder); a clear error for anything else. Memory-mapped: the ranks
+    of a resumed run share one copy in the page cache, and each reads only what it uses (a sharded run: its shards)."""
     path = resolve_checkpoint(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist" + (" or is a folder" if path.exists() else ""))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated file, a pickle with code, not a torch file at all
         raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:

@@ -8,7 +8,10 @@ One process or many (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE): each step dr
 batch's sample indices step*B .. step*B+B-1; each rank takes a disjoint slice, and every sample's
 noise, timestep and text dropout come from a generator seeded by (seed, step, sample index), so the
 maths of a run does not depend on how many processes share it. Gradients are averaged over the
-global batch and synced only on the last micro-step. Rank 0 writes logs and checkpoints.
+global batch: under DDP every rank holds the whole model and gradients are synced on the last
+micro-step; with --shard=true (shard.py, FSDP2) each rank holds 1 / world of the weights, gradients,
+AdamW state and EMA, and gradients are reduce-scattered after every micro-step. Rank 0 writes logs
+and checkpoints; a checkpoint is the same plain file whichever way it was trained.
 
 Data flow of a step (DESIGN.md): clip + heatmap (data.py / flow.py) -> z0 = encode(clip), image
 latent = z0 of frame 0 repeated -> z_t, v (loss.py) -> v_hat = model(z_t, z_img, t, text, fps) ->
@@ -45,6 +48,7 @@ from flow import RAFT, clip_heatmaps
 from loss import Schedule, diffusion_loss, latent_heatmap, q_sample, v_target
 from model import SIZES, ModelConfig, MotifModel
 from sample import ddim_sample, to_uint8_frames
+from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
 from utils import fail, peak_memory_gb, pick_device
 
 
@@ -86,6 +90,9 @@ class Config:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     steps: int = 32000
+    # memory (shard.py; README "Memory per GPU")
+    shard: bool = False  # FSDP2: each rank keeps 1 / world of the U-Net's weights, gradients, AdamW state and EMA
+    offload: bool = False  # with shard: keep those shards in CPU memory and step AdamW there (one 24 GB GPU)
     # bookkeeping
     out_dir: str = "out/recipe"
     seed: int = 0
@@ -169,6 +176,11 @@ def check_config(cfg, world_size):
         raise ValueError(f"frames must be at least 2 (motion needs two frames), not {cfg.frames}")
     if cfg.dtype not in ("auto", "bf16", "fp32") or cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto|cpu|cuda and dtype auto|bf16|fp32 (got {cfg.device}, {cfg.dtype})")
+    if cfg.offload and not cfg.shard:
+        raise ValueError("--offload=true moves the shards of --shard=true to CPU memory: add --shard=true")
+    if cfg.shard and cfg.sample_every:
+        raise ValueError("validation samples (--sample_every) need the whole model on rank 0; with --shard=true "
+                         "set --sample_every=0 and sample the checkpoints with sample.py or eval.py")
     if not cfg.data:
         raise ValueError("no training data: pass --data=DIR (a folder of videos with captions.csv or "
                          "captions.jsonl, see README) or try the built-in demo with --preset shapes")
@@ -234,15 +246,17 @@ def draw_randomness(cfg, step, indices, latent_shape, num_timesteps):
 # ----------------------------------------------------------------------------- processes
 
 def setup_distributed(cfg):
-    """(rank, world size, device): one process, or one of torchrun's (the device from LOCAL_RANK)."""
+    """(rank, world size, device): one process, or one of torchrun's (the device from LOCAL_RANK). A sharded run
+    has a process group even alone (FSDP2 needs one); with offload, gloo carries what is in CPU memory."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = pick_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+    if world > 1 or cfg.shard:
+        backend = ("cuda:nccl,cpu:gloo" if cfg.offload else "nccl") if device.type == "cuda" else "gloo"
+        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if "MASTER_ADDR" not in os.environ else {}
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None, **alone)
     return rank, world, device
 
 
@@ -325,44 +339,52 @@ class Log:
             self.file.close()
 
 
-def setup_model(cfg, device, master, resume):
+def setup_model(cfg, device, master, resume, world, bf16):
     """The model, its AdamW and its EMA (fp32 shadow weights of the trainable parameters): from --init, or fresh
-    (the same initial weights on every rank), then the checkpoint's state when resuming. Returns them and the step."""
+    (the same initial weights on every rank), or the checkpoint's when resuming; then sharded with --shard (shard.py:
+    the optimizer and the EMA hold this rank's shards). Returns them and the step."""
     torch.manual_seed(cfg.seed)
     model = MotifModel(ModelConfig.from_run_config(asdict(cfg))).to(device)
-    if cfg.init and not resume:  # a checkpoint to resume from holds every weight, --init's included
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt:  # it holds every weight, --init's included
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            keys = ("model", "text_encoder", "autoencoder", "pixel_patch")
+            saved, ours = ({k: c.get(k) for k in keys} for c in (ckpt["config"], asdict(cfg)))
+            raise ValueError(f"{resume} holds another model ({saved}) than this config builds ({ours}); "
+                             "resume with its settings or start a new out_dir") from None
+    elif cfg.init:
         message = init_from(model, cfg.init)
         if master:
             print(message)
-    elif not resume and (cfg.autoencoder == "kl-f8" or cfg.text_encoder == "openclip"):
+    elif cfg.autoencoder == "kl-f8" or cfg.text_encoder == "openclip":
         raise ValueError(f"the {cfg.autoencoder} autoencoder and the {cfg.text_encoder} text encoder are frozen and "
                          "need pretrained weights: pass --init=path/to/VideoCrafter2/model.ckpt (see README), or "
                          "train everything from scratch with --autoencoder=pixel --text_encoder=bytes")
+    if cfg.shard:
+        shard_model(model, device, world, bf16, cfg.offload)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=True)  # one kernel for all parameters: 0.34 -> 0.09 s per step at the bench size
-    ema = {name: p.detach().clone().float() for name, p in trainable.items()}
-    if not resume:
+    ema = {name: p.detach().clone().float() for name, p in trainable.items()}  # sharded: this rank's shards
+    if not ckpt:
         return model, optimizer, ema, 0
-    ckpt = load_checkpoint(resume)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        keys = ("model", "text_encoder", "autoencoder", "pixel_patch")
-        saved, ours = ({k: c.get(k) for k in keys} for c in (ckpt["config"], asdict(cfg)))
-        raise ValueError(f"{resume} holds another model ({saved}) than this config builds ({ours}); "
-                         "resume with its settings or start a new out_dir") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if cfg.shard:
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
     for name, shadow in ema.items():
-        shadow.copy_(ckpt["ema"][name])
+        shadow.copy_(local_part(ckpt["ema"][name], shadow))
     if master:
         print(f"resumed from {resume} at step {ckpt['step']}")
     return model, optimizer, ema, ckpt["step"]
 
 
-def forward_backward(cfg, model, ddp, raft, batch, indices, step, schedule, autocast, device, accum, sync):
-    """One micro-batch: encode, heatmaps (cached, or RAFT's here when `raft` is given), noise, predict v, loss, backward
-    (gradients synced across ranks only if `sync`). Returns the loss terms as floats."""
+def forward_backward(cfg, model, wrapped, raft, batch, indices, step, schedule, autocast, device, accum, sync):
+    """One micro-batch: encode, heatmaps (cached, or RAFT's here when `raft` is given), noise, predict v, loss,
+    backward through `wrapped` (the model, in DDP or sharded; gradients synced across ranks only if `sync`).
+    Returns the loss terms as floats."""
     fps = batch["fps"].to(device)  # (b,)
     if "latent" in batch:  # cached by `python prepare.py latents`
         z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
@@ -380,9 +402,9 @@ def forward_backward(cfg, model, ddp, raft, batch, indices, step, schedule, auto
     captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
     z_t = q_sample(schedule, z0, t, noise)  # (b, C, T, h, w)
     v = v_target(schedule, z0, t, noise)  # (b, C, T, h, w)
-    with nullcontext() if sync else ddp.no_sync():
+    with nullcontext() if sync else wrapped.no_sync():
         with autocast:
-            v_hat = ddp(z_t, model.image_latent(z0), t, captions, fps)  # (b, C, T, h, w)
+            v_hat = wrapped(z_t, model.image_latent(z0), t, captions, fps)  # (b, C, T, h, w)
         losses = diffusion_loss(v_hat, v, heatmap, cfg.motif_lambda, cfg.loss_mode)
         (losses["loss"] / accum).backward()
     return {k: value.item() for k, value in losses.items()}
@@ -392,26 +414,29 @@ def update(cfg, model, optimizer, ema, losses, step, world, device):
     """Clip the (synced) gradients and step AdamW and the EMA; or, if any rank saw a non-finite loss or gradient,
     skip the step on every rank. Returns (stepped, gradient norm)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()  # synced: the same on all ranks
+    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)).item()  # the global norm, all ranks
     finite = math.isfinite(losses["loss"]) and math.isfinite(grad_norm)
     stepped = not any_rank(not finite, world, device)
     if stepped:
         optimizer.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # a short memory in the first steps
-        torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in trainable], 1 - decay)
+        # shard by shard when sharded: an EMA shard and its parameter's shard are the same elements
+        torch._foreach_lerp_([local(e) for e in ema.values()], [local(p).detach().float() for p in trainable], 1 - decay)
     optimizer.zero_grad(set_to_none=True)
     return stepped, grad_norm
 
 
-def save(cfg, model, optimizer, ema, step, world, master):
-    """Every rank calls it; rank 0 writes. Non-finite weights are never written over a good checkpoint."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+def save(cfg, model, optimizer, ema, step, world, device, master):
+    """Every rank calls it; rank 0 writes one file, sharded or not (a sharded model's state gathered whole onto
+    rank 0's CPU memory first). Non-finite weights are never written over a good checkpoint."""
+    if any_rank(not all(torch.isfinite(local(p)).all() for p in model.parameters()), world, device):
         raise TrainingStopped(f"non-finite weights at step {step}: not saving; the last good checkpoint stays")
-    if world > 1:
-        dist.barrier()
+    if cfg.shard:
+        state = gather_state(model, optimizer, ema, master)
+    else:
+        state = {"model": model.state_dict(), "ema": ema, "optimizer": optimizer.state_dict()}
     if master:
-        save_checkpoint(cfg.out_dir, {"kind": CHECKPOINT_KIND, "step": step, "config": asdict(cfg),
-                                      "model": model.state_dict(), "ema": ema, "optimizer": optimizer.state_dict()},
+        save_checkpoint(cfg.out_dir, {"kind": CHECKPOINT_KIND, "step": step, "config": asdict(cfg), **state},
                         cfg.keep_checkpoints)
     if world > 1:
         dist.barrier()
@@ -492,17 +517,23 @@ def train(cfg: Config):
     master, accum = rank == 0, cfg.batch_size // (cfg.micro_batch * world)
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master))
+    model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master), world, use_bf16)
     dataset = build_dataset(cfg, model)
     batches = make_batches(cfg, dataset, rank, world, step, device)
     raft = RAFT(cfg.flow_weights, device=device) if cfg.flow_weights and cfg.data != "shapes" else None
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    if world > 1 and not cfg.shard:  # the gradients are views of DDP's all-reduce buckets, not a second copy of them
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True)
+    else:
+        wrapped = model  # alone, or sharded in place
     schedule = Schedule(device=device)
     if master:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         print(f"training {cfg.model} ({sum(p.numel() for p in ema.values()) / 1e6:.1f} M trainable parameters) on "
-              f"{cfg.data}: {world} process(es) on {device.type}, global batch {cfg.batch_size} = {cfg.micro_batch} x "
-              f"{accum} micro-steps x {world}, {'bf16' if use_bf16 else 'fp32'}")
+              f"{cfg.data}: {world} process(es) on {device.type}"
+              + (f", sharded{' and offloaded to CPU memory' if cfg.offload else ''}" if cfg.shard else "")
+              + f", global batch {cfg.batch_size} = {cfg.micro_batch} x {accum} micro-steps x {world}, "
+              f"{'bf16' if use_bf16 else 'fp32'}")
     flops_per_clip = None
     if device.type == "cuda":  # for MFU: the U-Net's forward + backward FLOPs, counted once on the meta device
         latent_size = (cfg.height // model.autoencoder.factor, cfg.width // model.autoencoder.factor)
@@ -521,8 +552,10 @@ def train(cfg: Config):
         losses = dict.fromkeys(LOSS_TERMS, 0.0)
         for micro in range(accum):
             first = step * cfg.batch_size + (micro * world + rank) * cfg.micro_batch
-            terms = forward_backward(cfg, model, ddp, raft, next(batches), range(first, first + cfg.micro_batch), step,
-                                     schedule, autocast, device, accum, sync=world == 1 or micro == accum - 1)
+            # DDP syncs on the last micro-step; sharded gradients are reduce-scattered after each (shard.py)
+            terms = forward_backward(cfg, model, wrapped, raft, next(batches), range(first, first + cfg.micro_batch),
+                                     step, schedule, autocast, device, accum,
+                                     sync=world == 1 or cfg.shard or micro == accum - 1)
             losses = {k: losses[k] + terms[k] / accum for k in LOSS_TERMS}
         stepped, grad_norm = update(cfg, model, optimizer, ema, losses, step, world, device)
         bad_in_a_row = 0 if stepped else bad_in_a_row + 1
@@ -542,7 +575,7 @@ def train(cfg: Config):
         # ---- save (and stop, together, if any rank got a stop signal)
         stopping = any_rank(bool(stop_signals), world, device)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-            save(cfg, model, optimizer, ema, step, world, master)
+            save(cfg, model, optimizer, ema, step, world, device, master)
         if stopping:
             if master:
                 log.bar.write(f"stop signal: saved step {step} to {cfg.out_dir}; continue with --resume")
@@ -551,7 +584,7 @@ def train(cfg: Config):
     log.close()
     if master:
         print(f"done: step {step}, checkpoint {Path(cfg.out_dir) / (Path(cfg.out_dir) / 'latest').read_text().strip()}")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return model
 

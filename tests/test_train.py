@@ -1,4 +1,4 @@
-"""train.py and sample.py end to end on tiny shapes runs: config, resume, torchrun, sampling, bad input."""
+"""train.py and sample.py end to end on tiny shapes runs: config, resume, sampling, bad input (torchrun: test_shard.py)."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ import torch
 
 import train
 from checkpoint import resolve_checkpoint
-from model import ModelConfig, MotifModel
+from model import MotifModel
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--preset=shapes", "--height=16", "--width=16", "--frames=4", "--batch_size=4", "--micro_batch=2",
@@ -50,6 +50,16 @@ def test_bad_config_is_a_clear_error(argv, message):
         train.load_config(argv)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--offload=true"], "add --shard=true"),
+    (["--shard=true", "--sample_every=10"], "set --sample_every=0"),
+    (["--loss_mode=focal"], "motif or inverse"),
+])
+def test_inconsistent_config_is_a_clear_error(argv, message):
+    with pytest.raises(ValueError, match=message):
+        train.check_config(train.load_config(["--preset", "shapes", *argv]), world_size=1)
+
+
 def test_user_errors_exit_with_one_line():
     no_data = run(["train.py"])
     assert no_data.returncode != 0 and no_data.stderr.strip().count("\n") == 0
@@ -60,7 +70,7 @@ def test_user_errors_exit_with_one_line():
     assert bad_size.returncode != 0 and "multiples of 8" in bad_size.stderr and "Traceback" not in bad_size.stderr
 
 
-# ----------------------------------------------------------------------------- resume and torchrun
+# ----------------------------------------------------------------------------- resume
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     torch.set_num_threads(1)
@@ -81,27 +91,6 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
         assert torch.equal(v, final_part["model"][k]), k
     assert final_full["ema"].keys() == final_part["ema"].keys()
     assert all(torch.equal(v, final_part["ema"][k]) for k, v in final_full["ema"].items())
-
-
-def test_two_gloo_processes_match_one_process(tmp_path):
-    args = TINY + ["--steps=3", "--micro_batch=1", "--device=cpu"]
-    one = run(["tests/ddp_worker.py", *args, f"--out_dir={tmp_path / 'one'}"])
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "tests/ddp_worker.py",
-               *args, f"--out_dir={tmp_path / 'two'}"])
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert "2 process(es)" in two.stdout
-    rank0, rank1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    single = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
-    initial = MotifModel(ModelConfig.from_run_config(vars(train.load_config(args))))
-    moved = 0
-    for k, v in rank0.items():
-        assert torch.equal(v, rank1[k]), k  # DDP keeps the ranks identical
-        assert torch.allclose(v, single[k], atol=2e-5, rtol=1e-4), k  # same maths whatever the world size
-        moved += not torch.equal(v, initial.state_dict()[k])
-    assert moved > len(rank0) // 2  # training changed the weights
-    l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert [round(r["loss"], 4) for r in l1] == [round(r["loss"], 4) for r in l2]
 
 
 # ----------------------------------------------------------------------------- sampling
