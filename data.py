@@ -84,17 +84,17 @@ def allowed_motions(obj, size):
     return ["still"] + [name for name, free in room.items() if free >= ROOM_TO_MOVE * size]
 
 
-def make_scene(rng, size=32, num_objects=None):
+def make_scene(rng, size=32, num_objects=None, scale=1.0):
     """The content of a first frame: a background and 1-3 non-overlapping shapes, unique colours.
 
     Returns {"size": int, "background": float (H, W, 3) in [0, 1],
              "objects": [{"colour", "shape", "x", "y", "radius"}]}: centres and half-sizes in
-    pixels, each shape fully inside the frame, between 1/4 and 1/3 of the frame wide."""
+    pixels, each shape fully inside the frame, between 1/4 and 1/3 of the frame wide times `scale`."""
     num_objects = num_objects or int(rng.integers(1, 4))
     colours = rng.choice(list(PALETTE), size=num_objects, replace=False)
     objects = []
     for _ in range(100 * num_objects):                  # rejection sampling of free positions
-        radius = rng.uniform(size / 8, size / 6)
+        radius = rng.uniform(size / 8, size / 6) * scale
         x, y = rng.uniform(radius, size - radius, size=2)
         apart = all(max(abs(x - o["x"]), abs(y - o["y"])) >= radius + o["radius"] + 1 for o in objects)
         if apart:
@@ -171,11 +171,11 @@ class ShapesDataset(torch.utils.data.Dataset):
     motions and strides. The frame stride s ~ U{1..max_stride} scales the motion per frame,
     and fps = base_fps / s tells the model which it was."""
 
-    def __init__(self, split="train", size=32, frames=8, max_stride=2, base_fps=8, seed=0, speed=SPEED):
+    def __init__(self, split="train", size=32, frames=8, max_stride=2, base_fps=8, seed=0, speed=SPEED, shape_scale=1.0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.split, self.size, self.frames, self.max_stride = split, size, frames, max_stride
-        self.base_fps, self.seed, self.speed = base_fps, seed, speed
+        self.base_fps, self.seed, self.speed, self.shape_scale = base_fps, seed, speed, shape_scale
 
     def __len__(self):
         return NOMINAL_LENGTH
@@ -183,7 +183,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         split = SPLITS[self.split]
         scene_rng = np.random.default_rng([self.seed, split, SCENE_STREAM, index // CLIPS_PER_SCENE])
-        scene = make_scene(scene_rng, self.size)
+        scene = make_scene(scene_rng, self.size, scale=self.shape_scale)
         rng = np.random.default_rng([self.seed, split, CLIP_STREAM, index])
         caption, motions = make_caption_and_motions(rng, scene)
         stride = int(rng.integers(1, self.max_stride + 1))
@@ -194,7 +194,7 @@ class ShapesDataset(torch.utils.data.Dataset):
                 "fps": torch.tensor(self.base_fps / stride, dtype=torch.float32)}
 
 
-def held_out_pairs(num_images=64, prompts_per_image=(3, 5), size=32, seed=HELD_OUT_SEED):
+def held_out_pairs(num_images=64, prompts_per_image=(3, 5), size=32, seed=HELD_OUT_SEED, shape_scale=1.0):
     """The fixed benchmark: test-split first frames, each with several prompts.
 
     Image k has 1 + k % 3 shapes (so two thirds of the images hold distractors of other
@@ -207,7 +207,7 @@ def held_out_pairs(num_images=64, prompts_per_image=(3, 5), size=32, seed=HELD_O
     for image_id in range(num_images):
         split = SPLITS["test"]
         scene = make_scene(np.random.default_rng([seed, split, HELD_OUT_SCENE_STREAM, image_id]),
-                           size, num_objects=1 + image_id % 3)
+                           size, num_objects=1 + image_id % 3, scale=shape_scale)
         rng = np.random.default_rng([seed, split, HELD_OUT_PROMPT_STREAM, image_id])
         wanted = int(rng.integers(prompts_per_image[0], prompts_per_image[1] + 1))
         prompts = {}

@@ -209,7 +209,8 @@ def loss_shares(model, cfg, clips=64, seed=0):
     """Per timestep: the share of the squared v-error inside high-motion regions, sum(m' err) / sum(err),
     on `clips` held-out clips (with their captions), and the share of the area that moves, mean(m')."""
     device = next(model.parameters()).device
-    data = ShapesDataset("test", size=cfg["height"], frames=cfg["frames"], max_stride=cfg["max_stride"], seed=seed)
+    data = ShapesDataset("test", size=cfg["height"], frames=cfg["frames"], max_stride=cfg["max_stride"], seed=seed,
+                         shape_scale=cfg.get("shape_scale", 1.0))
     items = [data[i] for i in range(clips)]
     z0 = model.encode_video(torch.stack([item["video"] for item in items]).to(device))  # (N, C, T, h, w)
     m = latent_heatmap(torch.stack([item["heatmap"] for item in items]).to(device), z0.shape[-2:])  # (N, 1, T, h, w)
@@ -261,6 +262,11 @@ def write_strip(model, cfg, entry, path, steps, cfg_scale, seed, scale=4):
 
 # ----------------------------------------------------------------------------- command line
 
+def held_out(cfg, images):
+    """The held-out pairs at a checkpoint's frame size and shape scale (train.py's config as a dict)."""
+    return held_out_pairs(images, size=cfg["height"], shape_scale=cfg.get("shape_scale", 1.0))
+
+
 def load_shapes_model(path, device):
     model, cfg, step = load_model(path, device)
     if cfg.get("data") != "shapes":
@@ -308,7 +314,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         fail(e)
     for index, (path, model, cfg, step) in enumerate(models):
-        entries = held_out_pairs(args.images, size=cfg["height"])
+        entries = held_out(cfg, args.images)
         videos = sample_all(model, cfg, entries, args.steps, args.cfg, args.seed, args.batch)
         row = {"ckpt": str(path), "step": step, **score(entries, videos)}
         if args.loss_shares:
@@ -316,16 +322,16 @@ def main(argv=None):
         results.setdefault("checkpoints", []).append(row)
         write_grid(entries, videos, out / f"grid_{index}_step{step}.gif")
         if args.strip is not None:
-            entry = next(e for e in held_out_pairs(args.strip + 1, size=cfg["height"]) if e["image_id"] == args.strip)
+            entry = next(e for e in held_out(cfg, args.strip + 1) if e["image_id"] == args.strip)
             write_strip(model, cfg, entry, out / f"strip_{index}_step{step}.png", args.steps, args.cfg, args.seed)
         print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                        if not isinstance(v, dict)))
         print("direction accuracy by shapes in the scene: " + " ".join(
             f"{n}: {v:.3f}" for n, v in row["direction_accuracy_by_shapes"].items()) + "; by direction: " + " ".join(
             f"{d}: {v:.3f}" for d, v in row["direction_accuracy_by_direction"].items()))
-    if args.baselines:  # at the checkpoints' size (the first one's), else the demo's 8 frames of 32 x 32
-        size, frames = (models[0][2]["height"], models[0][2]["frames"]) if models else (32, 8)
-        entries = held_out_pairs(args.images, size=size)
+    if args.baselines:  # at the checkpoints' size and shape scale (the first one's), else the demo's 8 frames of 32 x 32
+        cfg = models[0][2] if models else {"height": 32, "frames": 8}
+        entries, frames = held_out(cfg, args.images), cfg["frames"]
         results["ground_truth"] = score(entries, ground_truth(entries, frames))
         results["copy_first_frame"] = score(entries, copy_first_frame(entries, frames))
     write_atomically(out / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))

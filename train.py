@@ -66,8 +66,9 @@ class Config:
     height: int = 320
     width: int = 512
     max_stride: int = 8  # dynamic frame stride: s ~ U[1, max_stride] per clip, fps = source fps / s
+    shape_scale: float = 1.0  # shapes data: the shapes' sizes times this (0.75: about 3 % of the pixels move, as the paper's videos)
     flow_weights: str = ""  # RAFT inside the step for video folders, no heatmap cache: small | large | a .pth ("" = the cache)
-    latents: bool = False  # read the autoencoder's latents from the cache of `python data.py encode` (video folders)
+    latents: bool = False  # read the autoencoder's latents from the cache of `python prepare.py latents` (video folders)
     workers: int = 4  # data loader processes per rank
     # model (model.py)
     model: str = "vc2"  # a size of model.SIZES
@@ -197,7 +198,8 @@ def build_dataset(cfg: Config, model: MotifModel):
     if cfg.data == "shapes":
         if cfg.height != cfg.width:
             raise ValueError(f"shapes videos are square: set height = width (got {cfg.height}x{cfg.width})")
-        return ShapesDataset("train", size=cfg.height, frames=cfg.frames, max_stride=cfg.max_stride, seed=cfg.seed)
+        return ShapesDataset("train", size=cfg.height, frames=cfg.frames, max_stride=cfg.max_stride, seed=cfg.seed,
+                             shape_scale=cfg.shape_scale)
     if not Path(cfg.data).is_dir():
         raise ValueError(f"--data={cfg.data}: no such folder (give a folder of videos with captions.csv "
                          "or captions.jsonl, or use --preset shapes)")
@@ -453,7 +455,7 @@ def validation_set(cfg, dataset):
     on shapes, the first held-out first frames with all their prompts (scored: they carry their scenes and motions);
     on a video folder, the first frames of its first videos with their captions."""
     if cfg.data == "shapes":
-        return held_out_pairs(VALIDATION_IMAGES, size=cfg.height)
+        return held_out_pairs(VALIDATION_IMAGES, size=cfg.height, shape_scale=cfg.shape_scale)
     entries = []
     for video in dataset.videos[:2 * VALIDATION_IMAGES]:
         first = VideoFile(dataset.root / video["path"]).read([0])  # (1, H0, W0, 3)
