@@ -2,6 +2,7 @@
 
     python eval.py --ckpt out/shapes                        # sample the held-out pairs and score them
     python eval.py --ckpt out/motif/ckpt_*.pt --loss-shares  # a curve over checkpoints, + loss shares
+    python eval.py --ckpt out/shapes --text-sensitivity     # does v_hat change when only the direction word does?
     python eval.py --baselines                              # ground truth and copy-the-first-frame
 
 The held-out set is data.held_out_pairs(): test-split first frames, never seen in training, each
@@ -27,12 +28,16 @@ tracking each shape by its colour in every frame:
 the share of the model's squared error that lies in high-motion regions (weighted by the latent
 heatmap m'), next to the share of the area that moves. MotiF should hold it lower than the plain loss.
 
+--text-sensitivity asks whether the model reads the prompt or only notices it: at t = 999, 900 and 500, how
+much v_hat changes when only the direction words change ("moves up" -> "moves left"), and for the empty prompt.
+
 Writes out/results.json and, per checkpoint, a gif grid (conditioning image | heatmap | sample);
 --strip K also writes a PNG per checkpoint: held-out first frame K, one row per prompt "the <first shape>
 moves up / left / down / right / stays still", the frames side by side.
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -227,6 +232,41 @@ def loss_shares(model, cfg, clips=64, seed=0):
             "moving_area_share": m.mean().item()}
 
 
+NEXT_DIRECTION = {"up": "left", "left": "down", "down": "right", "right": "up", "still": "still"}
+SENSITIVITY_TIMESTEPS = (999, 900, 500)
+
+
+@torch.no_grad()
+def text_sensitivity(model, cfg, images=16, seed=0):
+    """Does v_hat depend on what the prompt says, or only on there being one? On the ground-truth clips of the
+    held-out pairs of the first `images` first frames whose prompt asks for a direction, at fixed timesteps (the same
+    noise for every prompt): the relative change ||v_hat(other) - v_hat(caption)|| / ||v_hat(caption)|| when every
+    direction word is replaced by the next of NEXT_DIRECTION ("moves up" -> "moves left", all else kept), and when
+    the caption is replaced by the empty prompt. A model that reads the direction changes v_hat at high t about as
+    much as the clips differ (~1 at t = 999); one that ignores it, hardly at all.
+    Returns {"timesteps", "direction_words", "empty_prompt"}: lists, one value per timestep."""
+    device = next(model.parameters()).device
+    entries = [e for e in held_out(cfg, images) if set(e["motions"].values()) != {"still"}]
+    video = torch.stack([torch.from_numpy(v).permute(3, 0, 1, 2).float() / 127.5 - 1
+                         for v in ground_truth(entries, cfg["frames"])]).to(device)  # (N, 3, T, H, W)
+    z0 = model.encode_video(video)  # (N, C, T, h, w)
+    fps = torch.full((len(entries),), 8.0, device=device)
+    captions = [e["caption"] for e in entries]
+    prompts = {"caption": captions, "empty": [""] * len(entries),
+               "other": [re.sub(r"moves (up|left|down|right)", lambda m: f"moves {NEXT_DIRECTION[m[1]]}", c)
+                         for c in captions]}
+    schedule, generator = Schedule(device=device), torch.Generator().manual_seed(seed)
+    result = {"timesteps": list(SENSITIVITY_TIMESTEPS), "direction_words": [], "empty_prompt": []}
+    for t in SENSITIVITY_TIMESTEPS:
+        timesteps = torch.full((len(entries),), t, device=device)
+        z_t = q_sample(schedule, z0, timesteps, torch.randn(z0.shape, generator=generator).to(device))
+        v = {name: model(z_t, model.image_latent(z0), timesteps, texts, fps) for name, texts in prompts.items()}
+        norm = v["caption"].norm().item()
+        result["direction_words"].append((v["other"] - v["caption"]).norm().item() / norm)
+        result["empty_prompt"].append((v["empty"] - v["caption"]).norm().item() / norm)
+    return result
+
+
 def write_grid(entries, videos, path, count=12, scale=4):
     """A gif: one row per pair, conditioning image | exact heatmap of the intended motion | sample."""
     rows = []
@@ -291,6 +331,8 @@ def main(argv=None):
     p.add_argument("--ckpt", nargs="+", default=[], help="train.py checkpoints of shapes models, or run folders")
     p.add_argument("--baselines", action="store_true", help="also score ground truth and copy-the-first-frame")
     p.add_argument("--loss-shares", action="store_true", help="also measure the moving-region loss share per timestep")
+    p.add_argument("--text-sensitivity", action="store_true",
+                   help="also measure how much v_hat changes when the direction words change, and for the empty prompt")
     p.add_argument("--images", type=int, default=64, help="held-out first frames (3-5 prompts each)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
@@ -319,6 +361,8 @@ def main(argv=None):
         row = {"ckpt": str(path), "step": step, **score(entries, videos)}
         if args.loss_shares:
             row["loss_shares"] = loss_shares(model, cfg, seed=args.seed)
+        if args.text_sensitivity:
+            row["text_sensitivity"] = text_sensitivity(model, cfg, seed=args.seed)
         results.setdefault("checkpoints", []).append(row)
         write_grid(entries, videos, out / f"grid_{index}_step{step}.gif")
         if args.strip is not None:
@@ -337,6 +381,10 @@ def main(argv=None):
     write_atomically(out / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
     print(table(results))
     for row in results.get("checkpoints", []):
+        if "text_sensitivity" in row:
+            s = row["text_sensitivity"]
+            print(f"{row['ckpt']}: relative change of v_hat, other direction words / empty prompt: " + " ".join(
+                f"t{t}: {a:.4f} / {b:.4f}" for t, a, b in zip(s["timesteps"], s["direction_words"], s["empty_prompt"])))
         if "loss_shares" in row:
             shares = row["loss_shares"]
             print(f"{row['ckpt']}: moving-region loss share by timestep "

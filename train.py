@@ -446,7 +446,7 @@ def save(cfg, model, optimizer, ema, step, world, device, master):
 
 # ----------------------------------------------------------------------------- validation samples
 
-VALIDATION_IMAGES = 4  # shapes: the first held-out first frames, each with all its prompts (about 16 pairs)
+VALIDATION_IMAGES = 4  # shapes: the first held-out first frames, each with all its prompts (13 pairs)
 VALIDATION_STEPS = 25  # DDIM steps of a validation sample
 
 

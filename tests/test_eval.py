@@ -97,3 +97,26 @@ def test_figures_pool_over_any_set_of_images():
     part = score([entries[i] for i in first], [videos[i] for i in first])
     assert all(part[k] == pytest.approx(pool([tallies[i] for i in range(5)])[k]) for k in FIGURES)
     assert pool([tallies[0], tallies[0]]) == pytest.approx(pool([tallies[0]]))  # a resampled image counts twice
+
+
+def test_text_sensitivity_sees_whether_the_model_reads_the_direction():
+    """A fresh model's text path is zero-initialised (the transformers' proj_out): no prompt changes v_hat. Once the
+    text can reach the output, the direction words and the empty prompt change it."""
+    import torch
+    from dataclasses import asdict
+
+    import train
+    from eval import text_sensitivity
+    from model import ModelConfig, MotifModel
+    torch.manual_seed(0)
+    cfg = asdict(train.load_config(["--preset", "shapes", "--height=16", "--width=16"]))
+    model = MotifModel(ModelConfig.from_run_config(cfg)).eval()
+    for p in model.unet.out.parameters():  # an output, still without a path from the text
+        torch.nn.init.normal_(p, std=0.05)
+    fresh = text_sensitivity(model, cfg, images=3)
+    assert fresh["timesteps"] == [999, 900, 500] and max(fresh["direction_words"] + fresh["empty_prompt"]) == 0
+    for name, p in model.named_parameters():
+        if name.endswith("proj_out.weight"):
+            torch.nn.init.normal_(p, std=0.05)
+    reading = text_sensitivity(model, cfg, images=3)
+    assert min(reading["direction_words"]) > 1e-4 and min(reading["empty_prompt"]) > 1e-4
