@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # 4 clips a step as 4 micro-batches of 1 in one process, or 2 on each of two ranks: accumulation both ways
 ARGS = ["--preset=shapes", "--height=16", "--width=16", "--frames=4", "--batch_size=4", "--micro_batch=1",
-        "--log_every=1", "--warmup_steps=2", "--device=cpu", "--steps=4", "--ckpt_every=2", "--gradient_checkpointing=true"]
+        "--log_every=1", "--warmup_steps=2", "--device=cpu", "--steps=4", "--ckpt_every=2", "--gradient_checkpointing=true",
+        "--sample_every=0"]
 TERMS = ("loss", "diffusion", "motif", "moving", "static", "grad_norm")
 
 
