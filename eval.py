@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw
 from checkpoint import load_model
 from data import DIRECTIONS, PALETTE, PHRASES, ShapesDataset, held_out_pairs, render_clip, write_video
 from flow import heatmap_from_flow
-from loss import Schedule, latent_heatmap, q_sample, v_target
+from loss import latent_heatmap, q_sample, v_target
 from sample import ddim_sample, ddim_timesteps, to_uint8_frames
 from utils import fail, pick_device, write_atomically
 
@@ -220,7 +220,7 @@ def loss_shares(model, cfg, clips=64, seed=0):
     z0 = model.encode_video(torch.stack([item["video"] for item in items]).to(device))  # (N, C, T, h, w)
     m = latent_heatmap(torch.stack([item["heatmap"] for item in items]).to(device), z0.shape[-2:])  # (N, 1, T, h, w)
     captions, fps = [item["caption"] for item in items], torch.stack([item["fps"] for item in items]).to(device)
-    schedule, generator = Schedule(device=device), torch.Generator().manual_seed(seed)
+    schedule, generator = model.schedule, torch.Generator().manual_seed(seed)
     shares = {}
     for t in SHARE_TIMESTEPS:
         timesteps = torch.full((clips,), t, device=device)
@@ -238,13 +238,17 @@ SENSITIVITY_TIMESTEPS = (999, 900, 500)
 
 @torch.no_grad()
 def text_sensitivity(model, cfg, images=16, seed=0):
-    """Does v_hat depend on what the prompt says, or only on there being one? On the ground-truth clips of the
-    held-out pairs of the first `images` first frames whose prompt asks for a direction, at fixed timesteps (the same
-    noise for every prompt): the relative change ||v_hat(other) - v_hat(caption)|| / ||v_hat(caption)|| when every
-    direction word is replaced by the next of NEXT_DIRECTION ("moves up" -> "moves left", all else kept), and when
-    the caption is replaced by the empty prompt. A model that reads the direction changes v_hat at high t about as
-    much as the clips differ (~1 at t = 999); one that ignores it, hardly at all.
-    Returns {"timesteps", "direction_words", "empty_prompt"}: lists, one value per timestep."""
+    """Does v_hat depend on what the prompt says, or only on there being one? On the held-out pairs of the first
+    `images` first frames whose prompt asks for a direction: the relative change
+    ||v_hat(other) - v_hat(caption)|| / ||v_hat(caption)|| when every direction word is replaced by the next of
+    NEXT_DIRECTION ("moves up" -> "moves left", all else kept), and when the caption is replaced by the empty prompt,
+    - from pure noise at t = 999 (z_t = eps, the same for every prompt): what DDIM's first step sees, where only the
+      image and the text can tell the clip. A model that reads the direction changes v_hat about as much as the clips
+      of two directions differ (~1); one that ignores it, hardly at all;
+    - from the ground-truth clip noised at fixed timesteps: at small frames z_t still shows the motion even at
+      t = 999 under VideoCrafter2's schedule, so there a model need not read the text, and this under-reports it.
+    Returns {"from_noise": {"direction_words", "empty_prompt"}, "timesteps", "direction_words", "empty_prompt"}: the
+    last two lists, one value per timestep."""
     device = next(model.parameters()).device
     entries = [e for e in held_out(cfg, images) if set(e["motions"].values()) != {"still"}]
     video = torch.stack([torch.from_numpy(v).permute(3, 0, 1, 2).float() / 127.5 - 1
@@ -255,15 +259,23 @@ def text_sensitivity(model, cfg, images=16, seed=0):
     prompts = {"caption": captions, "empty": [""] * len(entries),
                "other": [re.sub(r"moves (up|left|down|right)", lambda m: f"moves {NEXT_DIRECTION[m[1]]}", c)
                          for c in captions]}
-    schedule, generator = Schedule(device=device), torch.Generator().manual_seed(seed)
-    result = {"timesteps": list(SENSITIVITY_TIMESTEPS), "direction_words": [], "empty_prompt": []}
-    for t in SENSITIVITY_TIMESTEPS:
+    generator = torch.Generator().manual_seed(seed)
+
+    def changes(z_t, t):
         timesteps = torch.full((len(entries),), t, device=device)
-        z_t = q_sample(schedule, z0, timesteps, torch.randn(z0.shape, generator=generator).to(device))
         v = {name: model(z_t, model.image_latent(z0), timesteps, texts, fps) for name, texts in prompts.items()}
         norm = v["caption"].norm().item()
-        result["direction_words"].append((v["other"] - v["caption"]).norm().item() / norm)
-        result["empty_prompt"].append((v["empty"] - v["caption"]).norm().item() / norm)
+        return (v["other"] - v["caption"]).norm().item() / norm, (v["empty"] - v["caption"]).norm().item() / norm
+
+    words, empty = changes(torch.randn(z0.shape, generator=generator).to(device), model.schedule.num_steps - 1)
+    result = {"from_noise": {"direction_words": words, "empty_prompt": empty},
+              "timesteps": list(SENSITIVITY_TIMESTEPS), "direction_words": [], "empty_prompt": []}
+    for t in SENSITIVITY_TIMESTEPS:
+        timesteps = torch.full((len(entries),), t, device=device)
+        noise = torch.randn(z0.shape, generator=generator).to(device)
+        words, empty = changes(q_sample(model.schedule, z0, timesteps, noise), t)
+        result["direction_words"].append(words)
+        result["empty_prompt"].append(empty)
     return result
 
 
@@ -383,7 +395,8 @@ def main(argv=None):
     for row in results.get("checkpoints", []):
         if "text_sensitivity" in row:
             s = row["text_sensitivity"]
-            print(f"{row['ckpt']}: relative change of v_hat, other direction words / empty prompt: " + " ".join(
+            print(f"{row['ckpt']}: relative change of v_hat, other direction words / empty prompt: from pure noise "
+                  f"{s['from_noise']['direction_words']:.4f} / {s['from_noise']['empty_prompt']:.4f}; noised clip " + " ".join(
                 f"t{t}: {a:.4f} / {b:.4f}" for t, a, b in zip(s["timesteps"], s["direction_words"], s["empty_prompt"])))
         if "loss_shares" in row:
             shares = row["loss_shares"]

@@ -16,12 +16,26 @@ import torch.nn.functional as F
 
 
 class Schedule:
-    """VideoCrafter2's linear schedule: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2 (float64 maths)."""
+    """VideoCrafter2's linear schedule: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2 (float64 maths).
 
-    def __init__(self, num_steps=1000, beta_start=0.00085, beta_end=0.012, device="cpu"):
+    Two options for small frames, where that schedule leaves the content visible even at t = 999 (off for the recipe):
+    - zero_terminal_snr (Lin et al. 2024): sqrt(abar) rescaled linearly so that t = 0 keeps its value and the last
+      step is pure noise, which is what sampling starts from;
+    - shift: the signal-to-noise ratio abar / (1 - abar) divided by shift^2 at every t (as SD3 and "simple diffusion"
+      shift a schedule for another resolution): shift > 1 hides coarse content, such as where a shape goes, over
+      more of the timesteps."""
+
+    def __init__(self, num_steps=1000, beta_start=0.00085, beta_end=0.012, shift=1.0, zero_terminal_snr=False,
+                 device="cpu"):
         self.num_steps = num_steps
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # (1000,) float64
+        abar = torch.cumprod(1 - betas, dim=0)  # (1000,) float64
+        if zero_terminal_snr:
+            root = abar.sqrt()
+            abar = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
+        if shift != 1:
+            abar = abar / (abar + shift ** 2 * (1 - abar))
+        self.alphas_cumprod = abar
         self.sqrt_abar = self.alphas_cumprod.sqrt().float().to(device)
         self.sqrt_one_minus_abar = (1 - self.alphas_cumprod).sqrt().float().to(device)
 

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from loss import Schedule
+
 
 # ----------------------------------------------------------------------------- sizes
 
@@ -37,6 +39,10 @@ class UNetConfig:
     init_attn_heads: int = 8  # the temporal attention after the first conv (VideoCrafter2: 8 x head_channels)
     temporal_dropout: float = 0.1  # dropout inside the temporal conv blocks (VideoCrafter2: 0.1)
     gradient_checkpointing: bool = False
+    # ways for the condition to reach the features beyond cross-attention (all off in VideoCrafter2):
+    scale_shift_norm: bool = False  # ResBlocks: GroupNorm(h) * (1 + scale) + shift from the embedding (ADM; VideoCrafter's use_scale_shift_norm)
+    pooled_text: bool = False  # the mean text token, through an MLP (last layer zero-init), added to the embedding
+    frame_embedding: bool = False  # the frame index, sinusoidal then an MLP (last layer zero-init), added per frame
 
 
 SIZES = {
@@ -216,20 +222,28 @@ class TemporalConvBlock(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, + embedding, GroupNorm-SiLU-conv (zero-init), skip; then the temporal conv block."""
+    """GroupNorm-SiLU-conv, + embedding (or, with scale_shift, GroupNorm(h) * (1 + scale) + shift), GroupNorm-SiLU-conv
+    (zero-init), skip; then the temporal conv block."""
 
-    def __init__(self, channels, emb_channels, out_channels, temporal_dropout):
+    def __init__(self, channels, emb_channels, out_channels, temporal_dropout, scale_shift=False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, (1 + scale_shift) * out_channels))
         self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Identity(),
                                         zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
         self.temopral_conv = TemporalConvBlock(out_channels, temporal_dropout)  # upstream spelling, kept for checkpoints
 
     def forward(self, x, emb, batch_size):  # x (B*T, C, H, W), emb (B*T, E)
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        h = self.skip_connection(x) + self.out_layers(h)  # (B*T, C', H, W)
+        h = self.in_layers(x)  # (B*T, C', H, W)
+        emb = self.emb_layers(emb)[:, :, None, None]  # (B*T, C' or 2C', 1, 1)
+        if self.scale_shift:  # the embedding multiplies the normalised features, as well as shifting them
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb)
+        h = self.skip_connection(x) + h  # (B*T, C', H, W)
         bt, c, hh, ww = h.shape
         video = h.view(batch_size, bt // batch_size, c, hh, ww).transpose(1, 2)  # (B, C', T, H, W)
         return self.temopral_conv(video).transpose(1, 2).reshape(bt, c, hh, ww)
@@ -283,6 +297,14 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.fps_embedding = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.pooled_text:
+            self.text_embedding = nn.Sequential(nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(),
+                                                zero(nn.Linear(emb_dim, emb_dim)))
+        if cfg.frame_embedding:
+            self.frame_embedding = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), zero(nn.Linear(emb_dim, emb_dim)))
+
+        def resblock(channels, out_channels):
+            return ResBlock(channels, emb_dim, out_channels, cfg.temporal_dropout, cfg.scale_shift_norm)
 
         def transformers(channels):
             heads = cfg.heads or channels // cfg.head_channels
@@ -296,7 +318,7 @@ class UNet(nn.Module):
         skip_channels = [ch]
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * cfg.model_channels, cfg.temporal_dropout)]
+                layers = [resblock(ch, mult * cfg.model_channels)]
                 ch = mult * cfg.model_channels
                 if level in cfg.attention_levels:
                     layers += transformers(ch)
@@ -306,13 +328,12 @@ class UNet(nn.Module):
                 self.input_blocks.append(Stage([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.middle_block = Stage([ResBlock(ch, emb_dim, ch, cfg.temporal_dropout), *transformers(ch),
-                                   ResBlock(ch, emb_dim, ch, cfg.temporal_dropout)])
+        self.middle_block = Stage([resblock(ch, ch), *transformers(ch), resblock(ch, ch)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * cfg.model_channels, cfg.temporal_dropout)]
+                layers = [resblock(ch + skip_channels.pop(), mult * cfg.model_channels)]
                 ch = mult * cfg.model_channels
                 if level in cfg.attention_levels:
                     layers += transformers(ch)
@@ -332,7 +353,12 @@ class UNet(nn.Module):
         b, _, frames, height, width = x.shape
         ch = self.cfg.model_channels
         emb = self.time_embed(timestep_embedding(t, ch)) + self.fps_embedding(timestep_embedding(fps, ch))  # (B, E)
+        if self.cfg.pooled_text:
+            emb = emb + self.text_embedding(context.mean(dim=1))  # (B, E)
         emb = emb.repeat_interleave(frames, dim=0)  # (B*T, E)
+        if self.cfg.frame_embedding:
+            index = torch.arange(frames, device=x.device).repeat(b)  # (B*T,): 0..T-1 for each sample
+            emb = emb + self.frame_embedding(timestep_embedding(index, ch))  # (B*T, E)
         h = x.transpose(1, 2).reshape(b * frames, -1, height, width)  # (B*T, C_in, H, W)
 
         skips = []
@@ -663,6 +689,8 @@ class ModelConfig:
     max_text_len: int = 64  # of the bytes text encoder
     temporal_dropout: float = 0.1
     gradient_checkpointing: bool = False
+    noise_shift: float = 1.0  # the noise schedule's (loss.Schedule): signal-to-noise ratio / noise_shift^2 at every t
+    zero_terminal_snr: bool = False  # the noise schedule's: t = 999 is pure noise
 
     @classmethod
     def from_run_config(cls, config: dict) -> "ModelConfig":
@@ -695,6 +723,7 @@ class MotifModel(nn.Module):
             self.text_encoder = BytesTextEncoder(unet_cfg.context_dim, cfg.max_text_len)
         else:
             self.text_encoder = OpenCLIPTextEncoder(cfg.openclip_model)
+        self.schedule = Schedule(shift=cfg.noise_shift, zero_terminal_snr=cfg.zero_terminal_snr)  # for training and sampling
         c = self.autoencoder.latent_channels
         self.unet = UNet(replace(unet_cfg, context_dim=self.text_encoder.width, in_channels=2 * c, out_channels=c,
                                  temporal_dropout=cfg.temporal_dropout,

@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from checkpoint import load_model
 from data import resize_center_crop, write_video
-from loss import Schedule
 from utils import fail, pick_device, write_atomically
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs
@@ -81,7 +80,7 @@ def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, se
     DDIM, eta = 0, v-prediction; each sample's starting noise comes from its own seed. The result is the last
     step's prediction of the clean latent (VideoCrafter returns z at alphas_cumprod[0], which keeps 3 % of noise)."""
     device = next(model.parameters()).device
-    abar = Schedule().alphas_cumprod
+    abar = model.schedule.alphas_cumprod
     b = image.shape[0]
     z_img = model.encode_video(image.to(device)[:, :, None]).expand(-1, -1, frames, -1, -1)  # (B, C, T, h, w): x-cat
     context = model.text_encoder(list(captions) + [""] * b)  # (2B, L, D): text, then the empty prompt

@@ -45,7 +45,7 @@ from data import (ShapesDataset, VideoFile, VideoFolderDataset, heatmap_size, he
                   write_video)
 from eval import score
 from flow import RAFT, clip_heatmaps
-from loss import Schedule, diffusion_loss, latent_heatmap, q_sample, v_target
+from loss import diffusion_loss, latent_heatmap, q_sample, v_target
 from model import SIZES, ModelConfig, MotifModel
 from sample import ddim_sample, to_uint8_frames
 from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
@@ -81,6 +81,8 @@ class Config:
     # objective (loss.py)
     motif_lambda: float = 1.0  # lambda; 0 = plain diffusion loss
     loss_mode: str = "motif"  # motif | inverse (weights static regions: Inv-MotiF)
+    noise_shift: float = 1.0  # noise schedule (loss.Schedule): signal-to-noise ratio / noise_shift^2 at every t
+    zero_terminal_snr: bool = False  # noise schedule: rescaled so that t = 999 is pure noise (Lin et al. 2024)
     text_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
     # optimisation
     batch_size: int = 64  # global batch, whatever the number of processes
@@ -528,7 +530,7 @@ def train(cfg: Config):
                                           gradient_as_bucket_view=True)
     else:
         wrapped = model  # alone, or sharded in place
-    schedule = Schedule(device=device)
+    schedule = model.schedule
     if master:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         print(f"training {cfg.model} ({sum(p.numel() for p in ema.values()) / 1e6:.1f} M trainable parameters) on "
