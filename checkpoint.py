@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import KL_SIZES, KLAutoencoder, ModelConfig, MotifModel, OpenCLIPTextEncoder, UNet
+from encoders import KL_SIZES, KLAutoencoder, OpenCLIPTextEncoder
+from model import ModelConfig, MotifModel, UNet
 from utils import write_atomically
 
 CHECKPOINT_KIND = "motif-ti2v"

@@ -8,7 +8,8 @@ weights of the motion focal loss:
      "heatmap": float32 (T, h, w) in [0, 1]: shapes at pixel resolution, video folders at 1/8 of it
                 (or none: train.py computes it inside the step),
      "caption": str,
-     "fps":     float32 scalar tensor, source fps / frame stride}
+     "fps":     float32 scalar tensor, source fps / frame stride,
+     "index":   int, the item's index: train.py seeds this sample's noise and timestep with it}
 
 Every dataset answers ANY non-negative index (an infinite, deterministic stream), so a resumed
 run or a different world size sees exactly the same samples; `len()` is only nominal.
@@ -84,13 +85,14 @@ def allowed_motions(obj, size):
     return ["still"] + [name for name, free in room.items() if free >= ROOM_TO_MOVE * size]
 
 
-def make_scene(rng, size=32, num_objects=None, scale=1.0):
-    """The content of a first frame: a background and 1-3 non-overlapping shapes, unique colours.
+def make_scene(rng, size=32, num_objects=None, scale=1.0, max_objects=3):
+    """The content of a first frame: a background and 1-max_objects (or num_objects) non-overlapping shapes, unique
+    colours.
 
     Returns {"size": int, "background": float (H, W, 3) in [0, 1],
              "objects": [{"colour", "shape", "x", "y", "radius"}]}: centres and half-sizes in
     pixels, each shape fully inside the frame, between 1/4 and 1/3 of the frame wide times `scale`."""
-    num_objects = num_objects or int(rng.integers(1, 4))
+    num_objects = num_objects or int(rng.integers(1, max_objects + 1))
     colours = rng.choice(list(PALETTE), size=num_objects, replace=False)
     objects = []
     for _ in range(100 * num_objects):                  # rejection sampling of free positions
@@ -171,11 +173,13 @@ class ShapesDataset(torch.utils.data.Dataset):
     motions and strides. The frame stride s ~ U{1..max_stride} scales the motion per frame,
     and fps = base_fps / s tells the model which it was."""
 
-    def __init__(self, split="train", size=32, frames=8, max_stride=2, base_fps=8, seed=0, speed=SPEED, shape_scale=1.0):
+    def __init__(self, split="train", size=32, frames=8, max_stride=2, base_fps=8, seed=0, speed=SPEED, shape_scale=1.0,
+                 max_shapes=3):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         self.split, self.size, self.frames, self.max_stride = split, size, frames, max_stride
         self.base_fps, self.seed, self.speed, self.shape_scale = base_fps, seed, speed, shape_scale
+        self.max_shapes = max_shapes
 
     def __len__(self):
         return NOMINAL_LENGTH
@@ -183,7 +187,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         split = SPLITS[self.split]
         scene_rng = np.random.default_rng([self.seed, split, SCENE_STREAM, index // CLIPS_PER_SCENE])
-        scene = make_scene(scene_rng, self.size, scale=self.shape_scale)
+        scene = make_scene(scene_rng, self.size, scale=self.shape_scale, max_objects=self.max_shapes)
         rng = np.random.default_rng([self.seed, split, CLIP_STREAM, index])
         caption, motions = make_caption_and_motions(rng, scene)
         stride = int(rng.integers(1, self.max_stride + 1))
@@ -191,13 +195,14 @@ class ShapesDataset(torch.utils.data.Dataset):
         return {"video": frames_to_tensor(video).transpose(0, 1),                  # (3, T, H, W)
                 "heatmap": heatmap_from_flow(flow),                               # (T, H, W)
                 "caption": caption,
-                "fps": torch.tensor(self.base_fps / stride, dtype=torch.float32)}
+                "fps": torch.tensor(self.base_fps / stride, dtype=torch.float32),
+                "index": index}
 
 
-def held_out_pairs(num_images=64, prompts_per_image=(3, 5), size=32, seed=HELD_OUT_SEED, shape_scale=1.0):
+def held_out_pairs(num_images=64, prompts_per_image=(3, 5), size=32, seed=HELD_OUT_SEED, shape_scale=1.0, max_shapes=3):
     """The fixed benchmark: test-split first frames, each with several prompts.
 
-    Image k has 1 + k % 3 shapes (so two thirds of the images hold distractors of other
+    Image k has 1 + k % max_shapes shapes (with 3, two thirds of the images hold distractors of other
     colours) and between prompts_per_image[0] and [1] distinct prompts (at least 3: every shape
     can stay still or move two ways). Returns a list of dicts, one per (image, prompt):
         "image_id": k,  "image": uint8 (H, W, 3) first frame,  "caption": str,
@@ -207,7 +212,7 @@ def held_out_pairs(num_images=64, prompts_per_image=(3, 5), size=32, seed=HELD_O
     for image_id in range(num_images):
         split = SPLITS["test"]
         scene = make_scene(np.random.default_rng([seed, split, HELD_OUT_SCENE_STREAM, image_id]),
-                           size, num_objects=1 + image_id % 3, scale=shape_scale)
+                           size, num_objects=1 + image_id % max_shapes, scale=shape_scale)
         rng = np.random.default_rng([seed, split, HELD_OUT_PROMPT_STREAM, image_id])
         wanted = int(rng.integers(prompts_per_image[0], prompts_per_image[1] + 1))
         prompts = {}
@@ -380,8 +385,30 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
-def read_captions(root):
-    """Parse ROOT/captions.csv or ROOT/captions.jsonl, UTF-8 with or without BOM:
+def video_root(data):
+    """The folder the videos' paths are relative to: `data` itself, or the folder of a captions file given by name."""
+    return Path(data).parent if Path(data).is_file() else Path(data)
+
+
+def captions_file(data):
+    """The captions file of `data`: a .csv or .jsonl file named directly (WebVid's results_2M_train.csv as it is), or
+    a folder's captions.csv or captions.jsonl (exactly one of them)."""
+    path = Path(data)
+    if path.is_file():
+        if path.suffix not in (".csv", ".jsonl"):
+            raise ValueError(f"{path}: a captions file is a .csv or a .jsonl")
+        return path
+    if not path.is_dir():
+        raise ValueError(f"video folder {path} does not exist")
+    present = [p for p in (path / "captions.csv", path / "captions.jsonl") if p.is_file()]
+    if len(present) != 1:
+        raise ValueError(f"{path} needs exactly one of captions.csv or captions.jsonl, found {len(present)}")
+    return present[0]
+
+
+def read_captions(data):
+    """Parse a captions file (DATA itself, or DATA/captions.csv or DATA/captions.jsonl: captions_file), UTF-8 with or
+    without BOM; video paths are relative to its folder, ROOT:
       - a CSV with path and caption columns (and optionally fps);
       - WebVid's CSV as it is (columns videoid, name, page_dir, ...): video ROOT/videos/{page_dir}/{videoid}.mp4,
         caption `name`, the container's fps, the layout DynamiCrafter's WebVid dataset reads (webvid_row);
@@ -391,23 +418,15 @@ def read_captions(root):
     None}] for good rows whose file exists; skipped = [(reason, where)] for the others (bad
     encoding, bad JSON, no path, bad path, empty caption, bad fps, missing file). A captions file
     that cannot be parsed at all, or a CSV with neither layout's columns, is a ValueError."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"video folder {root} does not exist")
-    candidates = [root / "captions.csv", root / "captions.jsonl"]
-    present = [path for path in candidates if path.is_file()]
-    if len(present) != 1:
-        raise ValueError(f"{root} needs exactly one of captions.csv or captions.jsonl, found "
-                         f"{len(present)}")
-    captions_file = present[0]
+    listing, root = captions_file(data), video_root(data)
     try:   # undecodable bytes become lone surrogates here, and make their row a "bad encoding" skip
-        text = captions_file.read_text(encoding="utf-8-sig", errors="surrogateescape")
+        text = listing.read_text(encoding="utf-8-sig", errors="surrogateescape")
     except OSError as error:
-        raise ValueError(f"cannot read {captions_file}: {error.strerror}") from None
-    rows = read_csv_rows(captions_file, text) if captions_file.suffix == ".csv" else read_jsonl_rows(captions_file, text)
+        raise ValueError(f"cannot read {listing}: {error.strerror}") from None
+    rows = read_csv_rows(listing, text) if listing.suffix == ".csv" else read_jsonl_rows(listing, text)
     videos, skipped = [], []
     for where, row in rows:
-        where = f"{captions_file.name} {where}"
+        where = f"{listing.name} {where}"
         video, reason = parse_caption_row(row)
         if video is None:
             skipped.append((reason, where))
@@ -560,20 +579,20 @@ class VideoFolderDataset(torch.utils.data.Dataset):
     heatmap cache is stale, is a ValueError at construction."""
 
     def __init__(self, root, frames=16, size=(320, 512), max_stride=8, seed=0, cached_heatmaps=True, latents=""):
-        self.root, self.frames, self.size = Path(root), frames, tuple(size)
+        self.root, self.frames, self.size = video_root(root), frames, tuple(size)
         self.max_stride, self.seed, self.cached_heatmaps, self.latents = max_stride, seed, cached_heatmaps, latents
         if latents and not cached_heatmaps:
             raise ValueError("cached latents need cached heatmaps: computing them in the step needs the frames")
-        self.videos, skipped = read_captions(self.root)
+        self.videos, skipped = read_captions(root)
         if skipped:
             warn(f"{len(skipped)} of {len(skipped) + len(self.videos)} listed videos skipped: {summarise(skipped)}")
         if not self.videos:
             raise ValueError(f"no usable video listed in {self.root}")
         size_text = f"{self.size[0]}x{self.size[1]}"
-        self.heatmaps_command = f"python prepare.py heatmaps {self.root} --size {size_text} --max-stride {max_stride}"
+        self.heatmaps_command = f"python prepare.py heatmaps {root} --size {size_text} --max-stride {max_stride}"
         caches = [("heatmaps", cache_path, self.heatmaps_command)] if cached_heatmaps else []
         if latents:
-            caches.append(("latents", latent_cache_path, f"python prepare.py latents {self.root} --size {size_text} "
+            caches.append(("latents", latent_cache_path, f"python prepare.py latents {root} --size {size_text} "
                            "--init path/to/model.ckpt"))
         for what, path_of, command in caches:
             uncached = {v["path"] for v in self.videos if not path_of(self.root, v["path"], self.size).is_file()}
@@ -612,7 +631,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             if video["path"] in bad_paths:
                 continue
             try:   # a fresh RNG per try: the clip does not depend on which failures were seen before
-                return self.clip(video, np.random.default_rng([self.seed, PICK_STREAM, index]))
+                return {**self.clip(video, np.random.default_rng([self.seed, PICK_STREAM, index])), "index": index}
             except UnusableVideo as error:
                 self.unusable.append((error.reason, video["path"]))
                 warn(f"skipping {video['path']}: {error}; {len(self.unusable)} unusable so far: "

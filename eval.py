@@ -48,7 +48,8 @@ from tqdm import tqdm
 from PIL import Image, ImageDraw
 
 from checkpoint import load_model
-from data import DIRECTIONS, PALETTE, PHRASES, ShapesDataset, held_out_pairs, render_clip, write_video
+from data import (DIRECTIONS, PALETTE, PHRASES, ShapesDataset, frames_to_tensor, held_out_pairs, render_clip,
+                  write_video)
 from flow import heatmap_from_flow
 from loss import latent_heatmap, q_sample, v_target
 from sample import ddim_sample, ddim_timesteps, to_uint8_frames
@@ -202,7 +203,7 @@ def sample_all(model, cfg, entries, steps, cfg_scale, seed, batch):
     videos = []
     for start in tqdm(range(0, len(entries), batch), desc="eval", unit="batch"):
         chunk = entries[start:start + batch]
-        images = torch.stack([torch.from_numpy(e["image"]).permute(2, 0, 1).float() / 127.5 - 1 for e in chunk])
+        images = torch.stack([frames_to_tensor(e["image"][None])[0] for e in chunk])  # (n, 3, H, W)
         out = ddim_sample(model, images, [e["caption"] for e in chunk], cfg["frames"], 8, steps, cfg_scale,
                           [seed + start + i for i in range(len(chunk))], progress=False)
         videos += [to_uint8_frames(v) for v in out]
@@ -215,6 +216,7 @@ def loss_shares(model, cfg, clips=64, seed=0):
     on `clips` held-out clips (with their captions), and the share of the area that moves, mean(m')."""
     device = next(model.parameters()).device
     data = ShapesDataset("test", size=cfg["height"], frames=cfg["frames"], max_stride=cfg["max_stride"], seed=seed,
+                         max_shapes=cfg.get("max_shapes", 3),
                          shape_scale=cfg.get("shape_scale", 1.0))
     items = [data[i] for i in range(clips)]
     z0 = model.encode_video(torch.stack([item["video"] for item in items]).to(device))  # (N, C, T, h, w)
@@ -251,7 +253,7 @@ def text_sensitivity(model, cfg, images=16, seed=0):
     last two lists, one value per timestep."""
     device = next(model.parameters()).device
     entries = [e for e in held_out(cfg, images) if set(e["motions"].values()) != {"still"}]
-    video = torch.stack([torch.from_numpy(v).permute(3, 0, 1, 2).float() / 127.5 - 1
+    video = torch.stack([frames_to_tensor(v).transpose(0, 1)
                          for v in ground_truth(entries, cfg["frames"])]).to(device)  # (N, 3, T, H, W)
     z0 = model.encode_video(video)  # (N, C, T, h, w)
     fps = torch.full((len(entries),), 8.0, device=device)
@@ -297,7 +299,7 @@ def write_strip(model, cfg, entry, path, steps, cfg_scale, seed, scale=4):
     still, one row per prompt (sampled with seed `seed`), the conditioning image then the T frames side by side."""
     obj = entry["scene"]["objects"][0]
     prompts = [f"the {obj['colour']} {obj['shape']} {PHRASES[m]}" for m in ("up", "left", "down", "right", "still")]
-    image = torch.from_numpy(entry["image"]).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+    image = frames_to_tensor(entry["image"][None])[0]  # (3, H, W)
     videos = ddim_sample(model, image[None].expand(len(prompts), -1, -1, -1), prompts, cfg["frames"], 8, steps,
                          cfg_scale, [seed] * len(prompts), progress=False)
     size, gap, label = cfg["height"] * scale, 2, 150
@@ -316,7 +318,8 @@ def write_strip(model, cfg, entry, path, steps, cfg_scale, seed, scale=4):
 
 def held_out(cfg, images):
     """The held-out pairs at a checkpoint's frame size and shape scale (train.py's config as a dict)."""
-    return held_out_pairs(images, size=cfg["height"], shape_scale=cfg.get("shape_scale", 1.0))
+    return held_out_pairs(images, size=cfg["height"], shape_scale=cfg.get("shape_scale", 1.0),
+                          max_shapes=cfg.get("max_shapes", 3))
 
 
 def load_shapes_model(path, device):
@@ -347,7 +350,8 @@ def main(argv=None):
                    help="also measure how much v_hat changes when the direction words change, and for the empty prompt")
     p.add_argument("--images", type=int, default=64, help="held-out first frames (3-5 prompts each)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: the run's cfg_scale, 7.5 unless its config says)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", default="out/eval", help="folder for results.json and the grids")
@@ -368,8 +372,9 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         fail(e)
     for index, (path, model, cfg, step) in enumerate(models):
+        scale = cfg.get("cfg_scale", 7.5) if args.cfg is None else args.cfg
         entries = held_out(cfg, args.images)
-        videos = sample_all(model, cfg, entries, args.steps, args.cfg, args.seed, args.batch)
+        videos = sample_all(model, cfg, entries, args.steps, scale, args.seed, args.batch)
         row = {"ckpt": str(path), "step": step, **score(entries, videos)}
         if args.loss_shares:
             row["loss_shares"] = loss_shares(model, cfg, seed=args.seed)
@@ -379,7 +384,7 @@ def main(argv=None):
         write_grid(entries, videos, out / f"grid_{index}_step{step}.gif")
         if args.strip is not None:
             entry = next(e for e in held_out(cfg, args.strip + 1) if e["image_id"] == args.strip)
-            write_strip(model, cfg, entry, out / f"strip_{index}_step{step}.png", args.steps, args.cfg, args.seed)
+            write_strip(model, cfg, entry, out / f"strip_{index}_step{step}.png", args.steps, scale, args.seed)
         print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                        if not isinstance(v, dict)))
         print("direction accuracy by shapes in the scene: " + " ".join(

@@ -28,7 +28,7 @@ class Schedule:
     def __init__(self, num_steps=1000, beta_start=0.00085, beta_end=0.012, shift=1.0, zero_terminal_snr=False,
                  device="cpu"):
         self.num_steps = num_steps
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64, device="cpu") ** 2
         abar = torch.cumprod(1 - betas, dim=0)  # (1000,) float64
         if zero_terminal_snr:
             root = abar.sqrt()

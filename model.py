@@ -1,4 +1,5 @@
-"""The networks: VideoCrafter2's 3D U-Net with x-cat input, the text encoders, the autoencoders.
+"""The network: VideoCrafter2's 3D U-Net with x-cat input, and MotifModel, which puts it between a text encoder and
+an autoencoder (encoders.py).
 
 Data flow (DESIGN.md): video -> autoencoder.encode -> z0 (B, C, T, h, w); the first frame's
 latent is repeated over T and concatenated on channels with the noisy latent z_t (x-cat);
@@ -7,10 +8,9 @@ prompt -> text encoder -> context (B, L, D); UNet(cat[z_t, z_img], t, context, f
 The U-Net follows VideoCrafter2 (lvdm/modules/networks/openaimodel3d.py) module for module, and
 its attribute names are that code's parameter names (`input_blocks.1.0.in_layers.2.weight`, even
 the upstream spelling `temopral_conv`), so a VideoCrafter2 checkpoint and the reference vectors
-in tests/fixtures load with no key map. The same holds for the full recipe's frozen parts: the
-KL-f8 autoencoder (lvdm's `first_stage_model.*` names) and the OpenCLIP ViT-H-14 text tower
-(`cond_stage_model.model.*`); checkpoint.py loads all three from VideoCrafter2's model.ckpt.
-Attention goes through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+in tests/fixtures load with no key map; checkpoint.py loads it, and the frozen encoders, from VideoCrafter2's
+model.ckpt. Attention goes through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+The U-Net's FLOPs per training clip (for MFU in train.py's log) are counted here, on the meta device.
 """
 import math
 from dataclasses import dataclass, replace
@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
+from encoders import KL_SIZES, BytesTextEncoder, KLAutoencoder, OpenCLIPTextEncoder, PixelAutoencoder, Upsample
 from loss import Schedule
 
 
@@ -32,7 +34,6 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: tuple = (0, 1, 2)  # levels with spatial + temporal transformers
     head_channels: int = 64
-    heads: int = 0  # a fixed number of heads per attention layer (VideoCrafter's num_heads); 0: channels // head_channels
     context_dim: int = 1024
     in_channels: int = 8  # noisy latent + image latent (x-cat)
     out_channels: int = 4
@@ -41,19 +42,24 @@ class UNetConfig:
     gradient_checkpointing: bool = False
     # ways for the condition to reach the features beyond cross-attention (all off in VideoCrafter2):
     scale_shift_norm: bool = False  # ResBlocks: GroupNorm(h) * (1 + scale) + shift from the embedding (ADM; VideoCrafter's use_scale_shift_norm)
-    pooled_text: bool = False  # the mean text token, through an MLP (last layer zero-init), added to the embedding
-    frame_embedding: bool = False  # the frame index, sinusoidal then an MLP (last layer zero-init), added per frame
+    pooled_text: bool = False  # the text, attention-pooled by learned queries, through an MLP (last layer zero-init), added to the embedding
+    frame_embedding: bool = False  # the frame index (sinusoidal, with the pooled text when pooled_text), an MLP (last layer zero-init), added per frame
 
 
 SIZES = {
     # the size of ../shared/reference/unet_vc2_tiny.pt (parity test)
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), head_channels=16, context_dim=64),
-    # the CPU demo on 32x32 shapes videos with the pixel autoencoder at patch 2 (16x16x12 latents)
+    # the CPU demo on 32x32 shapes videos with the pixel autoencoder at patch 2 (16x16x12 latents); the text also
+    # reaches every ResBlock through scale-shift norm, pooled and, per frame, with the frame index (docs/demo-study.md)
     "demo": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
-                       head_channels=32, context_dim=64, init_attn_heads=1),
+                       head_channels=32, context_dim=64, init_attn_heads=1, scale_shift_norm=True, pooled_text=True,
+                       frame_embedding=True),
     # VideoCrafter2's U-Net (1.41 B parameters at 4 input channels)
     "vc2": UNetConfig(),
 }
+
+
+POOL_QUERIES = 4  # learned queries that pool the text for pooled_text
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -66,15 +72,6 @@ def timestep_embedding(t, dim, max_period=10000):
 
 # ----------------------------------------------------------------------------- attention
 
-def attention(q, k, v):
-    """scaled_dot_product_attention of (N, heads, L, d) tensors. On CPU, heads narrower than 16 attending from 64+
-    queries are zero-padded to 16 (the zeros change no score, and the padded outputs are dropped): PyTorch's CPU
-    flash-attention kernel ran 1.2-1.8x faster that way (torch 2.14, AVX-512), and slower for shorter queries."""
-    d = q.shape[-1]
-    if q.device.type == "cpu" and d < 16 and q.shape[-2] >= 64:
-        q, k, v = (F.pad(a, (0, 16 - d)) for a in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)[..., :d]
-    return F.scaled_dot_product_attention(q, k, v)
 
 
 class Attention(nn.Module):
@@ -99,7 +96,7 @@ class Attention(nn.Module):
             x = x.reshape(context.shape[0], -1, dim)  # (B, T*L, dim)
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (., L, heads*d)
         q, k, v = (a.unflatten(-1, (self.heads, -1)).transpose(1, 2) for a in (q, k, v))  # (., heads, L, d)
-        out = attention(q, k, v)  # (., heads, Lq, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (., heads, Lq, d)
         return self.to_out(out.transpose(1, 2).reshape(n, length, -1))  # (N, L, dim)
 
 
@@ -258,15 +255,6 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-class Upsample(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
 class Stage(nn.ModuleList):
     """A sequence of layers that each get what they need: ResBlocks the embedding, transformers the text."""
 
@@ -297,20 +285,21 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.fps_embedding = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        pooled_dim = POOL_QUERIES * cfg.context_dim if cfg.pooled_text else 0
         if cfg.pooled_text:
-            self.text_embedding = nn.Sequential(nn.Linear(cfg.context_dim, emb_dim), nn.SiLU(),
-                                                zero(nn.Linear(emb_dim, emb_dim)))
-        if cfg.frame_embedding:
-            self.frame_embedding = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), zero(nn.Linear(emb_dim, emb_dim)))
+            self.text_pool = nn.Parameter(torch.randn(POOL_QUERIES, cfg.context_dim) * cfg.context_dim ** -0.5)
+            self.text_embedding = nn.Sequential(nn.Linear(pooled_dim, emb_dim), nn.SiLU(), zero(nn.Linear(emb_dim, emb_dim)))
+        if cfg.frame_embedding:  # frame x text: which way the text says, at which frame
+            self.frame_embedding = nn.Sequential(nn.Linear(ch + pooled_dim, emb_dim), nn.SiLU(),
+                                                 zero(nn.Linear(emb_dim, emb_dim)))
 
         def resblock(channels, out_channels):
             return ResBlock(channels, emb_dim, out_channels, cfg.temporal_dropout, cfg.scale_shift_norm)
 
         def transformers(channels):
-            heads = cfg.heads or channels // cfg.head_channels
-            head_dim = channels // cfg.heads if cfg.heads else cfg.head_channels
-            return [SpatialTransformer(channels, heads, head_dim, cfg.context_dim),
-                    TemporalTransformer(channels, heads, head_dim)]
+            heads = channels // cfg.head_channels
+            return [SpatialTransformer(channels, heads, cfg.head_channels, cfg.context_dim),
+                    TemporalTransformer(channels, heads, cfg.head_channels)]
 
         self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(cfg.in_channels, ch, 3, padding=1)])])
         # VideoCrafter2: init_attn_heads x head_channels (512 wide at 320 channels)
@@ -354,11 +343,16 @@ class UNet(nn.Module):
         ch = self.cfg.model_channels
         emb = self.time_embed(timestep_embedding(t, ch)) + self.fps_embedding(timestep_embedding(fps, ch))  # (B, E)
         if self.cfg.pooled_text:
-            emb = emb + self.text_embedding(context.mean(dim=1))  # (B, E)
+            weights = torch.softmax(context @ self.text_pool.T.to(context.dtype), dim=1)  # (B, L, Q): each query's pick of tokens
+            pooled = torch.einsum("blq,bld->bqd", weights, context).flatten(1)  # (B, Q*D)
+            emb = emb + self.text_embedding(pooled)  # (B, E)
         emb = emb.repeat_interleave(frames, dim=0)  # (B*T, E)
         if self.cfg.frame_embedding:
             index = torch.arange(frames, device=x.device).repeat(b)  # (B*T,): 0..T-1 for each sample
-            emb = emb + self.frame_embedding(timestep_embedding(index, ch))  # (B*T, E)
+            frame = timestep_embedding(index, ch).to(emb.dtype)  # (B*T, ch)
+            if self.cfg.pooled_text:
+                frame = torch.cat([frame, pooled.repeat_interleave(frames, dim=0)], dim=1)  # (B*T, ch + Q*D)
+            emb = emb + self.frame_embedding(frame)  # (B*T, E)
         h = x.transpose(1, 2).reshape(b * frames, -1, height, width)  # (B*T, C_in, H, W)
 
         skips = []
@@ -374,306 +368,17 @@ class UNet(nn.Module):
         return y.view(b, frames, -1, height, width).transpose(1, 2)  # (B, C_out, T, H, W)
 
 
-# ----------------------------------------------------------------------------- text encoder
-
-class BytesTextEncoder(nn.Module):
-    """Demo-scale text encoder trained with the U-Net: UTF-8 bytes -> a small transformer -> (B, L, D).
-    The empty prompt (classifier-free guidance's null text) is all padding tokens."""
-
-    PAD = 256
-
-    def __init__(self, dim, max_len=64, layers=2, heads=4):
-        super().__init__()
-        self.max_len = max_len
-        self.width = dim
-        self.token = nn.Embedding(257, dim)
-        self.position = nn.Parameter(torch.randn(max_len, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-
-    def length(self, caption):
-        """Tokens the caption needs (its UTF-8 bytes); more than max_len are cut."""
-        return len(caption.encode("utf-8"))
-
-    def tokenize(self, captions):
-        tokens = torch.full((len(captions), self.max_len), self.PAD, dtype=torch.long)
-        for i, caption in enumerate(captions):
-            data = list(caption.encode("utf-8")[: self.max_len])
-            tokens[i, : len(data)] = torch.tensor(data, dtype=torch.long)
-        return tokens  # (B, L)
-
-    def forward(self, captions):
-        tokens = self.tokenize(captions).to(self.position.device)
-        x = self.token(tokens) + self.position  # (B, L, D)
-        return self.norm(self.encoder(x))  # (B, L, D)
-
-
-def import_open_clip():
-    try:
-        import open_clip
-    except ImportError:
-        raise ImportError("the openclip text encoder needs the open_clip_torch package: "
-                          "pip install open_clip_torch") from None
-    return open_clip
-
-
-class OpenCLIPTextEncoder(nn.Module):
-    """VideoCrafter2's text encoder (FrozenOpenCLIPEmbedder, layer "penultimate"), frozen: captions ->
-    OpenCLIP tokens (B, 77) -> token + position embedding -> every transformer block but the last -> ln_final
-    -> (B, 77, width). `model` is open_clip's own text tower (the vision tower is never built), so the
-    names are those of VideoCrafter2's `cond_stage_model.model.*` and its checkpoint loads with no key map.
-    The empty prompt is "" tokenised as any other: start token, end token, then zeros."""
-
-    def __init__(self, name="ViT-H-14"):
-        super().__init__()
-        open_clip = import_open_clip()
-        clip_cfg = open_clip.get_model_config(name)
-        if clip_cfg is None:
-            raise ValueError(f"open_clip has no model config {name!r} (try ViT-H-14)")
-        # the builder open_clip's CLIP uses for its text half: token_embedding, positional_embedding,
-        # transformer.resblocks.*, ln_final, text_projection; batch-first blocks, causal attention mask
-        self.model = open_clip.model._build_text_tower(clip_cfg["embed_dim"], clip_cfg["text_cfg"],
-                                                       quick_gelu=clip_cfg.get("quick_gelu", False))
-        # CLIP's temperature: unused here, kept because the checkpoint has it (cond_stage_model.model.logit_scale)
-        self.model.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.name = name
-        self.max_len = self.model.context_length  # tokens, start and end included
-        self.width = self.model.width
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode=True):
-        return super().train(False)  # frozen: always in eval mode
-
-    def length(self, caption):
-        """Tokens the caption needs, start and end tokens included; more than max_len are cut."""
-        return len(import_open_clip().get_tokenizer(self.name).encode(caption)) + 2
-
-    def tokenize(self, captions):
-        return import_open_clip().tokenize(captions, context_length=self.max_len)  # (B, L), cut to fit
-
-    def forward(self, captions):
-        tokens = self.tokenize(captions).to(self.model.positional_embedding.device)
-        x = self.model.token_embedding(tokens) + self.model.positional_embedding  # (B, L, D)
-        for block in self.model.transformer.resblocks[:-1]:  # the penultimate layer's output
-            x = block(x, attn_mask=self.model.attn_mask)
-        return self.model.ln_final(x)  # (B, L, D)
-
-
-# ----------------------------------------------------------------------------- autoencoders
-
-def framewise(fn, video, chunk):
-    """Apply fn to the frames of video (B, C, T, H, W), `chunk` frames at a time -> (B, C', T, H', W')."""
-    b, c, t, h, w = video.shape
-    frames = video.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
-    out = torch.cat([fn(part) for part in frames.split(chunk)])  # (B*T, C', H', W')
-    return out.view(b, t, *out.shape[1:]).transpose(1, 2)  # (B, C', T, H', W')
-
-
-class PixelAutoencoder(nn.Module):
-    """No weights: frames as they are, folded space-to-depth by `patch` (3 -> 3*patch^2 channels)."""
-
-    def __init__(self, patch=2):
-        super().__init__()
-        self.patch = patch
-        self.latent_channels = 3 * patch * patch
-        self.factor = patch
-
-    def encode(self, video, sample=False, generator=None):  # (B, 3, T, H, W) in [-1, 1]
-        """Deterministic: `sample` has nothing to draw (it is here for the interface the KL autoencoder shares)."""
-        b, c, t, h, w = video.shape
-        frames = video.transpose(1, 2).reshape(b * t, c, h, w)
-        z = F.pixel_unshuffle(frames, self.patch)  # (B*T, 3p^2, H/p, W/p)
-        return z.view(b, t, *z.shape[1:]).transpose(1, 2)  # (B, 3p^2, T, H/p, W/p)
-
-    def decode(self, z):  # (B, 3p^2, T, h, w)
-        b, c, t, h, w = z.shape
-        frames = F.pixel_shuffle(z.transpose(1, 2).reshape(b * t, c, h, w), self.patch)  # (B*T, 3, H, W)
-        return frames.view(b, t, *frames.shape[1:]).transpose(1, 2)  # (B, 3, T, H, W)
-
-
-@dataclass(frozen=True)
-class KLConfig:
-    ch: int = 128  # width of the first level
-    ch_mult: tuple = (1, 2, 4, 4)  # widths of the levels; each level but the last halves the frame
-    num_res_blocks: int = 2  # per level in the encoder (the decoder has one more)
-    latent_channels: int = 4
-
-
-KL_SIZES = {
-    # the sizes of VideoCrafter's reference vectors (parity tests): tests/fixtures/vae_kl_small.pt (2x smaller, not 8x)
-    # and ../shared/reference/vae_kl_f8_tiny.pt
-    "small": KLConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
-    "tiny": KLConfig(ch=32, num_res_blocks=1),
-    # Stable Diffusion's / VideoCrafter2's autoencoder (83.7 M parameters)
-    "full": KLConfig(),
-}
-
-
-def group_norm(channels):
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-
-class VAEResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, plus a 1x1 conv on the skip when the width changes. No time embedding."""
-
-    def __init__(self, channels, out_channels):
-        super().__init__()
-        self.norm1 = group_norm(channels)
-        self.conv1 = nn.Conv2d(channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
-
-    def forward(self, x):  # (N, C, H, W)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h  # (N, C', H, W)
-
-
-class VAEAttention(nn.Module):
-    """One-head self-attention over the pixels of each frame, 1x1 conv projections, residual."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x):  # (N, C, H, W)
-        n, c, h, w = x.shape
-        x_norm = self.norm(x)
-        q, k, v = (proj(x_norm).flatten(2).transpose(1, 2)[:, None]  # (N, 1, HW, C): one head
-                   for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, 1, HW, C)
-        return x + self.proj_out(out[:, 0].transpose(1, 2).reshape(n, c, h, w))
-
-
-class VAEDownsample(nn.Module):
-    """Stride-2 3x3 conv after padding one pixel on the right and bottom only (the checkpoint's convention)."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class VAELevel(nn.Module):
-    """One resolution: ResBlocks, then the encoder's `downsample` or the decoder's `upsample`, or neither."""
-
-    def __init__(self, channels, out_channels, num_blocks, resample=None):
-        super().__init__()
-        self.block = nn.ModuleList([VAEResBlock(channels if i == 0 else out_channels, out_channels)
-                                    for i in range(num_blocks)])
-        self.resample = resample
-        if resample == "downsample":
-            self.downsample = VAEDownsample(out_channels)
-        elif resample == "upsample":
-            self.upsample = Upsample(out_channels)  # nearest x2, 3x3 conv: the U-Net's, with the same names
-
-    def forward(self, x):
-        for block in self.block:
-            x = block(x)
-        return getattr(self, self.resample)(x) if self.resample else x
-
-
-class VAEMiddle(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.block_1 = VAEResBlock(channels, channels)
-        self.attn_1 = VAEAttention(channels)
-        self.block_2 = VAEResBlock(channels, channels)
-
-    def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class VAEEncoder(nn.Module):
-    """frames (N, 3, H, W) -> (N, 2 * latent_channels, H/f, W/f): the posterior's moments before quant_conv."""
-
-    def __init__(self, cfg: KLConfig):
-        super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
-        last = len(widths) - 1
-        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
-        self.down = nn.ModuleList([VAELevel(c_in, c_out, cfg.num_res_blocks, "downsample" if i < last else None)
-                                   for i, (c_in, c_out) in enumerate(zip([cfg.ch] + widths[:-1], widths))])
-        self.mid = VAEMiddle(widths[-1])
-        self.norm_out = group_norm(widths[-1])
-        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
-
-
-class VAEDecoder(nn.Module):
-    """latents (N, latent_channels, h, w) -> frames (N, 3, h*f, w*f). `up` is indexed by level, run deepest first."""
-
-    def __init__(self, cfg: KLConfig):
-        super().__init__()
-        widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
-        self.mid = VAEMiddle(widths[-1])
-        # level i starts from the width of level i+1 (the deepest from its own)
-        self.up = nn.ModuleList([VAELevel(c_in, c_out, cfg.num_res_blocks + 1, "upsample" if i > 0 else None)
-                                 for i, (c_in, c_out) in enumerate(zip(widths[1:] + widths[-1:], widths))])
-        self.norm_out = group_norm(widths[0])
-        self.conv_out = nn.Conv2d(widths[0], 3, 3, padding=1)
-
-    def forward(self, z):
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class KLAutoencoder(nn.Module):
-    """Stable Diffusion's KL-regularised autoencoder as VideoCrafter2 uses it, frozen: each frame on its own,
-    8x smaller, 4 channels, latents scaled by 0.18215 (about unit variance). The names are lvdm's
-    (`encoder.down.0.block.0.conv1.weight`), so a checkpoint's `first_stage_model.*` loads with no key map.
-    Frames go through `frames_per_chunk` at a time, so a long or large clip needs bounded memory."""
-
-    scale_factor = 0.18215
-
-    def __init__(self, cfg: KLConfig, frames_per_chunk=8):
-        super().__init__()
-        c = cfg.latent_channels
-        self.encoder = VAEEncoder(cfg)
-        self.decoder = VAEDecoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
-        self.post_quant_conv = nn.Conv2d(c, c, 1)
-        self.latent_channels = c
-        self.factor = 2 ** (len(cfg.ch_mult) - 1)
-        self.frames_per_chunk = frames_per_chunk
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode=True):
-        return super().train(False)  # frozen: always in eval mode
-
-    def encode(self, video, sample=False, generator=None):
-        """video (B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H/8, W/8): the posterior mean (or, with sample, a draw
-        from the posterior, noise from `generator`) x 0.18215."""
-        def encode_frames(frames):
-            mean, logvar = self.quant_conv(self.encoder(frames)).chunk(2, dim=1)  # (N, 4, h, w) each
-            if sample:
-                noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-                mean = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise
-            return mean * self.scale_factor
-        return framewise(encode_frames, video.to(self.quant_conv.weight.dtype), self.frames_per_chunk)
-
-    def decode(self, z):
-        """(B, 4, T, h, w) -> video (B, 3, T, 8h, 8w), about [-1, 1] (not clamped)."""
-        def decode_frames(latents):
-            return self.decoder(self.post_quant_conv(latents / self.scale_factor))
-        return framewise(decode_frames, z.to(self.post_quant_conv.weight.dtype), self.frames_per_chunk)
+def training_flops(cfg: UNetConfig, frames, latent_size, context_len):
+    """Model FLOPs of one clip's forward + backward through a U-Net of `cfg` (the MFU in train.py's log): a copy built
+    on the meta device, without gradient checkpointing, where attention counts as its two matmuls."""
+    with torch.device("meta"):
+        unet = UNet(replace(cfg, gradient_checkpointing=False)).train()
+        x = torch.randn(1, cfg.in_channels, frames, *latent_size)  # (1, C_in, T, h, w)
+        t, fps = torch.zeros(1, dtype=torch.long), torch.full((1,), 8.0)
+        context = torch.randn(1, context_len, cfg.context_dim)  # (1, L, D)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, context, fps).square().mean().backward()
+    return counter.get_total_flops()
 
 
 # ----------------------------------------------------------------------------- the TI2V model

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from checkpoint import load_kl_autoencoder, read_state_dict
 from data import (FALLBACK_FPS, ShapesDataset, UnusableVideo, cache_path, frames_to_tensor, heatmap_cache_is_complete,
                   heatmap_size, held_out_pairs, latent_cache_path, load_frames, read_captions, resize_center_crop,
-                  save_npz, summarise, write_video)
+                  save_npz, summarise, video_root, write_video)
 from flow import RAFT, heatmap_from_flow
 from utils import fail, parse_size, pick_device
 
@@ -66,6 +66,7 @@ def demo_video(path, seed, view_size):
 def check_folder(root, frames):
     """Decode every listed video and report which are usable; a ValueError if none is."""
     videos, skipped = read_captions(root)
+    root = video_root(root)  # a captions file given by name: its folder
     usable = 0
     for video in tqdm(videos, desc="decoding", unit="video", disable=None):
         try:
@@ -88,6 +89,7 @@ def cache_heatmaps(root, weights, size, max_stride, device):
     damaged, too-few-strides and older (full-size) ones are (re)computed. Unusable videos are skipped and counted;
     a folder where nothing is usable is a ValueError."""
     videos, skipped = read_captions(root)
+    root = video_root(root)  # a captions file given by name: its folder
     todo = [video for video in videos
             if not heatmap_cache_is_complete(cache_path(root, video["path"], size), size, max_stride)]
     print(f"{root}: {len(videos)} videos listed, {len(videos) - len(todo)} already cached, {len(skipped)} "
@@ -129,6 +131,7 @@ def cache_latents(root, autoencoder, kind, size, device, chunk=16):
     "fps": the container's fps or 0} in data.latent_cache_path. A training clip's latent is then latents[picked]:
     no decoding, no encoder on the training GPU. Existing caches are kept; unusable videos are counted."""
     videos, skipped = read_captions(root)
+    root = video_root(root)  # a captions file given by name: its folder
     todo = [v for v in videos if not latent_cache_path(root, v["path"], size).is_file()]
     print(f"{root}: {len(videos)} videos listed, {len(videos) - len(todo)} already encoded, {len(skipped)} skipped")
     autoencoder = autoencoder.to(device)

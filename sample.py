@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from checkpoint import load_model
-from data import resize_center_crop, write_video
+from data import frames_to_tensor, resize_center_crop, write_video
 from utils import fail, pick_device, write_atomically
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs
@@ -51,7 +51,7 @@ def load_image(path, height, width):
         image = Image.alpha_composite(background, image.convert("RGBA"))
     pixels = np.array(image.convert("RGB"))[None]                        # (1, H0, W0, 3), writable
     pixels = resize_center_crop(pixels, (height, width))[0]              # (H, W, 3)
-    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+    return frames_to_tensor(pixels[None])[0]  # (3, H, W) in [-1, 1]
 
 
 def check_prompt(prompt, model):
@@ -173,7 +173,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="benchmark rows sampled together")
     p.add_argument("--ckpt", default="out/shapes", help="a train.py checkpoint, or its run folder (uses its latest)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: the run's cfg_scale, 7.5 unless its config says)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=8, help="frame rate told to the model and written to the files")
     p.add_argument("--out", default="out/sample", help="one image: output path without extension (.mp4 and .gif "
@@ -192,6 +193,7 @@ def main(argv=None):
             raise ValueError(f"--fps and --batch must be positive (got {args.fps}, {args.batch})")
         rows = read_benchmark(args.prompts, args.images) if args.prompts else None
         model, cfg, step = load_model(args.ckpt, pick_device(args.device), use_ema=not args.no_ema)
+        args.cfg = cfg.get("cfg_scale", 7.5) if args.cfg is None else args.cfg
         print(f"sampling {args.ckpt} (step {step}, {'raw' if args.no_ema else 'EMA'} weights): {cfg['frames']} frames "
               f"at {cfg['height']}x{cfg['width']}, {args.steps} DDIM steps, cfg {args.cfg}, seed {args.seed}")
         if rows:

@@ -24,7 +24,6 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -39,17 +38,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from bench import mfu_peak_flops, unet_training_flops
 from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
-from data import (ShapesDataset, VideoFile, VideoFolderDataset, heatmap_size, held_out_pairs, resize_center_crop,
-                  write_video)
+from data import (ShapesDataset, VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_size, held_out_pairs,
+                  resize_center_crop, write_video)
 from eval import score
 from flow import RAFT, clip_heatmaps
 from loss import diffusion_loss, latent_heatmap, q_sample, v_target
-from model import SIZES, ModelConfig, MotifModel
+from model import SIZES, ModelConfig, MotifModel, training_flops
 from sample import ddim_sample, to_uint8_frames
 from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
-from utils import fail, peak_memory_gb, pick_device
+from utils import autocast, fail, peak_bf16_flops, peak_memory_gb, setup_distributed
 
 
 class TrainingStopped(Exception):
@@ -60,12 +58,14 @@ class TrainingStopped(Exception):
 
 @dataclass
 class Config:
-    # data: a video folder (captions.csv / captions.jsonl inside) or "shapes" (built-in synthetic videos)
+    # data: a video folder (captions.csv / captions.jsonl inside), a captions file (e.g. WebVid's CSV; videos under
+    # its folder) or "shapes" (built-in synthetic videos)
     data: str = ""
     frames: int = 16
     height: int = 320
     width: int = 512
     max_stride: int = 8  # dynamic frame stride: s ~ U[1, max_stride] per clip, fps = source fps / s
+    max_shapes: int = 3  # shapes data: 1 to this many shapes in a scene (the demo: 1)
     shape_scale: float = 1.0  # shapes data: the shapes' sizes times this (0.75: about 3 % of the pixels move, as the paper's videos)
     flow_weights: str = ""  # RAFT inside the step for video folders, no heatmap cache: small | large | a .pth ("" = the cache)
     latents: bool = False  # read the autoencoder's latents from the cache of `python prepare.py latents` (video folders)
@@ -82,8 +82,10 @@ class Config:
     motif_lambda: float = 1.0  # lambda; 0 = plain diffusion loss
     loss_mode: str = "motif"  # motif | inverse (weights static regions: Inv-MotiF)
     noise_shift: float = 1.0  # noise schedule (loss.Schedule): signal-to-noise ratio / noise_shift^2 at every t
+    high_t_share: float = 0.0  # share of samples whose timestep is drawn from the top tenth of the range
     zero_terminal_snr: bool = False  # noise schedule: rescaled so that t = 999 is pure noise (Lin et al. 2024)
     text_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
+    cfg_scale: float = 7.5  # classifier-free guidance of this model's samples (validation, sample.py, eval.py)
     # optimisation
     batch_size: int = 64  # global batch, whatever the number of processes
     micro_batch: int = 8  # clips per process per forward/backward
@@ -201,10 +203,11 @@ def build_dataset(cfg: Config, model: MotifModel):
         if cfg.height != cfg.width:
             raise ValueError(f"shapes videos are square: set height = width (got {cfg.height}x{cfg.width})")
         return ShapesDataset("train", size=cfg.height, frames=cfg.frames, max_stride=cfg.max_stride, seed=cfg.seed,
+                             max_shapes=cfg.max_shapes,
                              shape_scale=cfg.shape_scale)
-    if not Path(cfg.data).is_dir():
-        raise ValueError(f"--data={cfg.data}: no such folder (give a folder of videos with captions.csv "
-                         "or captions.jsonl, or use --preset shapes)")
+    if not Path(cfg.data).exists():
+        raise ValueError(f"--data={cfg.data}: no such folder or file (give a folder of videos with captions.csv or "
+                         "captions.jsonl, a captions file such as WebVid's results_2M_train.csv, or use --preset shapes)")
     if cfg.latents and (cfg.flow_weights or cfg.autoencoder == "pixel"):
         raise ValueError("--latents reads cached kl-f8 latents and cached heatmaps: it goes with --autoencoder=kl-f8 "
                          "and without --flow_weights")
@@ -241,28 +244,16 @@ def draw_randomness(cfg, step, indices, latent_shape, num_timesteps):
     t, noise, drop = [], [], []
     for index in indices:
         g = torch.Generator().manual_seed(sample_seed(cfg.seed, step, index))
-        t.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        low = 0
+        if cfg.high_t_share and torch.rand(1, generator=g).item() < cfg.high_t_share:
+            low = num_timesteps * 9 // 10  # where the motion is decided: z_t holds little of the clip
+        t.append(torch.randint(low, num_timesteps, (1,), generator=g))
         drop.append(torch.rand(1, generator=g).item() < cfg.text_dropout)
         noise.append(torch.randn(latent_shape, generator=g))
     return torch.cat(t), torch.stack(noise), drop
 
 
 # ----------------------------------------------------------------------------- processes
-
-def setup_distributed(cfg):
-    """(rank, world size, device): one process, or one of torchrun's (the device from LOCAL_RANK). A sharded run
-    has a process group even alone (FSDP2 needs one); with offload, gloo carries what is in CPU memory."""
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1 or cfg.shard:
-        backend = ("cuda:nccl,cpu:gloo" if cfg.offload else "nccl") if device.type == "cuda" else "gloo"
-        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if "MASTER_ADDR" not in os.environ else {}
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None, **alone)
-    return rank, world, device
-
 
 def any_rank(flag, world, device):
     """True on every rank if `flag` is true on any: ranks decide together to skip a step or to stop."""
@@ -293,7 +284,7 @@ class Log:
 
     def __init__(self, cfg, world, device, master, flops_per_clip, step):
         self.cfg, self.world, self.device, self.master = cfg, world, device, master
-        self.flops_per_clip, self.peak_flops = flops_per_clip, mfu_peak_flops(device)
+        self.flops_per_clip, self.peak_flops = flops_per_clip, peak_bf16_flops(device)
         self.file = open(Path(cfg.out_dir) / "log.jsonl", "a") if master else None
         self.bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
         self.reset()
@@ -385,64 +376,111 @@ def setup_model(cfg, device, master, resume, world, bf16):
     return model, optimizer, ema, ckpt["step"]
 
 
-def forward_backward(cfg, model, wrapped, raft, batch, indices, step, schedule, autocast, device, accum, sync):
-    """One micro-batch: encode, heatmaps (cached, or RAFT's here when `raft` is given), noise, predict v, loss,
-    backward through `wrapped` (the model, in DDP or sharded; gradients synced across ranks only if `sync`).
-    Returns the loss terms as floats."""
-    fps = batch["fps"].to(device)  # (b,)
+@dataclass
+class TrainState:
+    """What a training step works on: the model (and `wrapped`, the same model in DDP, or itself alone or sharded),
+    AdamW, the EMA (fp32 shadow weights of the trainable parameters, by name), the precision, the processes, and
+    RAFT when heatmaps are computed inside the step (else None)."""
+    cfg: Config
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: dict
+    autocast: object
+    device: torch.device
+    world: int = 1
+    rank: int = 0
+    raft: object = None
+
+
+def model_inputs(state, batch, step):
+    """A micro-batch as the U-Net sees it: z0 (encoded, or read from the latent cache), the heatmap at latent size,
+    and per sample (seeded by its index) t, noise and text dropout, hence z_t and the target v."""
+    cfg, model, device = state.cfg, state.model, state.device
     if "latent" in batch:  # cached by `python prepare.py latents`
         z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
     else:
         video = batch["video"].to(device, non_blocking=True)  # (b, 3, T, H, W)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), state.autocast:
             z0 = model.encode_video(video).float()  # (b, C, T, h, w)
-    if raft is None:  # cached (video folders) or exact (shapes)
+    if state.raft is None:  # cached (video folders) or exact (shapes)
         heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H', W')
     else:  # RAFT on just these clips' frame pairs, batched, at the size of a cached heatmap (the same m')
-        heatmap = clip_heatmaps(raft, video, heatmap_size(video.shape[-2:]))  # (b, T, H/8, W/8)
-    heatmap = latent_heatmap(heatmap, z0.shape[-2:])  # (b, 1, T, h, w)
-    t, noise, drop = draw_randomness(cfg, step, indices, z0.shape[1:], schedule.num_steps)
+        heatmap = clip_heatmaps(state.raft, video, heatmap_size(video.shape[-2:]))  # (b, T, H/8, W/8)
+    t, noise, drop = draw_randomness(cfg, step, batch["index"].tolist(), z0.shape[1:], model.schedule.num_steps)
     t, noise = t.to(device), noise.to(device)
-    captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
-    z_t = q_sample(schedule, z0, t, noise)  # (b, C, T, h, w)
-    v = v_target(schedule, z0, t, noise)  # (b, C, T, h, w)
-    with nullcontext() if sync else wrapped.no_sync():
-        with autocast:
-            v_hat = wrapped(z_t, model.image_latent(z0), t, captions, fps)  # (b, C, T, h, w)
-        losses = diffusion_loss(v_hat, v, heatmap, cfg.motif_lambda, cfg.loss_mode)
-        (losses["loss"] / accum).backward()
+    return {"z_t": q_sample(model.schedule, z0, t, noise),  # (b, C, T, h, w)
+            "z_img": model.image_latent(z0), "t": t, "fps": batch["fps"].to(device),
+            "captions": ["" if d else c for d, c in zip(drop, batch["caption"])],
+            "v": v_target(model.schedule, z0, t, noise),  # (b, C, T, h, w)
+            "heatmap": latent_heatmap(heatmap, z0.shape[-2:])}  # (b, 1, T, h, w)
+
+
+def loss_backward(predict, inputs, cfg, autocast, accum=1):
+    """v_hat = predict(inputs) under autocast, the loss (loss.diffusion_loss: diffusion + lambda * motif) and its
+    backward, scaled by 1 / accum. With update(), the training step: train.py, tools/bench.py and tools/memory.py all
+    run these two. Returns the loss terms as floats."""
+    with autocast:
+        v_hat = predict(inputs)  # (b, C, T, h, w)
+    losses = diffusion_loss(v_hat, inputs["v"], inputs["heatmap"], cfg.motif_lambda, cfg.loss_mode)
+    (losses["loss"] / accum).backward()
     return {k: value.item() for k, value in losses.items()}
 
 
-def update(cfg, model, optimizer, ema, losses, step, world, device):
+def update(state, losses, step):
     """Clip the (synced) gradients and step AdamW and the EMA; or, if any rank saw a non-finite loss or gradient,
     skip the step on every rank. Returns (stepped, gradient norm)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    cfg = state.cfg
+    trainable = [p for p in state.model.parameters() if p.requires_grad]
     grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)).item()  # the global norm, all ranks
     finite = math.isfinite(losses["loss"]) and math.isfinite(grad_norm)
-    stepped = not any_rank(not finite, world, device)
+    stepped = not any_rank(not finite, state.world, state.device)
     if stepped:
-        optimizer.step()
+        state.optimizer.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # a short memory in the first steps
         # shard by shard when sharded: an EMA shard and its parameter's shard are the same elements
-        torch._foreach_lerp_([local(e) for e in ema.values()], [local(p).detach().float() for p in trainable], 1 - decay)
-    optimizer.zero_grad(set_to_none=True)
+        torch._foreach_lerp_([local(e) for e in state.ema.values()], [local(p).detach().float() for p in trainable],
+                             1 - decay)
+    state.optimizer.zero_grad(set_to_none=True)
     return stepped, grad_norm
 
 
-def save(cfg, model, optimizer, ema, step, world, device, master):
+def train_step(state, batches, step):
+    """One step: the learning rate, then micro-batch after micro-batch forward, loss and backward (DDP syncs on the
+    last; sharded gradients are reduce-scattered after each, shard.py), then update(). Returns (the loss terms
+    averaged over the micro-batches, stepped, gradient norm, lr)."""
+    cfg = state.cfg
+    torch.manual_seed(sample_seed(cfg.seed, step, -1 - state.rank))  # the global RNG drives only dropout: resume is exact
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    accum = cfg.batch_size // (cfg.micro_batch * state.world)
+    losses = dict.fromkeys(LOSS_TERMS, 0.0)
+    for micro in range(accum):
+        inputs = model_inputs(state, next(batches), step)
+        sync = state.world == 1 or cfg.shard or micro == accum - 1
+        with nullcontext() if sync else state.wrapped.no_sync():
+            terms = loss_backward(lambda x: state.wrapped(x["z_t"], x["z_img"], x["t"], x["captions"], x["fps"]),
+                                  inputs, cfg, state.autocast, accum)
+        losses = {k: losses[k] + terms[k] / accum for k in LOSS_TERMS}
+    stepped, grad_norm = update(state, losses, step)
+    return losses, stepped, grad_norm, lr
+
+
+def save(state, step):
     """Every rank calls it; rank 0 writes one file, sharded or not (a sharded model's state gathered whole onto
     rank 0's CPU memory first). Non-finite weights are never written over a good checkpoint."""
-    if any_rank(not all(torch.isfinite(local(p)).all() for p in model.parameters()), world, device):
+    cfg, model, master = state.cfg, state.model, state.rank == 0
+    if any_rank(not all(torch.isfinite(local(p)).all() for p in model.parameters()), state.world, state.device):
         raise TrainingStopped(f"non-finite weights at step {step}: not saving; the last good checkpoint stays")
     if cfg.shard:
-        state = gather_state(model, optimizer, ema, master)
+        saved = gather_state(model, state.optimizer, state.ema, master)
     else:
-        state = {"model": model.state_dict(), "ema": ema, "optimizer": optimizer.state_dict()}
+        saved = {"model": model.state_dict(), "ema": state.ema, "optimizer": state.optimizer.state_dict()}
     if master:
-        save_checkpoint(cfg.out_dir, {"kind": CHECKPOINT_KIND, "step": step, "config": asdict(cfg), **state},
+        save_checkpoint(cfg.out_dir, {"kind": CHECKPOINT_KIND, "step": step, "config": asdict(cfg), **saved},
                         cfg.keep_checkpoints)
-    if world > 1:
+    if state.world > 1:
         dist.barrier()
 
 
@@ -457,7 +495,7 @@ def validation_set(cfg, dataset):
     on shapes, the first held-out first frames with all their prompts (scored: they carry their scenes and motions);
     on a video folder, the first frames of its first videos with their captions."""
     if cfg.data == "shapes":
-        return held_out_pairs(VALIDATION_IMAGES, size=cfg.height, shape_scale=cfg.shape_scale)
+        return held_out_pairs(VALIDATION_IMAGES, size=cfg.height, shape_scale=cfg.shape_scale, max_shapes=cfg.max_shapes)
     entries = []
     for video in dataset.videos[:2 * VALIDATION_IMAGES]:
         first = VideoFile(dataset.root / video["path"]).read([0])  # (1, H0, W0, 3)
@@ -466,20 +504,21 @@ def validation_set(cfg, dataset):
 
 
 @torch.no_grad()
-def validate(cfg, model, ema, entries, step, autocast):
+def validate(state, entries, step):
     """Sample `entries` with the EMA weights (swapped into the model, then back: bit for bit), write
     out_dir/samples/step_NNNNNNN.gif (conditioning image | sample, a row per entry) and, on shapes, return the
     ShapesBench figures of these pairs. Each sample's noise comes from its own seed: no training RNG is touched."""
+    cfg, model, ema = state.cfg, state.model, state.ema
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     kept = {name: p.detach().clone() for name, p in trainable.items()}
     for name, p in trainable.items():
         p.copy_(ema[name])
     model.eval()
     try:
-        images = torch.stack([torch.from_numpy(e["image"]).permute(2, 0, 1).float() / 127.5 - 1 for e in entries])
-        with autocast:
+        images = torch.stack([frames_to_tensor(e["image"][None])[0] for e in entries])  # (N, 3, H, W)
+        with state.autocast:
             videos = ddim_sample(model, images, [e["caption"] for e in entries], cfg.frames, 8, VALIDATION_STEPS,
-                                 seeds=range(len(entries)), progress=False)  # (N, 3, T, H, W)
+                                 cfg.cfg_scale, seeds=range(len(entries)), progress=False)  # (N, 3, T, H, W)
     finally:
         for name, p in trainable.items():
             p.copy_(kept[name])
@@ -513,55 +552,50 @@ def make_batches(cfg, dataset, rank, world, step, device):
                                             pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
 
 
-def train(cfg: Config):
-    # ---- setup
-    stop_signals = catch_stop_signals()
-    rank, world, device = setup_distributed(cfg)
+def setup(cfg):
+    """Processes, precision, model, AdamW and EMA (fresh or resumed), RAFT if asked: (TrainState, the step to start
+    from, the dataset)."""
+    rank, world, device = setup_distributed(cfg.device, cfg.shard, cfg.offload)
     check_config(cfg, world)
-    master, accum = rank == 0, cfg.batch_size // (cfg.micro_batch * world)
+    master = rank == 0
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master), world, use_bf16)
     dataset = build_dataset(cfg, model)
-    batches = make_batches(cfg, dataset, rank, world, step, device)
     raft = RAFT(cfg.flow_weights, device=device) if cfg.flow_weights and cfg.data != "shapes" else None
     if world > 1 and not cfg.shard:  # the gradients are views of DDP's all-reduce buckets, not a second copy of them
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           gradient_as_bucket_view=True)
     else:
         wrapped = model  # alone, or sharded in place
-    schedule = model.schedule
+    state = TrainState(cfg, model, wrapped, optimizer, ema, autocast(device, use_bf16), device, world, rank, raft)
     if master:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         print(f"training {cfg.model} ({sum(p.numel() for p in ema.values()) / 1e6:.1f} M trainable parameters) on "
               f"{cfg.data}: {world} process(es) on {device.type}"
               + (f", sharded{' and offloaded to CPU memory' if cfg.offload else ''}" if cfg.shard else "")
-              + f", global batch {cfg.batch_size} = {cfg.micro_batch} x {accum} micro-steps x {world}, "
-              f"{'bf16' if use_bf16 else 'fp32'}")
+              + f", global batch {cfg.batch_size} = {cfg.micro_batch} x {cfg.batch_size // (cfg.micro_batch * world)} "
+              f"micro-steps x {world}, {'bf16' if use_bf16 else 'fp32'}")
+    return state, step, dataset
+
+
+def train(cfg: Config):
+    # ---- setup
+    stop_signals = catch_stop_signals()
+    state, step, dataset = setup(cfg)
+    master, model = state.rank == 0, state.model
+    batches = make_batches(cfg, dataset, state.rank, state.world, step, state.device)
     flops_per_clip = None
-    if device.type == "cuda":  # for MFU: the U-Net's forward + backward FLOPs, counted once on the meta device
+    if state.device.type == "cuda":  # for MFU: the U-Net's forward + backward FLOPs, counted once on the meta device
         latent_size = (cfg.height // model.autoencoder.factor, cfg.width // model.autoencoder.factor)
-        flops_per_clip = unet_training_flops(model.unet.cfg, cfg.frames, latent_size, model.text_encoder.max_len)
-    log = Log(cfg, world, device, master, flops_per_clip, step)
+        flops_per_clip = training_flops(model.unet.cfg, cfg.frames, latent_size, model.text_encoder.max_len)
+    log = Log(cfg, state.world, state.device, master, flops_per_clip, step)
     validation = validation_set(cfg, dataset) if cfg.sample_every and master else None
     bad_in_a_row, skipped = 0, 0
     model.train()
 
     while step < cfg.steps:
-        # ---- step: accum micro-batches, then one update
-        torch.manual_seed(sample_seed(cfg.seed, step, -1 - rank))  # the global RNG drives only dropout: resume is exact
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        losses = dict.fromkeys(LOSS_TERMS, 0.0)
-        for micro in range(accum):
-            first = step * cfg.batch_size + (micro * world + rank) * cfg.micro_batch
-            # DDP syncs on the last micro-step; sharded gradients are reduce-scattered after each (shard.py)
-            terms = forward_backward(cfg, model, wrapped, raft, next(batches), range(first, first + cfg.micro_batch),
-                                     step, schedule, autocast, device, accum,
-                                     sync=world == 1 or cfg.shard or micro == accum - 1)
-            losses = {k: losses[k] + terms[k] / accum for k in LOSS_TERMS}
-        stepped, grad_norm = update(cfg, model, optimizer, ema, losses, step, world, device)
+        # ---- step
+        losses, stepped, grad_norm, lr = train_step(state, batches, step)
         bad_in_a_row = 0 if stepped else bad_in_a_row + 1
         skipped += not stepped
         if bad_in_a_row >= cfg.max_bad_steps:
@@ -574,12 +608,12 @@ def train(cfg: Config):
         if step % cfg.log_every == 0 or step == cfg.steps:
             log.write(step, lr, grad_norm, skipped)
         if validation and step % cfg.sample_every == 0:
-            log.validation(step, validate(cfg, model, ema, validation, step, autocast))
+            log.validation(step, validate(state, validation, step))
 
         # ---- save (and stop, together, if any rank got a stop signal)
-        stopping = any_rank(bool(stop_signals), world, device)
+        stopping = any_rank(bool(stop_signals), state.world, state.device)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-            save(cfg, model, optimizer, ema, step, world, device, master)
+            save(state, step)
         if stopping:
             if master:
                 log.bar.write(f"stop signal: saved step {step} to {cfg.out_dir}; continue with --resume")

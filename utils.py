@@ -1,4 +1,5 @@
-"""What every command shares: the device, HxW sizes, files written atomically, peak memory.
+"""What every command shares: the device and the process group, the autocast context, HxW sizes, files written
+atomically, peak memory and a GPU's peak FLOP/s.
 
 Library functions in this project raise ValueError for anything a user can get wrong; only a
 command's `main` turns it into one line, `error: ...`, and exit status 1 (`fail`).
@@ -6,9 +7,11 @@ command's `main` turns it into one line, `error: ...`, and exit status 1 (`fail`
 import os
 import resource
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 def pick_device(name="auto"):
@@ -20,6 +23,38 @@ def pick_device(name="auto"):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name}, but no CUDA GPU is visible")
     return torch.device(name)
+
+
+def setup_distributed(device="auto", shard=False, offload=False):
+    """(rank, world size, device): one process, or one of torchrun's (RANK / LOCAL_RANK / WORLD_SIZE; the GPU from
+    LOCAL_RANK). A sharded run has a process group even alone (FSDP2 needs one); with offload, gloo carries what is
+    in CPU memory. train.py and tools/memory.py set up their processes here."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = pick_device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 or shard:
+        backend = ("cuda:nccl,cpu:gloo" if offload else "nccl") if device.type == "cuda" else "gloo"
+        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if "MASTER_ADDR" not in os.environ else {}
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None, **alone)
+    return rank, world, device
+
+
+def autocast(device, bf16, cache=True):
+    """The one precision context of a forward: bf16 autocast, or nothing (fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if bf16 else nullcontext()
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
+
+
+def peak_bf16_flops(device):
+    """The dense bf16 peak of the GPU `device` is, for MFU (None on CPU or an unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def parse_size(text):

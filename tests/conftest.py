@@ -6,6 +6,7 @@ it), adds larger optional files: the 22 MB VideoCrafter reference vectors of the
 raft_large, more real clips; the tests that need it are skipped, with the reason, without it.
 """
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +18,13 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+def free_port():
+    """A TCP port nothing listens on now (the OS picks it), for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,11 @@
-"""ablation.py: its statistics on hand-made numbers, and a tiny study that trains, scores and resumes."""
+"""tools/ablation.py: its statistics on hand-made numbers, and a tiny study that trains, scores and resumes."""
 import json
 import math
 
 import numpy as np
 import pytest
 
-import ablation
+from tools import ablation
 
 
 def tallies(per_image):

@@ -1,4 +1,4 @@
-"""bench.py at tiny sizes: its FLOP counting against independent counts, the fields it reports, every mode runs."""
+"""tools/bench.py at tiny sizes: its FLOP counting against independent counts, the fields it reports, every mode runs."""
 import json
 
 import numpy as np
@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import bench
 import data
 import prepare
-from model import SIZES, UNet
+from model import SIZES, UNet, training_flops
+from tools import bench
+from train import Config
 
 
 def test_flops_of_a_linear_layer_forward_and_backward():
@@ -40,15 +41,20 @@ def test_attention_flops_match_an_explicit_matmul_count(device):
         assert sdpa == explicit + matmul  # backward recomputes Q K^T once
 
 
+def state_of(unet):
+    return bench.TrainState(Config(), unet, unet, torch.optim.AdamW(unet.parameters()), {}, bench.nullcontext(),
+                            torch.device("cpu"))
+
+
 def test_model_flops_of_a_tiny_unet_match_a_count_on_the_cpu():
     cfg = SIZES["tiny"]
     opts = bench.resolve(bench.Options(size="tiny", batch=1, frames=2, latent="8x8"))
     inputs = bench.make_inputs(opts, cfg, torch.device("cpu"), 0)
     unet = UNet(cfg).train()
-    run = {"name": "ours", "model": unet, "call": bench.call_ours, "optimizer": torch.optim.AdamW(unet.parameters())}
+    run = {"name": "ours", "model": unet, "call": bench.call_ours, "state": state_of(unet)}
     meta = bench.step_flops(opts, run, cfg, inputs, bench.nullcontext())
     with sdpa_kernel(SDPBackend.MATH):  # attention as plain matmuls on the CPU too
-        cpu = bench.count_flops(lambda: bench.forward_backward(unet, bench.call_ours, inputs, bench.nullcontext()))
+        cpu = bench.count_flops(lambda: bench.forward_backward(unet, bench.call_ours, inputs))
     assert meta == cpu > 0
 
 
@@ -57,21 +63,25 @@ def test_train_py_mfu_counts_the_flops_bench_py_counts_per_clip():
     opts = bench.resolve(bench.Options(size="tiny", batch=3, frames=2, latent="8x8", context_len=5))
     inputs = bench.make_inputs(opts, cfg, torch.device("cpu"), 0)
     unet = UNet(cfg).train()
-    run = {"name": "ours", "model": unet, "call": bench.call_ours, "optimizer": torch.optim.AdamW(unet.parameters())}
+    run = {"name": "ours", "model": unet, "call": bench.call_ours, "state": state_of(unet)}
     per_step = bench.step_flops(opts, run, cfg, inputs, bench.nullcontext())
-    assert bench.unet_training_flops(cfg, frames=2, latent_size=(8, 8), context_len=5) * 3 == per_step > 0
+    assert training_flops(cfg, frames=2, latent_size=(8, 8), context_len=5) * 3 == per_step > 0
 
 
-def test_bench_size_is_the_comparison_network():
+def test_bench_size_is_vc2_shaped():
+    """The comparison network has vc2's heads (64 channels wide; the init temporal attention 8 of them) at a fifth of
+    its width, and vc2's layout of blocks."""
+    cfg = bench.SIZES["bench"]
     with torch.device("meta"):
-        unet = UNet(bench.SIZES["bench"])
+        unet, vc2 = UNet(cfg), UNet(SIZES["vc2"])
     attentions = [m for m in unet.modules() if type(m).__name__ == "Attention"]
-    assert {a.heads for a in attentions} == {8}
+    assert {a.to_q.out_features // a.heads for a in attentions} == {SIZES["vc2"].head_channels}
+    assert unet.init_attn[0].transformer_blocks[0].attn1.heads == SIZES["vc2"].init_attn_heads
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
     assert [s[0].in_layers[2].out_channels for s in unet.input_blocks[1:] if type(s[0]).__name__ == "ResBlock"] == \
-        [64, 64, 128, 128, 256, 256, 256, 256]
-    assert unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k.in_features == 256  # context 256
-    # VideoCrafter's UNetModel built as bench.py builds it (measured with its lvdm code) has this many parameters
-    assert sum(p.numel() for p in unet.parameters()) == 56_813_252
+        [w for w in widths for _ in range(cfg.num_res_blocks)]
+    assert [type(m).__name__ for m in unet.modules()] == [type(m).__name__ for m in vc2.modules()]
+    assert unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k.in_features == cfg.context_dim
 
 
 def run_bench(tmp_path, *args):

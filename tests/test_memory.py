@@ -1,23 +1,25 @@
-"""memory.py at tiny sizes: what it counts per rank, and the arithmetic of the full recipe's table."""
+"""tools/memory.py at tiny sizes: what it counts per rank, and the arithmetic of the full recipe's table."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import memory
+from model import SIZES, UNet
+from tools import memory
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def test_states_counts_each_kind_of_state(tmp_path):
-    result = subprocess.run([sys.executable, "memory.py", "--what=states", "--size=demo", "--frames=4", "--latent=8x8",
+    result = subprocess.run([sys.executable, "-m", "tools.memory", "--what=states", "--size=demo", "--frames=4", "--latent=8x8",
                              "--steps=2", f"--out={tmp_path}"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(next(tmp_path.glob("states_demo_ddp1_*.json")).read_text())["result"]
-    params, tensors, rank = report["params"], 712, report["ranks"][0]
-    assert report["world"] == 1 and params == 2_810_308
+    unet = UNet(SIZES["demo"])  # what the run built: its parameters, and AdamW's step count per tensor
+    params, tensors, rank = report["params"], len(list(unet.parameters())), report["ranks"][0]
+    assert report["world"] == 1 and params == sum(p.numel() for p in unet.parameters())
     for kind, size in (("weights", 4 * params), ("gradients", 4 * params), ("ema", 4 * params),
                        ("adamw", 8 * params + 4 * tensors)):  # two fp32 moments, and fused AdamW's fp32 step count
         assert round(rank[f"{kind}_gib"] * memory.GIB) == size, kind

@@ -7,7 +7,8 @@ import torch
 
 from checkpoint import load_t2v_unet
 from conftest import regenerate_weights
-from model import SIZES, BytesTextEncoder, ModelConfig, MotifModel, PixelAutoencoder, UNet, UNetConfig
+from encoders import BytesTextEncoder, PixelAutoencoder
+from model import SIZES, ModelConfig, MotifModel, UNet, UNetConfig
 
 
 def randomize(module, seed=0):

@@ -12,7 +12,7 @@ import data
 import flow
 import prepare
 import train
-from model import KL_SIZES, KLAutoencoder
+from encoders import KL_SIZES, KLAutoencoder
 from test_data import BAD, FRAMES, GOOD, MAX_STRIDE, cached_pairs, one_line_error, rows, run, write_csv, write_videos
 
 

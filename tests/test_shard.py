@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, load_model
+from conftest import free_port
 from model import ModelConfig, MotifModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +30,8 @@ TERMS = ("loss", "diffusion", "motif", "moving", "static", "grad_norm")
 def command(processes, script="train.py"):
     if processes == 1:
         return [sys.executable, script]
-    port = str(29700 + random.Random().randrange(200))
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}", script]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+            f"--master_port={free_port()}", script]
 
 
 def train(out_dir, processes=1, *extra, script="train.py"):

@@ -233,7 +233,7 @@ def test_huge_images_and_bad_eval_input_are_one_line_errors(tiny_ckpt, tmp_path)
 def test_ddim_returns_the_clean_video_when_the_model_knows_it():
     """An oracle that answers the exact v for a known z0: DDIM (any steps, any guidance) must land on z0."""
     from loss import Schedule
-    from model import PixelAutoencoder
+    from encoders import PixelAutoencoder
     from sample import ddim_sample
     abar = Schedule().alphas_cumprod.float()
 

@@ -1,8 +1,9 @@
-"""The paper's ablation, with error bars: does the motion focal loss make the text count?
+"""The paper's ablation, with error bars: does the motion focal loss make the text count? A tool (run from the
+repository's root); nothing in the method imports it.
 
-    python ablation.py --out out/ablation                      # the default study, resumable
-    python ablation.py --out out/ablation --jobs 2             # two runs at a time (one CPU thread each)
-    python ablation.py --out out/big --seeds 8 --set steps=4000 --set device=cuda     # a bigger one
+    python -m tools.ablation --out out/ablation                      # the default study, resumable
+    python -m tools.ablation --out out/ablation --jobs 2             # two runs at a time (one CPU thread each)
+    python -m tools.ablation --out out/big --seeds 8 --set steps=4000 --set device=cuda     # a bigger one
 
 Three studies of the shapes demo (train.py --preset shapes, changed by --set KEY=VALUE):
 - losses: MotiF (lambda = 1), no MotiF (lambda = 0) and Inv-MotiF, --seeds seeds each;

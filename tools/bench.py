@@ -1,16 +1,17 @@
-"""Benchmarks: a training step of the U-Net, DDIM sampling, RAFT motion heatmaps.
+"""Benchmarks: a training step of the U-Net, DDIM sampling, RAFT motion heatmaps. A tool: nothing in the method
+imports it; run it from the repository's root.
 
-    python bench.py                                  # training step of the "bench" size on CPU (2 x 8 x 32x32)
-    python bench.py --size vc2 --batch 2 --frames 16 --latent 40x64 --dtype bf16 --checkpointing   # GPU: 320x512
-    python bench.py --compare videocrafter,diffusers,diffusers-hd8 --videocrafter ~/VideoCrafter --threads 1
-    python bench.py --what sample --size vc2 --frames 16 --latent 40x64 --dtype bf16
-    python bench.py --what heatmap --size 320x512 --frames 16 --raft tests/fixtures/raft_small.pth
-    python bench.py --what data --data videos --frames 16 --max-stride 8 --threads 1     # a video folder's data costs
+    python -m tools.bench                            # training step of the "bench" size on CPU (2 x 8 x 32x32)
+    python -m tools.bench --size vc2 --batch 2 --frames 16 --latent 40x64 --dtype bf16 --checkpointing   # GPU: 320x512
+    python -m tools.bench --compare videocrafter,diffusers --videocrafter ~/VideoCrafter --threads 2
+    python -m tools.bench --what sample --size vc2 --frames 16 --latent 40x64 --dtype bf16
+    python -m tools.bench --what heatmap --size 320x512 --frames 16 --raft tests/fixtures/raft_small.pth
+    python -m tools.bench --what data --data videos --frames 16 --max-stride 8 --threads 1   # a video folder's costs
 
 --what train times one training step: forward + backward + AdamW step of the U-Net on random inputs of the
 size asked (x-cat latents, timesteps, fps, and a random text context of 77 tokens: the text encoder is not
-part of the U-Net step and is not timed), with train.py's loss (diffusion + motion focal loss, random
-heatmap) and its precision (--dtype bf16: autocast around the forward). It reports the median step time
+part of the U-Net step and is not timed), through train.py's own step (train.loss_backward: autocast forward,
+diffusion + motion focal loss on a random heatmap, backward; train.update: gradient clipping, fused AdamW, EMA). It reports the median step time
 after --warmup steps and its spread, clips/s, peak memory (CUDA max allocated; on CPU the peak RSS of
 the process), parameters, FLOPs per step and FLOP/s (and MFU against the GPU's bf16 peak).
 
@@ -19,7 +20,8 @@ same model built on the meta device, without gradient checkpointing, where scale
 decomposes into its matmuls; every contender is counted the same way, whichever kernels it runs.
 --flops device counts on the real device instead (executed FLOPs: flash attention's backward recomputes
 Q K^T, checkpointing recomputes the forward); bench.py registers the formulas PyTorch lacks for the CPU
-flash-attention ops, so CPU attention counts there as it does on GPU.
+flash-attention ops, so CPU attention counts there as it does on GPU. train.py's MFU counts ours the same way
+(model.training_flops).
 
 --what data measures, per video of the folder --data (captions.csv/.jsonl), what a training item of --frames frames
 at --size with a stride up to --max-stride costs today and now: decoding (the whole video, or the clip's frames
@@ -36,9 +38,7 @@ most allocated during its steps less the other models' weights and optimizer sta
 RSS of a fresh process running that contender alone. The baselines are imported only when asked for:
   videocrafter   github.com/AILab-CVC/VideoCrafter's UNetModel (lvdm), from the checkout --videocrafter
                  names (pip install einops); without xformers its attention is the einsum path.
-  diffusers      diffusers' UNet3DConditionModel (pip install diffusers), built with our size's heads.
-  diffusers-hd8  the same with attention_head_dim=8 as written, which diffusers' 3-D blocks read as a
-                 head *width* of 8 (8, 16, 32 heads at widths 64, 128, 256).
+  diffusers      diffusers' UNet3DConditionModel (pip install diffusers), built with our size's head width.
 """
 import argparse
 import dataclasses
@@ -62,21 +62,22 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
 from data import (VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_cache_is_complete, heatmap_size, cache_path,
                   load_frames, read_captions, resize_center_crop)
 from flow import RAFT, frame_heatmaps, pair_heatmaps, video_heatmap
-from loss import diffusion_loss, latent_heatmap
+from encoders import KL_SIZES, KLAutoencoder
+from loss import latent_heatmap
 from model import SIZES as MODEL_SIZES
-from model import KL_SIZES, KLAutoencoder, ModelConfig, MotifModel, UNet, UNetConfig
+from model import ModelConfig, MotifModel, UNet, UNetConfig, training_flops
 from sample import ddim_sample
-from utils import fail, parse_size, peak_memory_gb, pick_device, write_atomically
+from train import Config, TrainState, loss_backward, update
+from utils import PEAK_BF16_FLOPS, autocast, fail, parse_size, peak_bf16_flops, peak_memory_gb, pick_device, write_atomically
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
     **MODEL_SIZES,
-    # the CPU comparison with VideoCrafter's and diffusers' code: widths (64, 128, 256, 256), 8 heads in every attention
-    # layer (head dim = width / 8), context 256. The init temporal attention is 8 heads of 8 (64 wide): the only
-    # form both baselines can build with 8 heads (diffusers' transformer_in is the same)
-    "bench": UNetConfig(model_channels=64, head_channels=8, heads=8, context_dim=256),
+    # the CPU comparison with VideoCrafter's and diffusers' code: vc2's shape (2 res blocks, attention at 3 levels,
+    # heads of 64 channels, an init temporal attention of 8 heads of 64) at a fifth of its width: widths
+    # (64, 128, 256, 256), so 1, 2, 4, 4 heads; context 256
+    "bench": UNetConfig(model_channels=64, context_dim=256),
 }
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Options:
     threads: int = 0  # torch.set_num_threads on CPU (0: PyTorch's default)
     warmup: int = -1  # untimed runs first (-1: 2 for train, 1 otherwise)
     steps: int = 0  # timed runs (0: 10 for train, 3 for sample, 5 for heatmap)
-    compare: str = ""  # train: baselines to run beside ours, comma separated: videocrafter, diffusers, diffusers-hd8
+    compare: str = ""  # train: baselines to run beside ours, comma separated: videocrafter, diffusers
     only: str = ""  # train: run this one contender alone instead of ours (ours | videocrafter | diffusers | ...)
     videocrafter: str = ""  # path to a checkout of github.com/AILab-CVC/VideoCrafter (for videocrafter)
     context_len: int = 77  # tokens of the random text context
@@ -219,66 +220,39 @@ def import_videocrafter(opts):
 
 def build_videocrafter(opts, cfg):
     """VideoCrafter's UNetModel configured as VideoCrafter2 (use_linear, temporal conv and attention, self-attention
-    only in time, no relative position, the extra temporal attention after the first conv, fps conditioning).
-    With a fixed head count (our `heads`), its init_attn cannot be built (it takes num_head_channels as its head
-    width, -1 then): the model is built without it and given one made of its own TemporalTransformer, 8 heads of
-    model_channels / 8, as ours."""
+    only in time, no relative position, the extra temporal attention after the first conv, fps conditioning)."""
     openaimodel3d, attention = import_videocrafter(opts)
     if getattr(attention, "XFORMERS_IS_AVAILBLE", False):
         print("note: xformers is installed, so VideoCrafter's spatial attention runs through it (not the einsum path)")
-    heads = dict(num_heads=cfg.heads) if cfg.heads else dict(num_head_channels=cfg.head_channels)
-    common = dict(context_dim=cfg.context_dim, use_checkpoint=cfg.gradient_checkpointing, only_self_att=True,
-                  causal_attention=False, relative_position=False, temporal_length=opts.frames)
-    model = openaimodel3d.UNetModel(
+    if cfg.init_attn_heads != 8:
+        raise ValueError("VideoCrafter's init_attn has 8 heads; this size has another number")
+    return openaimodel3d.UNetModel(
         in_channels=cfg.in_channels, out_channels=cfg.out_channels, model_channels=cfg.model_channels,
         attention_resolutions=[2 ** level for level in cfg.attention_levels], num_res_blocks=cfg.num_res_blocks,
-        channel_mult=list(cfg.channel_mult), transformer_depth=1, dropout=0.0, context_dim=cfg.context_dim,
-        use_linear=True, use_checkpoint=cfg.gradient_checkpointing, temporal_conv=True, temporal_attention=True,
-        temporal_selfatt_only=True, use_relative_position=False, use_causal_attention=False,
-        temporal_length=opts.frames, addition_attention=not cfg.heads, fps_cond=True, **heads)
-    if cfg.heads:
-        model.init_attn = openaimodel3d.TimestepEmbedSequential(attention.TemporalTransformer(
-            cfg.model_channels, n_heads=cfg.init_attn_heads, d_head=cfg.model_channels // cfg.init_attn_heads,
-            depth=1, **common))
-        model.addition_attention = True
-    elif cfg.init_attn_heads != 8:
-        raise ValueError("VideoCrafter's init_attn has 8 heads; this size has another number")
-    return model
+        channel_mult=list(cfg.channel_mult), num_head_channels=cfg.head_channels, transformer_depth=1, dropout=0.0,
+        context_dim=cfg.context_dim, use_linear=True, use_checkpoint=cfg.gradient_checkpointing, temporal_conv=True,
+        temporal_attention=True, temporal_selfatt_only=True, use_relative_position=False, use_causal_attention=False,
+        temporal_length=opts.frames, addition_attention=True, fps_cond=True)
 
 
 def call_videocrafter(model, x):
     return model(x["x"], x["t"], context=x["context"], fps=x["fps"])
 
 
-def build_diffusers(opts, cfg, head_width_8=False):
-    """diffusers' UNet3DConditionModel of the same widths, depth and attention levels. Its 3-D blocks read
-    attention_head_dim as the head *width* (heads = width / value): our fixed head count needs one value per
-    level, width / heads, and its transformer_in (8 heads x attention_head_dim) cannot take a tuple, so it is
-    built with the width model_channels / 8 while the model is constructed (ours: 8 heads of model_channels / 8)."""
+def build_diffusers(opts, cfg):
+    """diffusers' UNet3DConditionModel of the same widths, depth, attention levels and head width (its 3-D blocks read
+    attention_head_dim as the head width; its transformer_in is 8 heads of it, as our init_attn)."""
     try:
-        import diffusers.models.unets.unet_3d_condition as u3d
         from diffusers import UNet3DConditionModel
     except ImportError:
         raise ValueError("the diffusers baseline needs diffusers: pip install diffusers") from None
-    levels = len(cfg.channel_mult)
-    widths = tuple(cfg.model_channels * m for m in cfg.channel_mult)
-    attends = [level in cfg.attention_levels for level in range(levels)]
-    kwargs = dict(
-        sample_size=None, in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=widths,
-        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim, norm_num_groups=32,
+    attends = [level in cfg.attention_levels for level in range(len(cfg.channel_mult))]
+    model = UNet3DConditionModel(
+        sample_size=None, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult), layers_per_block=cfg.num_res_blocks,
+        cross_attention_dim=cfg.context_dim, norm_num_groups=32, attention_head_dim=cfg.head_channels,
         down_block_types=tuple("CrossAttnDownBlock3D" if a else "DownBlock3D" for a in attends),
         up_block_types=tuple("CrossAttnUpBlock3D" if a else "UpBlock3D" for a in reversed(attends)))
-    if head_width_8 or not cfg.heads:
-        model = UNet3DConditionModel(attention_head_dim=8 if head_width_8 else cfg.head_channels, **kwargs)
-    else:
-        temporal_model = u3d.TransformerTemporalModel
-        init_width = cfg.model_channels // cfg.init_attn_heads
-        u3d.TransformerTemporalModel = lambda *a, attention_head_dim, **k: temporal_model(
-            *a, attention_head_dim=init_width, **k)
-        try:
-            model = UNet3DConditionModel(attention_head_dim=tuple(w // cfg.heads for w in widths), **kwargs)
-        finally:
-            u3d.TransformerTemporalModel = temporal_model
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
@@ -292,8 +266,6 @@ CONTENDERS = {
     "ours": (build_ours, call_ours, "model.UNet"),
     "videocrafter": (build_videocrafter, call_videocrafter, "VideoCrafter lvdm UNetModel (einsum attention)"),
     "diffusers": (build_diffusers, call_diffusers, "diffusers UNet3DConditionModel, same heads; no fps embedding"),
-    "diffusers-hd8": (lambda opts, cfg: build_diffusers(opts, cfg, head_width_8=True), call_diffusers,
-                      "diffusers, attention_head_dim=8: head width 8 in its 3-D blocks; no fps embedding"),
 }
 
 
@@ -311,22 +283,19 @@ def make_inputs(opts, cfg, device, seed):
     return {k: v.to(device) for k, v in x.items()}
 
 
-def training_step(model, call, inputs, optimizer, autocast):
-    """forward (under autocast) -> train.py's loss -> backward -> AdamW step."""
-    optimizer.zero_grad(set_to_none=True)
-    with autocast:
-        v_hat = call(model, inputs)
-    diffusion_loss(v_hat, inputs["v"], inputs["heatmap"])["loss"].backward()
-    optimizer.step()
+def training_step(run, inputs, step):
+    """train.py's step on random inputs, for any contender: train.loss_backward (autocast forward, diffusion + motion
+    focal loss, backward), then train.update (gradient clipping, fused AdamW, EMA)."""
+    state = run["state"]
+    update(state, loss_backward(lambda x: run["call"](state.model, x), inputs, state.cfg, state.autocast), step)
 
 
-def forward_backward(model, call, inputs, autocast):
-    with autocast:
-        v_hat = call(model, inputs)
-    diffusion_loss(v_hat, inputs["v"], inputs["heatmap"])["loss"].backward()
+def forward_backward(model, call, inputs):
+    """A forward and a backward for FlopCounterMode (the loss's elementwise work counts no FLOPs)."""
+    call(model, inputs).float().square().mean().backward()
 
 
-def step_flops(opts, run, cfg, inputs, autocast):
+def step_flops(opts, run, cfg, inputs, precision):
     """FLOPs of one forward + backward of a contender: model FLOPs (a copy built on the meta device, no gradient
     checkpointing) or, with --flops device, what the run's own model executes."""
     if opts.flops == "none":
@@ -336,15 +305,18 @@ def step_flops(opts, run, cfg, inputs, autocast):
         build = CONTENDERS[run["name"]][0]
         with torch.device("meta"):
             model = build(opts, replace(cfg, gradient_checkpointing=False)).train()
-        inputs, autocast = {k: v.to("meta") for k, v in inputs.items()}, nullcontext()
+        inputs, precision = {k: v.to("meta") for k, v in inputs.items()}, nullcontext()
     register_cpu_sdpa_flops()
-    flops = count_flops(lambda: forward_backward(model, call, inputs, autocast))
-    run["optimizer"].zero_grad(set_to_none=True)
+    with precision:
+        flops = count_flops(lambda: forward_backward(model, call, inputs))
+    run["state"].optimizer.zero_grad(set_to_none=True)
     return flops
 
 
-def state_bytes(model, optimizer):
-    tensors = list(model.parameters()) + [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+def state_bytes(state):
+    """Bytes of what a contender holds between steps: weights, AdamW's state, the EMA."""
+    optimizer_state = [v for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    tensors = list(state.model.parameters()) + optimizer_state + list(state.ema.values())
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -352,28 +324,30 @@ def bench_train(opts, device):
     """Time the training step of ours and of each contender asked for, interleaved round by round."""
     cfg = unet_config(opts)
     names = [opts.only] if opts.only else ["ours"] + [n for n in opts.compare.split(",") if n]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if opts.dtype == "bf16" else nullcontext()
+    precision = autocast(device, opts.dtype == "bf16")
     runs = []
     for name in names:
         build, call, note = CONTENDERS[name]
         torch.manual_seed(opts.seed)
         model = build(opts, cfg).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # train.py's optimizer, for every contender
-        runs.append({"name": name, "note": note, "model": model, "call": call, "optimizer": optimizer,
+        ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+        state = TrainState(Config(), model, model, optimizer, ema, precision, device)
+        runs.append({"name": name, "note": note, "model": model, "call": call, "state": state,
                      "params": sum(p.numel() for p in model.parameters()), "times": [], "peak": 0})
     inputs = make_inputs(opts, cfg, device, opts.seed)
     for run in runs:  # warm-up, and the optimizer states exist from here on
-        for _ in range(opts.warmup):
-            training_step(run["model"], run["call"], inputs, run["optimizer"], autocast)
+        for step in range(opts.warmup):
+            training_step(run, inputs, step)
     synchronize(device)
-    held = {run["name"]: state_bytes(run["model"], run["optimizer"]) for run in runs}
+    held = {run["name"]: state_bytes(run["state"]) for run in runs}
     for i in range(opts.steps):
         for run in (runs if i % 2 == 0 else runs[::-1]):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             synchronize(device)
             start = time.perf_counter()
-            training_step(run["model"], run["call"], inputs, run["optimizer"], autocast)
+            training_step(run, inputs, opts.warmup + i)
             synchronize(device)
             run["times"].append(time.perf_counter() - start)
             if device.type == "cuda":  # the most allocated during its step, less what the other models hold
@@ -385,7 +359,7 @@ def bench_train(opts, device):
         median = statistics.median(times)
         result = {"name": run["name"], "note": run["note"], "params": run["params"], "step_s": median,
                   "step_min_s": min(times), "step_max_s": max(times), "clips_per_s": opts.batch / median,
-                  "flops": step_flops(opts, run, cfg, inputs, autocast)}
+                  "flops": step_flops(opts, run, cfg, inputs, precision)}
         if device.type == "cuda":
             result["peak_memory_gib"] = run["peak"] / 2 ** 30
         elif len(runs) == 1:
@@ -410,7 +384,7 @@ def memory_alone(opts, name):
     with tempfile.TemporaryDirectory() as tmp:
         alone = replace(opts, compare="", only=name, warmup=1, steps=1, flops="none", json=f"{tmp}/alone.json")
         args = [f"--{f.name.replace('_', '-')}={getattr(alone, f.name)}" for f in dataclasses.fields(Options)]
-        done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "tools.bench", *args], capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
             print(f"(peak memory of {name} alone: the run failed: {done.stderr.strip()[-300:]})")
             return None
@@ -419,25 +393,7 @@ def memory_alone(opts, name):
 
 def peak_flops(device, dtype):
     """The GPU's dense bf16 peak, for MFU; None on CPU, for fp32, or an unknown GPU."""
-    return mfu_peak_flops(device) if dtype == "bf16" else None
-
-
-def mfu_peak_flops(device):
-    """The dense bf16 peak of the GPU `device` is (None on CPU or an unknown GPU): train.py's MFU is against it."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def unet_training_flops(cfg: UNetConfig, frames, latent_size, context_len):
-    """Model FLOPs of the U-Net's forward + backward for one clip (train.py's MFU): counted on the meta device,
-    without gradient checkpointing, attention as its matmuls."""
-    opts = Options(batch=1, frames=frames, latent=f"{latent_size[0]}x{latent_size[1]}", context_len=context_len)
-    with torch.device("meta"):
-        unet = UNet(replace(cfg, gradient_checkpointing=False)).train()
-    inputs = {k: v.to("meta") for k, v in make_inputs(opts, cfg, torch.device("cpu"), 0).items()}
-    return count_flops(lambda: forward_backward(unet, call_ours, inputs, nullcontext()))
+    return peak_bf16_flops(device) if dtype == "bf16" else None
 
 
 # ----------------------------------------------------------------------------- sampling, heatmaps
@@ -483,10 +439,10 @@ def bench_sample(opts, device):
     h, w = parse_hw(opts.latent, "--latent")
     factor = model.autoencoder.factor
     image = torch.rand(1, 3, h * factor, w * factor) * 2 - 1
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if opts.dtype == "bf16" else nullcontext()
+    precision = autocast(device, opts.dtype == "bf16")
 
     def run(steps, on=model, img=image):
-        with autocast:
+        with precision:
             return ddim_sample(on, img, ["the red circle moves right"], opts.frames, 8, steps, opts.cfg_scale,
                                [opts.seed], progress=False)
     for _ in range(opts.warmup):
@@ -642,7 +598,7 @@ def gpu_appetite(opts, size, raft_pair_flops):
     clips/s one H100 would take at ASSUMED_MFU: an estimate (no GPU measured it), with cached latents, with the encoder
     in the step, and with RAFT (--raft, at 128 px) in the step too."""
     latent = (size[0] // 8, size[1] // 8)
-    unet = unet_training_flops(SIZES["vc2"], opts.frames, latent, 77)
+    unet = training_flops(SIZES["vc2"], opts.frames, latent, 77)
     with torch.device("meta"):
         encoder = KLAutoencoder(KL_SIZES["full"])
         encode = count_flops(lambda: encoder.encode(torch.zeros(1, 3, opts.frames, *size)))

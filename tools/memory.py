@@ -1,9 +1,9 @@
 """Memory per GPU: what a training step of the U-Net holds, measured per rank, and the full recipe's table computed
 from the measured figures (README, "Memory per GPU").
 
-    torchrun --nproc_per_node 4 memory.py --what states --size bench --parallel shard   # per rank, any world size
-    python memory.py --what activations --size vc2 --frames 2 --latent 40x64 --dtype bf16 --checkpointing
-    python memory.py --what table                                                       # from out/memory/*.json
+    torchrun --nproc_per_node 4 -m tools.memory --what states --size bench --parallel shard   # per rank, any world size
+    python -m tools.memory --what activations --size vc2 --frames 2 --latent 40x64 --dtype bf16 --checkpointing
+    python -m tools.memory --what table                                                       # from out/memory/*.json
 
 --what states runs --steps training steps of the U-Net as train.py does them (random inputs as bench.py's, autocast
 forward, train.py's loss, backward, gradient clipping, fused AdamW, EMA) under DDP, sharded (shard.py) or sharded and
@@ -26,10 +26,8 @@ import ctypes
 import ctypes.util
 import dataclasses
 import json
-import os
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,11 +35,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from bench import SIZES, make_inputs, parse_hw
-from loss import diffusion_loss
 from model import ModelConfig, MotifModel, Stage, UNet
-from shard import full_value, local, shard_model
-from utils import fail, peak_memory_gb, pick_device, write_atomically
+from shard import local, shard_model
+from tools.bench import SIZES, make_inputs, parse_hw
+from train import Config, TrainState, loss_backward, update
+from utils import autocast, fail, peak_memory_gb, pick_device, setup_distributed, write_atomically
 
 GIB = 2 ** 30
 REGISTRATIONS = []
@@ -119,14 +117,7 @@ def run_name(opts, world):
 def measure_states(opts, device):
     """Train --steps steps (DDP, sharded or offloaded) and count what each rank holds. Returns rank 0's report of
     every rank ({} on the other ranks)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if world > 1 or opts.parallel != "ddp":  # as train.py's setup_distributed
-        backend = ("cuda:nccl,cpu:gloo" if opts.parallel == "offload" else "nccl") if device.type == "cuda" else "gloo"
-        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if "MASTER_ADDR" not in os.environ else {}
-        dist.init_process_group(backend=backend, **alone)
+    rank, world, device = setup_distributed(device.type, shard=opts.parallel != "ddp", offload=opts.parallel == "offload")
     start_gib = rss_gib() if device.type == "cpu" else 0.0
     torch.manual_seed(opts.seed)
     cfg = replace(SIZES[opts.size], gradient_checkpointing=opts.checkpointing)
@@ -138,30 +129,28 @@ def measure_states(opts, device):
     else:
         wrapped = shard_model(unet, device, world, bf16=opts.dtype == "bf16", offload=opts.parallel == "offload")
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
-    ema = [p.detach().clone().float() for p in unet.parameters()]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if opts.dtype == "bf16" else nullcontext()
+    ema = {name: p.detach().clone().float() for name, p in unet.named_parameters()}
+    state = TrainState(Config(), unet, wrapped, optimizer, ema, autocast(device, opts.dtype == "bf16"), device, world,
+                       rank)
     inputs = make_inputs(opts, cfg, device, opts.seed + rank)
+    grads = []  # the gradients of the last step, counted before update() drops them
     times = []
     for step in range(opts.steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         began = time.perf_counter()
-        with autocast:
-            v_hat = wrapped(inputs["x"], inputs["t"], inputs["context"], inputs["fps"])
-        diffusion_loss(v_hat, inputs["v"], inputs["heatmap"])["loss"].backward()
-        full_value(torch.nn.utils.clip_grad_norm_(list(unet.parameters()), 1.0))
-        optimizer.step()
-        torch._foreach_lerp_([local(e) for e in ema], [local(p).detach() for p in unet.parameters()], 1e-3)
-        if step == opts.steps - 1:
-            grads_gib = tensor_gib(p.grad for p in unet.parameters())
-        optimizer.zero_grad(set_to_none=True)
+        losses = loss_backward(lambda x: wrapped(x["x"], x["t"], x["context"], x["fps"]), inputs, state.cfg,
+                               state.autocast)  # train.py's step: this, then update()
+        grads = [p.grad for p in unet.parameters() if p.grad is not None]
+        update(state, losses, step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    report = {"rank": rank, "weights_gib": tensor_gib(unet.parameters()), "gradients_gib": grads_gib,
-              "adamw_gib": tensor_gib(state), "ema_gib": tensor_gib(ema), "peak_gib": peak_memory_gb(device),
-              "start_gib": start_gib, "first_step_s": times[0], "step_s": statistics.median(times[1:] or times)}
+    optimizer_state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    report = {"rank": rank, "weights_gib": tensor_gib(unet.parameters()), "gradients_gib": tensor_gib(grads),
+              "adamw_gib": tensor_gib(optimizer_state), "ema_gib": tensor_gib(ema.values()),
+              "peak_gib": peak_memory_gb(device), "start_gib": start_gib, "first_step_s": times[0],
+              "step_s": statistics.median(times[1:] or times)}
     reports = [report]
     if dist.is_initialized():
         reports = [None] * world
@@ -182,15 +171,12 @@ def measure_activations(opts, device):
     inputs = make_inputs(opts, cfg, device, opts.seed)
 
     def peak_above_weights(cache):
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if opts.dtype == "bf16" \
-            else nullcontext()
+        precision = autocast(device, opts.dtype == "bf16", cache)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else rss_gib()
         reset_peak(device)
-        with autocast:
-            v_hat = unet(inputs["x"], inputs["t"], inputs["context"], inputs["fps"])
-        diffusion_loss(v_hat, inputs["v"], inputs["heatmap"])["loss"].backward()
+        loss_backward(lambda x: unet(x["x"], x["t"], x["context"], x["fps"]), inputs, Config(), precision)
         return peak_memory_gb(device) - before
 
     peak_above_weights(False)  # warm-up: the allocator's pools and PyTorch's one-time buffers
