@@ -27,6 +27,7 @@ from data import (FALLBACK_FPS, ShapesDataset, UnusableVideo, cache_path, frames
                   heatmap_size, held_out_pairs, latent_cache_path, load_frames, read_captions, resize_center_crop,
                   save_npz, summarise, video_root, write_video)
 from flow import RAFT, heatmap_from_flow
+from train import load_config
 from utils import fail, parse_size, pick_device
 
 
@@ -37,9 +38,12 @@ def upscale(image, size):
     return np.asarray(Image.fromarray(image).resize((size, size), Image.NEAREST))
 
 
+DEMO = load_config(["--preset", "shapes"])  # the demo's videos: its frames and shapes per scene
+
+
 def demo_image(path, seed, view_size):
-    """Write held-out first frame number `seed` (upscaled for viewing) and print the prompts that fit it."""
-    held_out = held_out_pairs()
+    """Write held-out first frame number `seed` of the demo (upscaled for viewing) and print the prompts that fit it."""
+    held_out = held_out_pairs(max_shapes=DEMO.max_shapes)
     prompts = [entry for entry in held_out if entry["image_id"] == seed]
     if not prompts:
         raise ValueError(f"--seed must pick a held-out image, 0..{held_out[-1]['image_id']}")
@@ -52,7 +56,7 @@ def demo_image(path, seed, view_size):
 
 def demo_video(path, seed, view_size):
     """Write training clip number `seed` beside its motion heatmap."""
-    item = ShapesDataset("train")[seed]
+    item = ShapesDataset("train", frames=DEMO.frames, max_shapes=DEMO.max_shapes)[seed]
     video = ((item["video"].transpose(0, 1).permute(0, 2, 3, 1) + 1) * 127.5).round()  # (T, H, W, 3)
     heatmap = (item["heatmap"][..., None] * 255).round().expand_as(video)            # (T, H, W, 3)
     panels = torch.cat([video, heatmap], dim=2).to(torch.uint8).numpy()            # (T, H, 2W, 3)

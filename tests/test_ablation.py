@@ -7,6 +7,8 @@ import pytest
 
 from tools import ablation
 
+pytestmark = pytest.mark.slow
+
 
 def tallies(per_image):
     """Merged tallies with one key: {image: {"direction_accuracy": [right, asked]}}."""

@@ -18,6 +18,8 @@ from checkpoint import load_checkpoint, load_model
 from conftest import free_port
 from model import ModelConfig, MotifModel
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # 4 clips a step as 4 micro-batches of 1 in one process, or 2 on each of two ranks: accumulation both ways

@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -210,11 +211,17 @@ def import_videocrafter(opts):
         raise ValueError(f"--videocrafter {opts.videocrafter}: no lvdm/modules/networks/openaimodel3d.py there")
     if path not in sys.path:
         sys.path.insert(0, path)
+    ours = sys.modules.get("utils")  # lvdm imports its own top-level `utils` folder, which our utils.py would shadow
+    theirs = types.ModuleType("utils")
+    theirs.__path__ = [str(Path(path) / "utils")]
+    sys.modules["utils"] = theirs
     try:
         from lvdm.modules import attention
         from lvdm.modules.networks import openaimodel3d
     except ImportError as e:
         raise ValueError(f"cannot import VideoCrafter's lvdm from {path}: {e} (pip install einops?)") from None
+    finally:
+        sys.modules["utils"] = ours
     return openaimodel3d, attention
 
 
