@@ -32,7 +32,7 @@ def losses(out_dir):
 
 def test_config_layers_defaults_preset_and_flags():
     cfg = train.load_config(["--preset", "shapes", "--lr=3e-4", "--steps", "7", "--resume", "--gradient_checkpointing=true"])
-    assert cfg.data == "shapes" and cfg.model == "demo" and cfg.frames == 8  # from config/shapes.toml
+    assert cfg.data == "shapes" and cfg.model == "demo" and cfg.frames == 4 and cfg.max_shapes == 1  # config/shapes.toml
     assert cfg.lr == 3e-4 and cfg.steps == 7 and cfg.resume == "latest" and cfg.gradient_checkpointing is True
     assert train.load_config([]).lr == 5e-5  # the paper's recipe is the default
 
@@ -242,6 +242,7 @@ def test_ddim_returns_the_clean_video_when_the_model_knows_it():
             super().__init__()
             self.z0, self.autoencoder, self.weight = z0, PixelAutoencoder(4), torch.nn.Parameter(torch.zeros(1))
             self.image_latent, self.encode_video = MotifModel.image_latent, self.autoencoder.encode
+            self.schedule = Schedule()
 
         def text_encoder(self, captions):
             return torch.zeros(len(captions), 1, 1)
