@@ -40,7 +40,7 @@ import av
 import imageio.v3 as iio
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
+import torch.nn.functional as F
 
 from flow import frame_heatmaps, heatmap_from_flow
 from utils import write_atomically
@@ -368,7 +368,9 @@ def resize_center_crop(frames, size):
     scale = max(size[0] / height, size[1] / width)
     cover = [max(size[0], round(height * scale)), max(size[1], round(width * scale))]
     video = torch.from_numpy(frames).permute(0, 3, 1, 2)                              # (N, 3, H, W)
-    video = TF.center_crop(TF.resize(video, cover, antialias=True), list(size))      # (N, 3, h, w)
+    video = F.interpolate(video, size=cover, mode="bilinear", antialias=True)        # (N, 3, H', W'): uint8 stays uint8
+    top, left = round((cover[0] - size[0]) / 2), round((cover[1] - size[1]) / 2)
+    video = video[:, :, top:top + size[0], left:left + size[1]]                      # (N, 3, h, w)
     return video.permute(0, 2, 3, 1).numpy()                                          # (N, h, w, 3)
 
 

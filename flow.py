@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights, raft_large, raft_small
 
 MOTION_THRESHOLD = 0.05   # relative motion (fraction of the width per frame) where sigma = 0.5
 MOTION_SHARPNESS = 100.0  # slope of sigma: 0.0067 at no motion, 0.993 at 0.1 widths per frame
@@ -62,7 +61,9 @@ def heatmap_from_flow(flow, width=None):
 
 def load_raft_model(weights):
     """torchvision's raft_small / raft_large with its own pretrained weights ("small", "large"),
-    or with a state dict file of either (which one is found from the file)."""
+    or with a state dict file of either (which one is found from the file). torchvision is imported here, not at the
+    top: it takes 1.5 s to import, and only runs on real videos need RAFT."""
+    from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights, raft_large, raft_small
     if weights == "small":
         return raft_small(weights=Raft_Small_Weights.DEFAULT)
     if weights == "large":

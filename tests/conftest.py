@@ -20,6 +20,17 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
+def user_error(main, argv):
+    """Run a command's main(argv) in this process (no interpreter to start: the suite stays fast) and return the
+    message of the user error it exits with, checked to be one line `error: ...`. A traceback would be an exception
+    other than SystemExit here, and fail the test."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
 def free_port():
     """A TCP port nothing listens on now (the OS picks it), for a torchrun rendezvous."""
     with socket.socket() as s:

@@ -2,10 +2,7 @@
 held-out split) and captioned video folders full of broken files, odd encodings and odd formats."""
 import fractions
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -18,16 +15,7 @@ import data
 import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 PHRASE_TO_MOTION = {phrase: motion for motion, phrase in data.PHRASES.items()}
-
-
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-
-
-def one_line_error(result):
-    return result.returncode != 0 and "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
 
 
 def uint8_frames(item):
