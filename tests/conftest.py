@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+# pytest.ini runs the suite in one worker process per core (pytest-xdist); each worker's own maths gets its share.
+torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2")) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def user_error(main, argv):
