@@ -56,3 +56,10 @@ def regenerate_weights(keys):
     parameter is N(mean, std) from one generator seeded 0, drawn in the stored order (fixtures/README.md)."""
     g = torch.Generator().manual_seed(0)
     return {e["key"]: torch.randn(e["shape"], generator=g, dtype=torch.float32) * e["std"] + e["mean"] for e in keys}
+
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first: pytest.ini's xdist workers (--dist loadfile: a file's tests on one worker, its module
+    fixtures built once) start on the long files together and the short ones fill in after."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
