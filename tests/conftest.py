@@ -18,7 +18,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 # pytest.ini runs the suite in one worker process per core (pytest-xdist); each worker's own maths gets its share.
-torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2")) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2")) // WORKERS))
 
 
 def user_error(main, argv):
@@ -56,7 +57,6 @@ def regenerate_weights(keys):
     parameter is N(mean, std) from one generator seeded 0, drawn in the stored order (fixtures/README.md)."""
     g = torch.Generator().manual_seed(0)
     return {e["key"]: torch.randn(e["shape"], generator=g, dtype=torch.float32) * e["std"] + e["mean"] for e in keys}
-
 
 
 def pytest_collection_modifyitems(items):
