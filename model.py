@@ -44,7 +44,6 @@ class UNetConfig:
     scale_shift_norm: bool = False  # ResBlocks: GroupNorm(h) * (1 + scale) + shift from the embedding (ADM; VideoCrafter's use_scale_shift_norm)
     pooled_text: bool = False  # the text, attention-pooled by learned queries, through an MLP (last layer zero-init), added to the embedding
     frame_embedding: bool = False  # the frame index (sinusoidal, with the pooled text when pooled_text), an MLP (last layer zero-init), added per frame
-    input_skip: bool = False  # v_hat += a * z_t + b * z_img per channel and frame, a and b from the embedding (zero-init)
 
 
 SIZES = {
@@ -54,7 +53,7 @@ SIZES = {
     # reaches every ResBlock through scale-shift norm, pooled and, per frame, with the frame index (docs/demo-study.md)
     "demo": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
                        head_channels=32, context_dim=64, init_attn_heads=1, scale_shift_norm=True, pooled_text=True,
-                       frame_embedding=True, input_skip=True),
+                       frame_embedding=True),
     # VideoCrafter2's U-Net (1.41 B parameters at 4 input channels)
     "vc2": UNetConfig(),
 }
@@ -332,8 +331,6 @@ class UNet(nn.Module):
                 self.output_blocks.append(Stage(layers))
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
-        if cfg.input_skip:  # a blend of z_t and the image is all the v of a pixel that stays as in frame 0
-            self.input_skip = nn.Sequential(nn.SiLU(), zero(nn.Linear(emb_dim, 2 * cfg.out_channels)))
 
     def run(self, stage, h, emb, context, batch_size):
         if self.cfg.gradient_checkpointing and self.training:
@@ -356,7 +353,7 @@ class UNet(nn.Module):
             if self.cfg.pooled_text:
                 frame = torch.cat([frame, pooled.repeat_interleave(frames, dim=0)], dim=1)  # (B*T, ch + Q*D)
             emb = emb + self.frame_embedding(frame)  # (B*T, E)
-        h = inputs = x.transpose(1, 2).reshape(b * frames, -1, height, width)  # (B*T, C_in, H, W)
+        h = x.transpose(1, 2).reshape(b * frames, -1, height, width)  # (B*T, C_in, H, W)
 
         skips = []
         for i, stage in enumerate(self.input_blocks):
@@ -368,10 +365,6 @@ class UNet(nn.Module):
         for stage in self.output_blocks:
             h = self.run(stage, torch.cat([h, skips.pop()], dim=1), emb, context, b)
         y = self.out(h)  # (B*T, C_out, H, W)
-        if self.cfg.input_skip:  # x-cat's z_t and z_img, each weighted per channel and frame
-            weight_t, weight_img = self.input_skip(emb)[:, :, None, None].chunk(2, dim=1)  # (B*T, C_out, 1, 1) each
-            z_t, z_img = inputs.chunk(2, dim=1)  # (B*T, C_out, H, W) each
-            y = y + weight_t * z_t + weight_img * z_img
         return y.view(b, frames, -1, height, width).transpose(1, 2)  # (B, C_out, T, H, W)
 
 

@@ -165,19 +165,6 @@ def test_output_depends_on_every_condition(demo_model, change):
     assert (base - changed).abs().max() > 1e-3
 
 
-def test_input_skip_adds_a_blend_of_z_t_and_the_image_per_channel():
-    unet = UNet(replace(SIZES["demo"], in_channels=24, out_channels=12, temporal_dropout=0.0)).eval()
-    g = torch.Generator().manual_seed(0)
-    x, context = torch.randn(2, 24, 4, 16, 16, generator=g), torch.randn(2, 7, 64, generator=g)
-    t, fps = torch.tensor([5, 900]), torch.tensor([8.0, 8.0])
-    with torch.no_grad():
-        assert unet(x, t, context, fps).abs().max() == 0  # zero-init: a fresh (or loaded) model computes what it did
-        weight_t, weight_img = torch.randn(12, generator=g), torch.randn(12, generator=g)
-        unet.input_skip[1].bias.copy_(torch.cat([weight_t, weight_img]))
-        expected = weight_t[:, None, None, None] * x[:, :12] + weight_img[:, None, None, None] * x[:, 12:]
-        assert torch.allclose(unet(x, t, context, fps), expected, atol=1e-6)  # z_t's channels, then the image's
-
-
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     cfg = replace(SIZES["tiny"], temporal_dropout=0.0)
