@@ -44,6 +44,7 @@ class UNetConfig:
     scale_shift_norm: bool = False  # ResBlocks: GroupNorm(h) * (1 + scale) + shift from the embedding (ADM; VideoCrafter's use_scale_shift_norm)
     pooled_text: bool = False  # the text, attention-pooled by learned queries, through an MLP (last layer zero-init), added to the embedding
     frame_embedding: bool = False  # the frame index (sinusoidal, with the pooled text when pooled_text), an MLP (last layer zero-init), added per frame
+    input_skip_below: int = 0  # for t below this, v_hat += a * z_t + b * z_img per channel and frame, a and b from the (detached) embedding (zero-init); 0: off
 
 
 SIZES = {
@@ -53,7 +54,7 @@ SIZES = {
     # reaches every ResBlock through scale-shift norm, pooled and, per frame, with the frame index (docs/demo-study.md)
     "demo": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
                        head_channels=32, context_dim=64, init_attn_heads=1, scale_shift_norm=True, pooled_text=True,
-                       frame_embedding=True),
+                       frame_embedding=True, input_skip_below=400),
     # VideoCrafter2's U-Net (1.41 B parameters at 4 input channels)
     "vc2": UNetConfig(),
 }
@@ -331,6 +332,8 @@ class UNet(nn.Module):
                 self.output_blocks.append(Stage(layers))
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+        if cfg.input_skip_below:  # a blend of z_t and the image is all the v of a pixel that stays as in frame 0
+            self.input_skip = nn.Sequential(nn.SiLU(), zero(nn.Linear(emb_dim, 2 * cfg.out_channels)))
 
     def run(self, stage, h, emb, context, batch_size):
         if self.cfg.gradient_checkpointing and self.training:
@@ -353,7 +356,7 @@ class UNet(nn.Module):
             if self.cfg.pooled_text:
                 frame = torch.cat([frame, pooled.repeat_interleave(frames, dim=0)], dim=1)  # (B*T, ch + Q*D)
             emb = emb + self.frame_embedding(frame)  # (B*T, E)
-        h = x.transpose(1, 2).reshape(b * frames, -1, height, width)  # (B*T, C_in, H, W)
+        h = inputs = x.transpose(1, 2).reshape(b * frames, -1, height, width)  # (B*T, C_in, H, W)
 
         skips = []
         for i, stage in enumerate(self.input_blocks):
@@ -365,6 +368,13 @@ class UNet(nn.Module):
         for stage in self.output_blocks:
             h = self.run(stage, torch.cat([h, skips.pop()], dim=1), emb, context, b)
         y = self.out(h)  # (B*T, C_out, H, W)
+        if self.cfg.input_skip_below:  # at low t, x-cat's z_t and z_img, each weighted per channel and frame
+            # emb detached: the skip reads the embedding and does not train it (a gradient summed over every pixel
+            # would set AdamW's scale for the embedding and the text path, which then learn the direction word less)
+            weight_t, weight_img = self.input_skip(emb.detach())[:, :, None, None].chunk(2, dim=1)  # (B*T, C_out, 1, 1) each
+            low_t = (t < self.cfg.input_skip_below).to(y.dtype).repeat_interleave(frames)[:, None, None, None]  # (B*T, 1, 1, 1)
+            z_t, z_img = inputs.chunk(2, dim=1)  # (B*T, C_out, H, W) each
+            y = y + low_t * (weight_t * z_t + weight_img * z_img)
         return y.view(b, frames, -1, height, width).transpose(1, 2)  # (B, C_out, T, H, W)
 
 

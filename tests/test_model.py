@@ -165,6 +165,26 @@ def test_output_depends_on_every_condition(demo_model, change):
     assert (base - changed).abs().max() > 1e-3
 
 
+def test_input_skip_adds_a_blend_of_z_t_and_the_image_below_its_timestep():
+    unet = UNet(replace(SIZES["demo"], in_channels=24, out_channels=12, temporal_dropout=0.0)).eval()
+    below = unet.cfg.input_skip_below
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 24, 4, 16, 16, generator=g), torch.randn(2, 7, 64, generator=g)
+    t, fps = torch.tensor([below - 1, below]), torch.tensor([8.0, 8.0])
+    with torch.no_grad():
+        assert unet(x, t, context, fps).abs().max() == 0  # zero-init: a fresh (or loaded) model computes what it did
+        weight_t, weight_img = torch.randn(12, generator=g), torch.randn(12, generator=g)
+        unet.input_skip[1].bias.copy_(torch.cat([weight_t, weight_img]))
+        y = unet(x, t, context, fps)
+    expected = weight_t[:, None, None, None] * x[0, :12] + weight_img[:, None, None, None] * x[0, 12:]
+    assert torch.allclose(y[0], expected, atol=1e-6)  # z_t's channels, then the image's
+    assert y[1].abs().max() == 0  # from `below` on, the U-Net's own output only
+    torch.nn.init.normal_(unet.input_skip[1].weight, generator=g)
+    unet(x, t, context, fps).sum().backward()
+    assert unet.input_skip[1].weight.grad.abs().max() > 0
+    assert unet.time_embed[0].weight.grad.abs().max() == 0  # the skip does not train the embedding it reads
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     cfg = replace(SIZES["tiny"], temporal_dropout=0.0)
