@@ -369,8 +369,8 @@ class UNet(nn.Module):
             h = self.run(stage, torch.cat([h, skips.pop()], dim=1), emb, context, b)
         y = self.out(h)  # (B*T, C_out, H, W)
         if self.cfg.input_skip_below:  # at low t, x-cat's z_t and z_img, each weighted per channel and frame
-            # emb detached: the skip reads the embedding and does not train it (a gradient summed over every pixel
-            # would set AdamW's scale for the embedding and the text path, which then learn the direction word less)
+            # emb detached: the skip reads the embedding and does not train it (with its gradient, a sum over every
+            # pixel, flowing into the embedding, the text path learned the direction word less: docs/demo-study.md)
             weight_t, weight_img = self.input_skip(emb.detach())[:, :, None, None].chunk(2, dim=1)  # (B*T, C_out, 1, 1) each
             low_t = (t < self.cfg.input_skip_below).to(y.dtype).repeat_interleave(frames)[:, None, None, None]  # (B*T, 1, 1, 1)
             z_t, z_img = inputs.chunk(2, dim=1)  # (B*T, C_out, H, W) each
