@@ -5,7 +5,7 @@
     python eval.py --ckpt out/shapes --text-sensitivity     # does v_hat change when only the direction word does?
     python eval.py --baselines                              # ground truth and copy-the-first-frame
 
-The held-out set is data.held_out_pairs(): test-split first frames, never seen in training, each
+The held-out set is shapes.held_out_pairs(): test-split first frames, never seen in training, each
 with several prompts. Every pair is sampled (batched, pair i with seed --seed + i), then scored by
 tracking each shape by its colour in every frame:
 - direction accuracy: a shape told to move left/right/up/down travelled at least MOVED (a tenth) of the
@@ -48,11 +48,11 @@ from tqdm import tqdm
 from PIL import Image, ImageDraw
 
 from checkpoint import load_model
-from data import (DIRECTIONS, PALETTE, PHRASES, ShapesDataset, frames_to_tensor, held_out_pairs, render_clip,
-                  write_video)
+from data import frames_to_tensor, write_video
 from flow import heatmap_from_flow
 from loss import latent_heatmap, q_sample, v_target
 from sample import ddim_sample, ddim_timesteps, to_uint8_frames
+from shapes import DIRECTIONS, PALETTE, PHRASES, ShapesDataset, held_out_pairs, render_clip
 from utils import fail, pick_device, write_atomically
 
 MOVED = 0.1  # of the frame width: the least travel that counts as moving

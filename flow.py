@@ -1,6 +1,6 @@
 """Optical flow -> motion heatmaps, the weights of MotiF's motion focal loss.
 
-Where it sits: data.py hands over a clip of T frames; this file turns it into a heatmap
+Where it sits: data.py and shapes.py hand over a clip of T frames; this file turns it into a heatmap
 m (T, H, W) in [0, 1] that is ~1 where things move and ~0 where they do not; loss.py
 area-downsamples m to the latent size and weights the diffusion loss with it.
 

@@ -13,7 +13,7 @@ micro-step; with --shard=true (shard.py, FSDP2) each rank holds 1 / world of the
 AdamW state and EMA, and gradients are reduce-scattered after every micro-step. Rank 0 writes logs
 and checkpoints; a checkpoint is the same plain file whichever way it was trained.
 
-Data flow of a step (DESIGN.md): clip + heatmap (data.py / flow.py) -> z0 = encode(clip), image
+Data flow of a step (DESIGN.md): clip + heatmap (shapes.py or data.py / flow.py) -> z0 = encode(clip), image
 latent = z0 of frame 0 repeated -> z_t, v (loss.py) -> v_hat = model(z_t, z_img, t, text, fps) ->
 L = L_diffusion + lambda * L_motif -> AdamW, EMA, checkpoint (checkpoint.py).
 
@@ -39,13 +39,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
-from data import (ShapesDataset, VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_size, held_out_pairs,
-                  resize_center_crop, write_video)
+from data import VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_size, resize_center_crop, write_video
 from eval import score
 from flow import RAFT, clip_heatmaps
 from loss import diffusion_loss, latent_heatmap, q_sample, v_target
 from model import SIZES, ModelConfig, MotifModel, training_flops
 from sample import ddim_sample, to_uint8_frames
+from shapes import ShapesDataset, held_out_pairs
 from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
 from utils import autocast, fail, peak_bf16_flops, peak_memory_gb, setup_distributed
 

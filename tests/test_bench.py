@@ -9,6 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import prepare
+import shapes
 from model import SIZES, UNet, training_flops
 from tools import bench
 from train import Config
@@ -146,8 +147,8 @@ def test_data_measures_a_folder_today_and_now(tmp_path, fixtures, monkeypatch):
     folder = tmp_path / "videos"
     folder.mkdir()
     for k, name in enumerate(["a.mp4", "b.gif"]):
-        scene = data.make_scene(np.random.default_rng([7, k]), 256)
-        video, _ = data.render_clip(scene, {0: data.allowed_motions(scene["objects"][0], 256)[1]}, frames=6)
+        scene = shapes.make_scene(np.random.default_rng([7, k]), 256)
+        video, _ = shapes.render_clip(scene, {0: shapes.allowed_motions(scene["objects"][0], 256)[1]}, frames=6)
         data.write_video(folder / name, video, fps=10)
     (folder / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\n")
     prepare.cache_heatmaps(folder, str(fixtures / "raft_small.pth"), (256, 256), 2, torch.device("cpu"))

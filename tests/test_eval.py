@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from data import PALETTE, held_out_pairs, render_clip
+from shapes import PALETTE, held_out_pairs, render_clip
 from eval import FIGURES, copy_first_frame, ground_truth, judge, pool, score, tally, track
 
 REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import data
 import flow
+import shapes
 
 WEIGHTS = {"small": "raft_small.pth", "large": "raft_large_sintel.pth"}
 
@@ -49,7 +50,7 @@ def test_sigma_by_hand_and_heatmaps_use_motion_relative_to_the_width():
     assert torch.allclose(heatmaps[0], flow.sigma(relative), atol=1e-6)
 
     # the same shapes scene drawn at 32 and 128 px: the same heatmap, up to the pixel grid
-    small, large = (flow.pair_heatmaps(data.render_clip(data.make_scene(np.random.default_rng(3), size),
+    small, large = (flow.pair_heatmaps(shapes.render_clip(shapes.make_scene(np.random.default_rng(3), size),
                                                         {0: "right", 1: "down"}, frames=2)[1]) for size in (32, 128))
     pooled = torch.nn.functional.avg_pool2d(large, 4)                       # (1, 32, 32)
     assert small.mean() > 0.05 and (small - pooled).abs().mean() < 0.03
@@ -72,9 +73,9 @@ def moving_shapes_pairs(size, count=4):
     firsts, seconds, flows = [], [], []
     for k in range(count):
         rng = np.random.default_rng([11, k])
-        scene = data.make_scene(rng, size)
-        motions = {i: str(rng.choice(data.allowed_motions(obj, size)[1:])) for i, obj in enumerate(scene["objects"])}
-        video, exact = data.render_clip(scene, motions, frames=2)           # (2, S, S, 3), (1, 2, S, S)
+        scene = shapes.make_scene(rng, size)
+        motions = {i: str(rng.choice(shapes.allowed_motions(obj, size)[1:])) for i, obj in enumerate(scene["objects"])}
+        video, exact = shapes.render_clip(scene, motions, frames=2)           # (2, S, S, 3), (1, 2, S, S)
         frames = data.frames_to_tensor(video)                               # (2, 3, S, S)
         firsts.append(frames[0])
         seconds.append(frames[1])

@@ -15,6 +15,7 @@ from PIL import Image
 import data
 import flow
 import prepare
+import shapes
 import train
 from conftest import user_error
 from encoders import KL_SIZES, KLAutoencoder
@@ -27,8 +28,8 @@ def write_folder(root, frames=4):
     """Two shapes clips (an mp4 and a gif), a broken file, and captions.csv listing them."""
     for k, name in enumerate(["a.mp4", "b.gif"]):
         rng = np.random.default_rng([5, k])
-        scene = data.make_scene(rng, 32)
-        video, _ = data.render_clip(scene, {0: data.allowed_motions(scene["objects"][0], 32)[1]}, frames=frames)
+        scene = shapes.make_scene(rng, 32)
+        video, _ = shapes.render_clip(scene, {0: shapes.allowed_motions(scene["objects"][0], 32)[1]}, frames=frames)
         data.write_video(root / name, video, fps=10)
     (root / "broken.mp4").write_text("not a video\n")
     (root / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\nbroken.mp4,three\n")
@@ -149,7 +150,7 @@ def test_demo_image_cli_writes_a_png_and_its_prompts(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     image = np.asarray(Image.open(out))
     assert Image.open(out).format == "PNG" and image.shape == (256, 256, 3)
-    prompts = [e["caption"] for e in data.held_out_pairs() if e["image_id"] == 0]
+    prompts = [e["caption"] for e in shapes.held_out_pairs() if e["image_id"] == 0]
     assert [line.strip() for line in result.stdout.splitlines()[1:]] == prompts
     with pytest.raises(SystemExit, match="png"):
         prepare.main(["demo-image", str(tmp_path / "first.txt")])
