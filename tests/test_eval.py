@@ -28,6 +28,9 @@ def test_scorer_separates_ground_truth_static_and_reversed():
     assert reversed_["direction_accuracy"] <= 0.1  # (a reversed move with no room stays at the edge)
     # the paper's point: an image-alignment score prefers the video that does not move
     assert static["image_alignment_psnr"] > truth["image_alignment_psnr"]
+    # the shapes against the clip the prompt describes: exact for the truth, far off for not moving or moving back
+    assert truth["shape_psnr"] == pytest.approx(68.13, abs=0.01)
+    assert static["shape_psnr"] < 20 and reversed_["shape_psnr"] < 20
 
 
 def test_track_and_judge_by_hand():
@@ -77,6 +80,7 @@ def test_shape_integrity_catches_dissolving_shapes_and_foreign_colours():
     smeared = video.copy()
     smeared[1:] = video[1:] // 2 + np.roll(video[1:], 5, axis=2) // 2  # the shape smeared into the background
     assert score([entry], [smeared])["shape_integrity"] == 0
+    assert score([entry], [smeared])["shape_psnr"] < 30
     foreign = video.copy()
     colour = next(c for c in PALETTE if c != entry["scene"]["objects"][0]["colour"])
     foreign[4, :2, :2] = PALETTE[colour]  # 4 pixels of a colour the first frame lacks
