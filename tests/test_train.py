@@ -57,10 +57,20 @@ def test_bad_config_is_a_clear_error(argv, message):
     (["--offload=true"], "add --shard=true"),
     (["--shard=true", "--sample_every=10"], "set --sample_every=0"),
     (["--loss_mode=focal"], "motif or inverse"),
+    (["--cooldown_steps=-1"], "cooldown_steps must be between 0 and steps"),
 ])
 def test_inconsistent_config_is_a_clear_error(argv, message):
     with pytest.raises(ValueError, match=message):
         train.check_config(train.load_config(["--preset", "shapes", *argv]), world_size=1)
+
+
+def test_learning_rate_warms_up_holds_and_cools_down():
+    cfg = train.load_config(["--preset=shapes", "--lr=1e-3", "--warmup_steps=10", "--steps=100", "--cooldown_steps=20"])
+    lrs = [train.learning_rate(cfg, step) for step in range(cfg.steps)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == lrs[79] == 1e-3  # warmup, then constant up to the cooldown
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:])) and lrs[-1] == pytest.approx(1e-3 / 20)  # linear, down to ~0
+    cfg.cooldown_steps = 0
+    assert train.learning_rate(cfg, cfg.steps - 1) == 1e-3  # off: constant to the end
 
 
 def test_user_errors_exit_with_one_line():
