@@ -91,7 +91,7 @@ class Config:
     micro_batch: int = 8  # clips per process per forward/backward
     lr: float = 5e-5
     warmup_steps: int = 500
-    cooldown_steps: int = 0  # the last N steps take the lr linearly down to 0 (warmup-stable-decay); 0: constant to the end
+    cooldown_steps: int = 0  # the last N steps (or all, if fewer) take the lr linearly to 0 (warmup-stable-decay); 0: off
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
@@ -182,8 +182,8 @@ def check_config(cfg, world_size):
         raise ValueError(f"frames must be at least 2 (motion needs two frames), not {cfg.frames}")
     if cfg.dtype not in ("auto", "bf16", "fp32") or cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto|cpu|cuda and dtype auto|bf16|fp32 (got {cfg.device}, {cfg.dtype})")
-    if not 0 <= cfg.cooldown_steps <= cfg.steps:
-        raise ValueError(f"cooldown_steps must be between 0 and steps ({cfg.steps}), not {cfg.cooldown_steps}")
+    if cfg.cooldown_steps < 0:
+        raise ValueError(f"cooldown_steps must be 0 or more, not {cfg.cooldown_steps}")
     if cfg.offload and not cfg.shard:
         raise ValueError("--offload=true moves the shards of --shard=true to CPU memory: add --shard=true")
     if cfg.shard and cfg.sample_every:
@@ -449,10 +449,11 @@ def update(state, losses, step):
 
 
 def learning_rate(cfg, step):
-    """Linear warmup over warmup_steps, constant, then linear to 0 over the last cooldown_steps (step counts from 0)."""
+    """Linear warmup over warmup_steps, constant, then linear to 0 over the last cooldown_steps (all of a run shorter
+    than that; step counts from 0)."""
     lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     if cfg.cooldown_steps:
-        lr *= min(1.0, (cfg.steps - step) / cfg.cooldown_steps)
+        lr *= min(1.0, (cfg.steps - step) / min(cfg.cooldown_steps, cfg.steps))
     return lr
 
 

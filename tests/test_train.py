@@ -57,7 +57,7 @@ def test_bad_config_is_a_clear_error(argv, message):
     (["--offload=true"], "add --shard=true"),
     (["--shard=true", "--sample_every=10"], "set --sample_every=0"),
     (["--loss_mode=focal"], "motif or inverse"),
-    (["--cooldown_steps=-1"], "cooldown_steps must be between 0 and steps"),
+    (["--cooldown_steps=-1"], "cooldown_steps must be 0 or more"),
 ])
 def test_inconsistent_config_is_a_clear_error(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -69,6 +69,8 @@ def test_learning_rate_warms_up_holds_and_cools_down():
     lrs = [train.learning_rate(cfg, step) for step in range(cfg.steps)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == lrs[79] == 1e-3  # warmup, then constant up to the cooldown
     assert all(a > b for a, b in zip(lrs[80:], lrs[81:])) and lrs[-1] == pytest.approx(1e-3 / 20)  # linear, down to ~0
+    cfg.steps = 10
+    assert train.learning_rate(cfg, 0) == pytest.approx(1e-4) and train.learning_rate(cfg, 9) == pytest.approx(1e-4)  # all of it a cooldown
     cfg.cooldown_steps = 0
     assert train.learning_rate(cfg, cfg.steps - 1) == 1e-3  # off: constant to the end
 
