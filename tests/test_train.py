@@ -88,11 +88,12 @@ def test_user_errors_exit_with_one_line():
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     torch.set_num_threads(1)
     full, part = tmp_path / "full", tmp_path / "part"
-    train.train(train.load_config(TINY + ["--steps=4", f"--out_dir={full}"]))
-    train.train(train.load_config(TINY + ["--steps=2", f"--out_dir={part}"]))
+    constant = TINY + ["--cooldown_steps=0"]  # this test stops a run by giving it fewer steps; a cooldown ends with them
+    train.train(train.load_config(constant + ["--steps=4", f"--out_dir={full}"]))
+    train.train(train.load_config(constant + ["--steps=2", f"--out_dir={part}"]))
     ckpt = torch.load(resolve_checkpoint(part), weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["steps"] == 2 and len(ckpt["ema"]) > 0
-    train.train(train.load_config(TINY + ["--steps=4", f"--out_dir={part}", "--resume"]))
+    train.train(train.load_config(constant + ["--steps=4", f"--out_dir={part}", "--resume"]))
     a, b = losses(full), losses(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
