@@ -98,12 +98,11 @@ def psnr(a, b):
 def shape_psnr(video, entry):
     """PSNR of frames 1.. of a uint8 (T, H, W, 3) video against the clip entry's prompt describes, over the pixels
     where a shape is in frame 0 or in that frame of the described clip (where a shape must appear or leave)."""
-    truth = render_clip(entry["scene"], entry["motions"], len(video))[0].astype(np.float32)  # (T, H, W, 3)
-    background = np.round(entry["scene"]["background"] * 255).astype(np.float32)  # (H, W, 3)
+    truth = render_clip(entry["scene"], entry["motions"], len(video))[0]  # (T, H, W, 3) uint8
+    background = np.round(entry["scene"]["background"] * 255)  # (H, W, 3)
     shape = (truth != background).any(axis=-1)  # (T, H, W)
     region = shape[:1] | shape[1:]  # (T-1, H, W)
-    mse = ((video[1:].astype(np.float32) - truth[1:]) ** 2).mean(axis=-1)[region].mean()
-    return float(10 * np.log10(255 ** 2 / max(mse, 1e-2)))
+    return psnr(video[1:][region], truth[1:][region])  # over (N, 3) pixels
 
 
 def colour_counts(video):
