@@ -1,18 +1,15 @@
 """tools/ablation.py: its statistics on hand-made numbers, and a tiny study that trains, scores and resumes."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
+import train
 from tools import ablation
 
 pytestmark = pytest.mark.slow
-
-
-def tallies(per_image):
-    """Merged tallies with one key: {image: {"direction_accuracy": [right, asked]}}."""
-    return {str(i): {"direction_accuracy": [float(r), n]} for i, (r, n) in enumerate(per_image)}
 
 
 def test_t_interval_by_hand():
@@ -21,67 +18,114 @@ def test_t_interval_by_hand():
     assert ablation.t_interval([0.5]) == (0.5, 0.0)
 
 
-def test_paired_difference_by_hand():
-    rng = np.random.default_rng(0)
-    right = [tallies([(4, 4), (2, 2), (3, 3)])] * 3
-    wrong = [tallies([(0, 4), (0, 2), (0, 3)])] * 3
-    always = ablation.paired_difference(right, wrong, "direction_accuracy", rng)
-    assert always == {"mean": 1.0, "low": 1.0, "high": 1.0, "wins": 3, "seeds": 3, "resolved": True}
-    same = ablation.paired_difference(right, right, "direction_accuracy", rng)
-    assert same["mean"] == 0 and same["low"] == same["high"] == 0 and same["wins"] == 0 and not same["resolved"]
-    # seed 0: 3/4 against 1/4 (+0.5); seed 1: 1/4 against 3/4 (-0.5): no resolved difference, one win
-    a = [tallies([(3, 4)]), tallies([(1, 4)])]
-    b = [tallies([(1, 4)]), tallies([(3, 4)])]
-    mixed = ablation.paired_difference(a, b, "direction_accuracy", rng)
-    assert mixed["mean"] == 0 and mixed["wins"] == 1 and mixed["low"] < 0 < mixed["high"] and not mixed["resolved"]
-    # images are resampled inside a seed: image 0 always better, image 1 always worse -> an interval around +0.25
-    a = [tallies([(2, 2), (0, 2)])] * 2
-    b = [tallies([(0, 2), (1, 2)])] * 2
-    split = ablation.paired_difference(a, b, "direction_accuracy", rng)
-    assert split["mean"] == pytest.approx(0.25) and split["low"] < 0.25 < split["high"]
-    # a lower static-video rate is the better one
-    static = [{"0": {"static_video_rate": [0.0, 2]}}] * 2
-    moving = [{"0": {"static_video_rate": [2.0, 2]}}] * 2
-    assert ablation.paired_difference(static, moving, "static_video_rate", rng)["wins"] == 2
+def test_crossing_and_area_by_hand():
+    assert ablation.crossing([100, 200, 300], [0.2, 0.6, 1.0]) == (pytest.approx(250), False)  # 0.6 -> 1.0 halfway
+    assert ablation.crossing([100, 200], [0.9, 1.0]) == (pytest.approx(100 * 0.8 / 0.9), False)  # from 0 at step 0
+    assert ablation.crossing([100, 200], [0.5, 0.7]) == (200, True)  # never: censored at the last step
+    assert ablation.area([100, 200, 300], [0.0, 1.0, 1.0]) == 0.75
+    assert ablation.area([100], [0.4]) == 0.4
+
+
+def measures(**values):
+    return {"measures": {name: values.get(name, 0.0) for name, _ in ablation.MEASURES}}
+
+
+def test_compare_pairs_seeds_and_gives_verdicts():
+    steps = ablation.STEPS_TO  # lower is better
+    fast = {k: measures(**{steps: 200 + k, "shape PSNR": 20 + k}) for k in range(5)}
+    slow = {k: measures(**{steps: 300 + k, "shape PSNR": 20 + k + (0.5 if k % 2 else -0.5)}) for k in range(5)}
+    result = ablation.compare(fast, slow)
+    assert result[steps]["mean"] == -100 and result[steps]["half_width"] == 0 and result[steps]["wins"] == 5
+    assert result[steps]["verdict"] == "better" and ablation.compare(slow, fast)[steps]["verdict"] == "worse"
+    psnr = result["shape PSNR"]  # differences +0.5, -0.5, +0.5, -0.5, +0.5 (first better in seeds 0, 2, 4)
+    assert psnr["mean"] == pytest.approx(0.1) and psnr["wins"] == 3 and psnr["verdict"] == "not resolved"
+    assert psnr["half_width"] == pytest.approx(2.776 * np.std([0.5, -0.5, 0.5, -0.5, 0.5], ddof=1) / math.sqrt(5))
+    del slow[4]  # only the seeds both arms have are paired
+    assert ablation.compare(fast, slow)[steps]["seeds"] == 4
 
 
 def test_studies_share_runs_and_pair_seeds():
     plan = ablation.studies(5)
     runs = {run for spec in plan.values() for arm in spec["arms"].values() for run in arm}
-    assert len(runs) == 15 + 3 * 3 + 3 * 3  # the lambda study's 0 and 1 are the losses study's runs
+    assert len(runs) == 15 + 3 * 5 + 15  # the lambda study's 0 and 1 are the losses study's runs
     for spec in plan.values():
         seeds = [[run.seed for run in arm] for arm in spec["arms"].values()]
-        assert all(s == seeds[0] for s in seeds) and len(seeds[0]) >= 3
+        assert all(s == list(range(5)) for s in seeds)
     assert {run.shape_scale for run in plan["paper regime"]["arms"]["MotiF"]} == {ablation.PAPER_SCALE}
 
 
-TINY = ["--studies", "losses", "--seeds", "2", "--images", "1", "--ddim-steps", "2", "--batch", "8", "--threads", "1",
-        "--set", "steps=2", "--set", "height=16", "--set", "width=16", "--set", "batch_size=2",
+SETTINGS = {"overrides": [], "steps": 500, "every": 100}
+
+
+def test_a_run_is_the_presets_first_steps(tmp_path):
+    run = ablation.Run(1.0, "motif", 1.0, 0)
+    short, preset = ablation.run_config(run, tmp_path, SETTINGS), train.load_config(["--preset", "shapes"])
+    assert short.steps == 500 and short.ckpt_every == 100 and short.keep_checkpoints >= 5
+    assert [train.learning_rate(short, s) for s in range(500)] == [train.learning_rate(preset, s) for s in range(500)]
+    assert {k: v for k, v in vars(short).items() if k not in ("steps", "cooldown_steps", "ckpt_every", "out_dir",
+                                                               "keep_checkpoints", "sample_every", "resume")} == \
+        {k: v for k, v in vars(preset).items() if k not in ("steps", "cooldown_steps", "ckpt_every", "out_dir",
+                                                            "keep_checkpoints", "sample_every", "resume")}
+    with pytest.raises(ValueError, match="cool-down"):
+        ablation.run_config(run, tmp_path, {**SETTINGS, "steps": 1200})
+
+
+TINY = ["--studies", "losses", "--seeds", "2", "--images", "1", "--ddim-steps", "2", "--threads", "1",
+        "--steps", "2", "--every", "1", "--set", "height=16", "--set", "width=16", "--set", "batch_size=2",
         "--set", "micro_batch=2", "--set", "warmup_steps=1"]
 
 
-def test_a_tiny_study_trains_scores_and_resumes(tmp_path, monkeypatch):
+def test_a_tiny_study_lands_run_files_resumes_and_reports_from_them_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "SHARE_CLIPS", 4)
-    out = tmp_path / "study"
-    ablation.main(["--out", str(out), *TINY])
-    results = json.loads((out / "results.json").read_text())
-    losses = results["studies"]["losses"]
-    assert losses["last_step"] == 2 and set(losses["arms"]) == {"MotiF", "no MotiF", "Inv-MotiF"}
-    assert set(losses["arms"]["MotiF"]) == {"1", "2"} and losses["arms"]["MotiF"]["2"]["seeds"] == 2
+    monkeypatch.setattr(ablation, "SENSITIVITY_IMAGES", 2)
+    monkeypatch.setattr(ablation, "FULL_SCORER", {"images": 2, "ddim_steps": 3})
+    results, out = tmp_path / "results", tmp_path / "work"
+    args = ["--results", str(results), "--out", str(out), *TINY]
+    landed = lambda: sorted(p.stem for p in (results / "runs").glob("*.json"))  # noqa: E731
+    ablation.main([*args, "--max-runs", "2"])  # seed 0 of the first two arms, then a clean stop
+    assert landed() == ["lambda0_motif_scale1_seed0", "lambda1_motif_scale1_seed0"]
+    record = json.loads((results / "runs" / "lambda1_motif_scale1_seed0.json").read_text())
+    assert record["settings"]["steps"] == 2 and record["config"]["motif_lambda"] == 1.0 and record["commit"]
+    assert [s["step"] for s in record["scores"]] == [1, 2] and record["seconds"] >= 0
+    assert record["scores"][1]["moving_error"] > 0 and record["scores"][1]["text_sensitivity"] > 0
+    ablation.main([*args, "--max-minutes", "0"])  # starts no run
+    assert len(landed()) == 2
+    ablation.main([*args, "--agreement"])  # the rest
+    assert len(landed()) == 6 and len(list((results / "agreement").glob("*.json"))) == 3
+    summary = json.loads((results / "results.json").read_text())
+    losses = summary["studies"]["losses"]
+    assert set(losses["arms"]) == {"MotiF", "no MotiF", "Inv-MotiF"} and losses["arms"]["MotiF"]["seeds"] == 2
+    assert losses["arms"]["MotiF"]["steps"] == [1, 2] and len(losses["arms"]["MotiF"]["curves"]["moving_error"]) == 2
     assert set(losses["differences"]) == {"MotiF - no MotiF", "MotiF - Inv-MotiF"}
-    assert (out / "results.md").read_text().count("| MotiF |") == 1 and (out / "curves.png").stat().st_size > 10_000
-    scored = json.loads((out / "evals" / "lambda1_motif_scale1_seed0" / "step_0000002.json").read_text())
-    assert len(scored["tallies"]) == len(ablation.SAMPLE_SEEDS) and "moving_loss_share" in scored["loss_shares"]
+    assert losses["differences"]["MotiF - no MotiF"]["shape PSNR"]["seeds"] == 2
+    assert [(row["arm"], row["step"]) for row in summary["agreement"]] == [
+        (arm, s) for arm in ("MotiF", "no MotiF", "Inv-MotiF") for s in (1, 2)]
+    report = (results / "results.md").read_text()
+    assert report.count("| MotiF |") == 1 + 2 and report.count("| MotiF - no MotiF |") == 1  # + 2 agreement rows
+    assert (results / "curves.png").stat().st_size > 10_000
 
-    # a run killed after its first checkpoint: its last checkpoint and score are gone; the rerun resumes it exactly
+    # a run killed after its first checkpoint: no run file, its last checkpoint and score gone; the rerun resumes it
+    # exactly and does nothing else again
     run = out / "runs" / "lambda0_motif_scale1_seed1"
+    (results / "runs" / f"{run.name}.json").unlink()
     (run / "ckpt_0000002.pt").unlink()
     (run / "latest").write_text("ckpt_0000001.pt")
     (out / "evals" / run.name / "step_0000002.json").unlink()
-    kept = {p: p.stat().st_mtime_ns for p in (out / "evals").rglob("*.json")}
-    ablation.main(["--out", str(out), *TINY])
+    kept = {p: p.stat().st_mtime_ns for p in [*(out / "evals").rglob("*.json"), *(results / "runs").glob("*.json")]}
+    ablation.main([*args, "--agreement"])
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # nothing done twice
-    assert json.loads((out / "results.json").read_text())["studies"] == results["studies"]
+    assert json.loads((results / "results.json").read_text())["studies"] == summary["studies"]
+
+    # the work folder gone: the committed files alone give the same tables, and nothing is run again
+    shutil.rmtree(out)
+    (results / "results.json").unlink()
+    ablation.main(["--results", str(results), "--studies", "losses", "--seeds", "2", "--report"])
+    assert json.loads((results / "results.json").read_text())["studies"] == summary["studies"]
+    ablation.main(args)
+    assert not out.joinpath("runs").exists()
+
+    with pytest.raises(SystemExit, match="other settings"):  # the same folder with another scorer: refused
+        ablation.main([*args, "--images", "2"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -89,8 +133,10 @@ def test_a_tiny_study_trains_scores_and_resumes(tmp_path, monkeypatch):
     (["--set", "steps"], "KEY=VALUE"),
     (["--set", "stepz=3"], "unknown config key"),
     (["--seeds", "1"], "at least 2"),
+    (["--steps", "250"], "multiple of --every"),
+    (["--steps", "1200"], "cool-down"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
     with pytest.raises(SystemExit) as stop:  # fail(): "error: ..." on stderr, exit status 1
-        ablation.main(["--out", str(tmp_path), *argv])
+        ablation.main(["--out", str(tmp_path), "--results", str(tmp_path), *argv])
     assert str(stop.value.code).startswith("error: ") and message in str(stop.value.code)

@@ -1,33 +1,53 @@
-"""The paper's ablation, with error bars: does the motion focal loss make the text count? A tool (run from the
-repository's root); nothing in the method imports it.
+"""The paper's ablation, built to tell the losses apart: does the motion focal loss make the text count, and how
+soon? A tool (run from the repository's root); nothing in the method imports it.
 
-    python -m tools.ablation --out out/ablation                      # the default study, resumable
-    python -m tools.ablation --out out/ablation --jobs 2             # two runs at a time (one CPU thread each)
-    python -m tools.ablation --out out/big --seeds 8 --set steps=4000 --set device=cuda     # a bigger one
+    python -m tools.ablation --studies losses --jobs 2 --threads 1 --max-minutes 20   # a chunk; rerun to go on
+    python -m tools.ablation --report                           # tables and curves from docs/ablation/runs/ alone
+    python -m tools.ablation --studies losses --agreement       # the cheap scorer against the full one
+    python -m tools.ablation --results out/quick --out out/quick-work --seeds 2 --set height=16   # a smaller one
 
-Three studies of the shapes demo (train.py --preset shapes, changed by --set KEY=VALUE):
-- losses: MotiF (lambda = 1), no MotiF (lambda = 0) and Inv-MotiF, --seeds seeds each;
-- lambda: lambda = 0, 0.5, 1, 2, 4 (3 seeds; its lambda = 0 and 1 runs are the losses study's);
-- paper regime: the three losses on shapes PAPER_SCALE as large, so that about 3 % of the pixels move, as the
-  paper reports for real videos, where focal weighting should matter most (3 seeds).
-Seed k of every arm sees the same clips, initial weights, timesteps and noise (train.py draws them from the seed and
-the sample index), so differences between arms are paired differences.
+The demo reaches direction accuracy 1.000 by step 500 with any loss, so a study that scored the end of training
+would say nothing. Each run here is the first --steps (500) steps of `train.py --preset shapes`, exactly (same
+lr schedule: the preset's cool-down starts later), with a checkpoint every --every (100) steps, and each
+checkpoint is scored while the losses still differ:
+- ShapesBench (eval.tally) on the first --images (32) held-out first frames, every prompt, DDIM --ddim-steps (5)
+  at the run's guidance scale, sampling seed 0: direction, text-contrast, still accuracy, integrity, shape PSNR;
+- the mean squared v-error in moving and in static regions (eval.loss_shares, SHARE_CLIPS clips), and the
+  text sensitivity of v_hat from pure noise (eval.text_sensitivity), which keep changing after the accuracies
+  saturate.
+Per run that gives the learning curves, and from them STEPS_TO (steps until direction accuracy reaches 0.8,
+interpolated between checkpoints), the text-contrast AUC (its mean over the scored steps), and the last
+checkpoint's shape PSNR, errors and sensitivity (MEASURES).
 
-Each run trains in out/runs/NAME (checkpoints at POINTS evenly spaced steps) and each checkpoint is scored once into
-out/evals/NAME/step_N.json: the ShapesBench tallies (eval.tally) of every held-out pair sampled with SAMPLE_SEEDS,
-and the moving-region loss share per timestep (eval.loss_shares). Everything is written atomically and skipped when
-present, so killing the command and running it again loses at most the runs in progress (train.py resumes them).
+Three studies, every arm with --seeds (5) seeds; seed k of every arm sees the same clips, initial weights,
+timesteps and noise (train.py draws them from the seed and the sample index), and every checkpoint is scored on
+the same pairs with the same sampling noise, so differences between arms are paired:
+- losses: MotiF (lambda = 1), no MotiF (lambda = 0), Inv-MotiF;
+- lambda: lambda = 0, 0.5, 1, 2, 4 (its 0 and 1 are the losses study's runs);
+- paper regime: the three losses on shapes PAPER_SCALE as large, about 3 % of the pixels moving as the paper
+  reports for real videos, where focal weighting should matter most.
+Per comparison and measure: the mean of the per-seed differences, its 95 % Student-t interval and the seeds in
+which the first arm does better; the verdict is "better" or "worse" when the interval excludes 0, else "not
+resolved", and the half-width says how large a difference the study could have resolved.
 
-Statistics (out/results.json, results.md, curves.png): per arm and checkpoint, the mean over seeds and its 95 %
-t-interval; per comparison (MotiF - no MotiF, MotiF - Inv-MotiF, lambda - 0) at the last checkpoint, the paired
-difference with a 95 % bootstrap interval that resamples seeds and, within each, held-out images (both arms the same
-images), and the number of seeds in which the first arm does better. A difference is "resolved" when its interval
-excludes 0.
+What survives is in the repository: each finished run writes RESULTS/runs/NAME.json (default docs/ablation/:
+the run, the study's settings, train.py's config, the commit, its seconds and its scores at every checkpoint),
+and a run whose file is there is not run again, so a study is a chain of short commands, each run's file
+committed as it lands (--max-runs N, --max-minutes M: no run starts after M minutes). The tables (RESULTS/
+results.md, results.json) and the picture (curves.png) are made from those files alone (`--report`). The work
+folder OUT (out/ablation) holds checkpoints (OUT/runs/NAME, resumed by train.py) and per-checkpoint scores
+(OUT/evals/NAME/step_N.json), each written atomically, so a killed command loses at most the steps since a run's
+last checkpoint. RESULTS/study.json and OUT/plan.json keep the settings: other settings are refused, not mixed
+in. Runs go seed by seed (seed 0 of every arm first), so a study cut short is still paired. --agreement scores
+seed 0's checkpoints of the losses study with eval.py's full scorer (64 held-out frames, 25 DDIM steps) into
+RESULTS/agreement/NAME.json and tabulates the cheap score against it (results.md's last table).
 """
 import argparse
 import json
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+import subprocess
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -36,17 +56,21 @@ import torch
 
 import train
 from checkpoint import load_model
-from eval import FIGURES, held_out, loss_shares, pool, sample_all, tally
+from eval import held_out, loss_shares, pool, sample_all, tally, text_sensitivity
 from utils import fail, pick_device, write_atomically
 
-POINTS = 4  # checkpoints per run that are scored
-SAMPLE_SEEDS = (0, 100_000)  # each held-out pair is sampled twice: pair i with seed s + i
-SHARE_CLIPS = 64  # held-out clips of the moving-region loss share (eval.loss_shares)
 PAPER_SCALE = 0.65  # shapes this size: 2.95 % of the pixels move (against 5.8 % at 1), the paper's ~3 %
-STUDY_SEEDS = 3  # seeds of the lambda and paper-regime studies
-SCORED = ("direction_accuracy", "text_contrast_accuracy", "still_accuracy", "shape_integrity", "static_video_rate")
-LOWER_IS_BETTER = {"static_video_rate"}
-BOOTSTRAP = 2000  # bootstrap resamples
+LAMBDAS = (0.0, 0.5, 1.0, 2.0, 4.0)
+SHARE_CLIPS = 32  # held-out clips of the moving / static v-error (eval.loss_shares)
+SENSITIVITY_IMAGES = 16  # held-out first frames of the text sensitivity (eval.text_sensitivity)
+FULL_SCORER = {"images": 64, "ddim_steps": 25}  # eval.py's defaults, for --agreement
+THRESHOLD = 0.8  # direction accuracy whose first crossing STEPS_TO measures
+STEPS_TO = f"steps to direction {THRESHOLD:g}"
+# (name, higher is better): what is compared between arms, per run
+MEASURES = ((STEPS_TO, False), ("text-contrast AUC", True), ("direction AUC", True), ("shape PSNR", True),
+            ("moving error", False), ("static error", False), ("text sensitivity", True))
+CURVES = {"direction_accuracy": "direction", "text_contrast_accuracy": "text-contrast", "shape_psnr": "shape PSNR (dB)",
+          "moving_error": "moving-region v-error"}
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086)  # Student's t quantile 0.975 for 1..20 degrees of freedom
 
@@ -68,27 +92,31 @@ class Run:
 def studies(seeds):
     """{study: {"arms": {arm: [Run per seed]}, "compare": [(arm, arm), ...]}}. Runs shared between studies have the
     same name, so they are trained once."""
-    def losses(scale, n):
-        return {"MotiF": [Run(1.0, "motif", scale, k) for k in range(n)],
-                "no MotiF": [Run(0.0, "motif", scale, k) for k in range(n)],
-                "Inv-MotiF": [Run(1.0, "inverse", scale, k) for k in range(n)]}
-    lambdas = (0.0, 0.5, 1.0, 2.0, 4.0)
-    return {"losses": {"arms": losses(1.0, seeds), "compare": [("MotiF", "no MotiF"), ("MotiF", "Inv-MotiF")]},
-            "lambda": {"arms": {f"lambda {lam:g}": [Run(lam, "motif", 1.0, k) for k in range(STUDY_SEEDS)]
-                                for lam in lambdas},
-                       "compare": [(f"lambda {lam:g}", "lambda 0") for lam in lambdas[1:]]},
-            "paper regime": {"arms": losses(PAPER_SCALE, STUDY_SEEDS),
-                             "compare": [("MotiF", "no MotiF"), ("MotiF", "Inv-MotiF")]}}
+    def losses(scale):
+        return {"MotiF": [Run(1.0, "motif", scale, k) for k in range(seeds)],
+                "no MotiF": [Run(0.0, "motif", scale, k) for k in range(seeds)],
+                "Inv-MotiF": [Run(1.0, "inverse", scale, k) for k in range(seeds)]}
+    return {"losses": {"arms": losses(1.0), "compare": [("MotiF", "no MotiF"), ("MotiF", "Inv-MotiF")]},
+            "lambda": {"arms": {f"lambda {lam:g}": [Run(lam, "motif", 1.0, k) for k in range(seeds)]
+                                for lam in LAMBDAS},
+                       "compare": [(f"lambda {lam:g}", "lambda 0") for lam in LAMBDAS[1:]]},
+            "paper regime": {"arms": losses(PAPER_SCALE), "compare": [("MotiF", "no MotiF"), ("MotiF", "Inv-MotiF")]}}
 
 
-def run_config(run, out, overrides):
-    """train.py's config of a run: the shapes preset, the study's --set overrides, then the run's own keys."""
-    base = train.load_config(["--preset", "shapes", *(f"--{o}" for o in overrides)])
-    return train.load_config(["--preset", "shapes", *(f"--{o}" for o in overrides),
+def run_config(run, out, settings):
+    """train.py's config of a run: the first settings["steps"] steps of the shapes preset (with the study's --set
+    overrides), its lr schedule kept, a checkpoint every settings["every"] steps, then the run's own keys."""
+    preset = ["--preset", "shapes", *(f"--{o}" for o in settings["overrides"])]
+    base = train.load_config(preset)
+    steps, every = settings["steps"], settings["every"]
+    if steps > base.steps - min(base.cooldown_steps, base.steps):
+        raise ValueError(f"--steps {steps} reaches into the preset's cool-down (its last {base.cooldown_steps} of "
+                         f"{base.steps} steps): a shorter run would not be the preset's first steps")
+    return train.load_config([*preset, f"--steps={steps}", "--cooldown_steps=0", f"--ckpt_every={every}",
+                              f"--keep_checkpoints={steps // every + 1}", "--sample_every=0", "--resume=latest",
                               f"--motif_lambda={run.motif_lambda}", f"--loss_mode={run.loss_mode}",
                               f"--shape_scale={run.shape_scale}", f"--seed={run.seed}",
-                              f"--out_dir={out / 'runs' / run.name}", "--resume=latest", "--sample_every=0",
-                              f"--ckpt_every={max(1, base.steps // POINTS)}", f"--keep_checkpoints={POINTS + 1}"])
+                              f"--out_dir={out / 'runs' / run.name}"])
 
 
 # ----------------------------------------------------------------------------- train and score one run
@@ -102,31 +130,79 @@ def checkpoints(run_dir):
     return {int(p.stem.split("_")[1]): p for p in sorted(Path(run_dir).glob("ckpt_*.pt"))}
 
 
-def evaluate(path, settings):
-    """One checkpoint's scores: ShapesBench tallies per sampling seed, and the moving-region loss shares."""
-    model, cfg, step = load_model(path, pick_device(settings["device"]))
-    entries = held_out(cfg, settings["images"])
-    tallies = [tally(entries, sample_all(model, cfg, entries, settings["ddim_steps"], settings["cfg"], seed,
-                                         settings["batch"])) for seed in SAMPLE_SEEDS]
-    return {"step": step, "tallies": tallies, "loss_shares": loss_shares(model, cfg, clips=SHARE_CLIPS)}
+def evaluate(path, images, ddim_steps, device="auto", errors=True):
+    """One checkpoint's scores: ShapesBench's figures on the first `images` held-out frames (every prompt, DDIM
+    `ddim_steps`, the run's guidance scale, sampling seed 0) and, if `errors`, the moving / static v-error per
+    timestep and the text sensitivity of v_hat from pure noise."""
+    model, cfg, step = load_model(path, pick_device(device))
+    entries = held_out(cfg, images)
+    videos = sample_all(model, cfg, entries, ddim_steps, cfg.get("cfg_scale", 7.5), 0, len(entries))
+    scores = {"step": step, "figures": pool(tally(entries, videos).values())}
+    if errors:
+        shares = loss_shares(model, cfg, clips=SHARE_CLIPS)
+        scores["moving_error"] = float(np.mean(shares["moving_error"]))
+        scores["static_error"] = float(np.mean(shares["static_error"]))
+        scores["text_sensitivity"] = text_sensitivity(model, cfg, SENSITIVITY_IMAGES)["from_noise"]["direction_words"]
+    return scores
+
+
+def score_once(path, result, images, ddim_steps, device, errors=True):
+    if not result.is_file():
+        scores = evaluate(path, images, ddim_steps, device, errors)
+        result.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(result, lambda f: f.write(json.dumps(scores).encode()))
+
+
+def commit():
+    """The repository's commit (with "+changes" when the work tree differs from it), for a run file."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def run_file(results, run):
+    return Path(results) / "runs" / f"{run.name}.json"
 
 
 def train_and_evaluate(run, out, settings):
-    """Train `run` to its last step (resuming what is there) and score each of its checkpoints not yet scored."""
+    """Train `run` to its last step (resuming what is there), score each of its checkpoints not yet scored, then
+    write the run's file into the results folder: its settings, train.py config, commit, seconds and scores."""
     torch.set_num_threads(settings["threads"])
-    cfg = run_config(run, out, settings["overrides"])
-    done = checkpoints(cfg.out_dir)
-    if cfg.steps not in done:
-        train.train(cfg)
+    start = time.time()
+    cfg = run_config(run, out, settings)
+    scores = out / "evals" / run.name
+    wanted = range(cfg.ckpt_every, cfg.steps + 1, cfg.ckpt_every)
+    if not all((scores / f"step_{s:07d}.json").is_file() for s in wanted):  # else its checkpoints may be gone
         done = checkpoints(cfg.out_dir)
         if cfg.steps not in done:
-            raise Stopped(f"{run.name} stopped at step {max(done, default=0)}")
-    for step, path in done.items():
-        result = out / "evals" / run.name / f"step_{step:07d}.json"
-        if not result.is_file():
-            figures = evaluate(path, settings)
-            result.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(result, lambda f: f.write(json.dumps(figures).encode()))
+            train.train(cfg)
+            done = checkpoints(cfg.out_dir)
+            if cfg.steps not in done:
+                raise Stopped(f"{run.name} stopped at step {max(done, default=0)}")
+        for step, path in done.items():
+            score_once(path, scores / f"step_{step:07d}.json", settings["images"],
+                       settings["ddim_steps"], settings["device"])
+    scored = load_scores(scores)
+    record = {"run": {"name": run.name, **asdict(run)}, "settings": kept_settings(settings), "commit": commit(),
+              "seconds": round(time.time() - start), "threads": settings["threads"],
+              "config": {k: v for k, v in vars(cfg).items() if k not in ("out_dir", "resume")},
+              "scores": [scored[s] for s in wanted]}
+    write_atomically(run_file(settings["results"], run), lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+
+def agree(run, out, settings):
+    """Seed 0's checkpoints of a run scored again with the full scorer (FULL_SCORER): OUT/agreement/NAME/ while it
+    works, then RESULTS/agreement/NAME.json."""
+    torch.set_num_threads(settings["threads"])
+    folder = out / "agreement" / run.name
+    for step, path in checkpoints(run_config(run, out, settings).out_dir).items():
+        score_once(path, folder / f"step_{step:07d}.json", FULL_SCORER["images"], FULL_SCORER["ddim_steps"],
+                   settings["device"], errors=False)
+    record = {"run": run.name, "scorer": FULL_SCORER, "commit": commit(),
+              "scores": [scores for _, scores in sorted(load_scores(folder).items())]}
+    write_atomically(Path(settings["results"]) / "agreement" / f"{run.name}.json",
+                     lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -140,107 +216,141 @@ def t_interval(values):
     return float(values.mean()), float(t * values.std(ddof=1) / np.sqrt(len(values)))
 
 
-def merge(tallies):
-    """Per-image tallies of several samplings added up into one {image_id: {key: [sum, count]}}."""
-    merged = {}
-    for one in tallies:
-        for image, keys in one.items():
-            for key, (total, count) in keys.items():
-                cell = merged.setdefault(str(image), {}).setdefault(key, [0.0, 0])
-                cell[0] += total
-                cell[1] += count
-    return merged
+def crossing(steps, values, threshold=THRESHOLD):
+    """The step at which a curve first reaches `threshold`, linear between checkpoints (from 0 at step 0), and
+    whether it never does (censored: then the last step, which can only understate a difference)."""
+    xs, ys = [0, *steps], [0.0, *values]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if y1 >= threshold:
+            return x0 + (x1 - x0) * (threshold - y0) / (y1 - y0) if y1 > y0 else x1, False
+    return xs[-1], True
 
 
-def as_arrays(per_seed, key, images):
-    """(sums, counts), each (seeds, images), of one key of per-seed merged tallies."""
-    sums = np.array([[t.get(i, {}).get(key, [0.0, 0])[0] for i in images] for t in per_seed], dtype=float)
-    counts = np.array([[t.get(i, {}).get(key, [0.0, 0])[1] for i in images] for t in per_seed], dtype=float)
-    return sums, counts
+def area(steps, values):
+    """The mean of a curve over its steps (trapezoids, from its first to its last checkpoint)."""
+    if len(steps) < 2:
+        return float(values[0])
+    return float(np.trapezoid(values, steps) / (steps[-1] - steps[0]))
 
 
-def paired_difference(first, second, key, rng, resamples=BOOTSTRAP):
-    """first, second: per seed k (the same k in both), the merged tallies of one checkpoint. The mean over seeds of
-    figure(first_k) - figure(second_k), its 95 % bootstrap interval (seeds resampled, and within each resampled
-    seed the held-out images, the same ones for both arms) and the number of seeds in which `first` does better."""
-    images = sorted({i for t in first + second for i in t})
-    sa, ca = as_arrays(first, key, images)
-    sb, cb = as_arrays(second, key, images)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_seed = sa.sum(1) / ca.sum(1) - sb.sum(1) / cb.sum(1)  # (seeds,)
-        n, m = len(first), len(images)
-        seeds = rng.integers(0, n, size=(resamples, n))  # (R, n)
-        weights = rng.multinomial(m, np.full(m, 1 / m), size=(resamples, n)).astype(float)  # (R, n, m)
-        fa = (weights * sa[seeds]).sum(-1) / (weights * ca[seeds]).sum(-1)  # (R, n)
-        fb = (weights * sb[seeds]).sum(-1) / (weights * cb[seeds]).sum(-1)
-        boot = np.nanmean(fa - fb, axis=1)  # (R,)
-    low, high = np.nanpercentile(boot, [2.5, 97.5])
-    better = per_seed < 0 if key in LOWER_IS_BETTER else per_seed > 0
-    return {"mean": float(np.nanmean(per_seed)), "low": float(low), "high": float(high),
-            "wins": int(better.sum()), "seeds": n, "resolved": bool(low > 0 or high < 0)}
+def run_measures(scored):
+    """A run's {step: scores} -> its curves {key: [value per step]}, "steps", MEASURES and "censored"."""
+    steps = sorted(scored)
+    curve = {key: [scored[s]["figures"].get(key, np.nan) for s in steps] for key in
+             ("direction_accuracy", "text_contrast_accuracy", "still_accuracy", "shape_integrity", "shape_psnr")}
+    for key in ("moving_error", "static_error", "text_sensitivity"):
+        curve[key] = [scored[s][key] for s in steps]
+    reached, censored = crossing(steps, curve["direction_accuracy"])
+    last = {key: values[-1] for key, values in curve.items()}
+    return {"steps": steps, "curves": curve, "censored": censored,
+            "measures": {STEPS_TO: reached, "text-contrast AUC": area(steps, curve["text_contrast_accuracy"]),
+                         "direction AUC": area(steps, curve["direction_accuracy"]), "shape PSNR": last["shape_psnr"],
+                         "moving error": last["moving_error"], "static error": last["static_error"],
+                         "text sensitivity": last["text_sensitivity"]}}
 
 
-def summarise(plan, out):
-    """results.json's content from the scored checkpoints: per run, per arm and per comparison."""
-    rng = np.random.default_rng(0)
-    results = {"studies": {}}
+def compare(first, second):
+    """first, second: {seed: run_measures} of two arms. Per measure over the seeds both have: the mean difference,
+    its 95 % t-interval, the seeds where `first` does better, and the verdict."""
+    seeds = sorted(set(first) & set(second))
+    result = {}
+    for name, higher in MEASURES:
+        diffs = [first[k]["measures"][name] - second[k]["measures"][name] for k in seeds]
+        mean, half = t_interval(diffs) if diffs else (np.nan, np.nan)
+        wins = sum((d > 0) if higher else (d < 0) for d in diffs)
+        verdict = "not resolved"
+        if len(diffs) >= 2 and abs(mean) > half:
+            verdict = "better" if (mean > 0) == higher else "worse"
+        result[name] = {"mean": mean, "half_width": half, "wins": int(wins), "seeds": len(seeds), "verdict": verdict}
+    return result
+
+
+def load_scores(folder):
+    """{step: scores} of the checkpoints scored in a folder of the work folder (none if it does not exist)."""
+    scored = [json.loads(p.read_text()) for p in sorted(folder.glob("step_*.json"))]
+    return {s["step"]: s for s in scored}
+
+
+def load_run(results, run):
+    """{step: scores} of a finished run from its file in the results folder, or None if it has none."""
+    path = run_file(results, run)
+    return {s["step"]: s for s in json.loads(path.read_text())["scores"]} if path.is_file() else None
+
+
+def summarise(plan, results):
+    """results.json's content, from the run files in the results folder alone: per study, arm and seed the curves
+    and measures of finished runs, the arms' means with intervals, and the paired comparisons."""
+    summary_ = {"studies": {}}
     for study, spec in plan.items():
-        arms, merged = {}, {}
-        for arm, runs in spec["arms"].items():
-            per_step = {}
-            for run in runs:
-                for path in sorted((out / "evals" / run.name).glob("step_*.json")):
-                    scored = json.loads(path.read_text())
-                    per_step.setdefault(scored["step"], []).append((merge(scored["tallies"]), scored["loss_shares"]))
-            merged[arm] = per_step
-            arms[arm] = {}
-            for step, rows in sorted(per_step.items()):
-                figures = [pool(t.values()) for t, _ in rows]
-                arms[arm][step] = {key: t_interval([f.get(key, np.nan) for f in figures]) for key in FIGURES}
-                shares = np.array([s["moving_loss_share"] for _, s in rows])  # (seeds, timesteps)
-                arms[arm][step]["moving_loss_share"] = [t_interval(column) for column in shares.T]
-                arms[arm][step]["timesteps"] = rows[0][1]["timesteps"]
-                arms[arm][step]["seeds"] = len(rows)
-        last = max((max(per_step) for per_step in merged.values() if per_step), default=0)
-        differences = {}
-        for a, b in spec["compare"]:
-            first, second = merged[a].get(last, []), merged[b].get(last, [])
-            if first and len(first) == len(second):
-                differences[f"{a} - {b}"] = {key: paired_difference([t for t, _ in first], [t for t, _ in second],
-                                                                    key, rng) for key in SCORED}
-        results["studies"][study] = {"arms": arms, "last_step": last, "differences": differences}
-    return results
+        arms = {arm: {run.seed: run_measures(scored) for run in runs if (scored := load_run(results, run))}
+                for arm, runs in spec["arms"].items()}
+        summary = {}
+        for arm, per_seed in arms.items():
+            if not per_seed:
+                continue
+            runs = list(per_seed.values())
+            summary[arm] = {"seeds": len(runs), "steps": runs[0]["steps"],
+                            "censored": sum(r["censored"] for r in runs),
+                            "measures": {name: t_interval([r["measures"][name] for r in runs]) for name, _ in MEASURES},
+                            "curves": {key: [t_interval(column) for column in np.array([r["curves"][key] for r in runs]).T]
+                                       for key in runs[0]["curves"]}}
+        differences = {f"{a} - {b}": compare(arms[a], arms[b]) for a, b in spec["compare"] if arms[a] and arms[b]}
+        summary_["studies"][study] = {"arms": summary, "differences": differences,
+                                      "runs": {arm: {str(k): v for k, v in per_seed.items()}
+                                               for arm, per_seed in arms.items()}}
+    return summary_
+
+
+def agreement(plan, results):
+    """Rows (arm, step, cheap figures, full figures) of the checkpoints that --agreement scored again."""
+    rows = []
+    for arm, runs in plan["losses"]["arms"].items():
+        path = Path(results) / "agreement" / f"{runs[0].name}.json"
+        cheap = load_run(results, runs[0])
+        if cheap and path.is_file():
+            full = {s["step"]: s for s in json.loads(path.read_text())["scores"]}
+            rows += [{"arm": arm, "step": s, "cheap": cheap[s]["figures"], "full": full[s]["figures"]}
+                     for s in sorted(full) if s in cheap]
+    return rows
 
 
 # ----------------------------------------------------------------------------- reports
 
-NAMES = {"direction_accuracy": "direction", "text_contrast_accuracy": "text-contrast", "still_accuracy": "still",
-         "shape_integrity": "integrity", "static_video_rate": "static rate"}
+def fmt(value, half=None, digits=3):
+    text = f"{value:.{digits}f}"
+    return text if half is None else f"{text} ± {half:.{digits}f}"
 
 
-def markdown(results):
-    lines = []
+def markdown(results, settings):
+    lines = [f"Runs: the first {settings['steps']} steps of `train.py --preset shapes`"
+             + (f" with {', '.join(settings['overrides'])}" if settings["overrides"] else "")
+             + f", scored every {settings['every']} steps on {settings['images']} held-out frames with "
+             f"{settings['ddim_steps']} DDIM steps. Mean ± 95 % t-interval over seeds.", ""]
+    names = [name for name, _ in MEASURES]
     for study, summary in results["studies"].items():
-        last = summary["last_step"]
-        lines += [f"### {study} (step {last}; mean and 95 % interval over seeds)", "",
-                  "| arm | seeds | " + " | ".join(NAMES[k] for k in SCORED) + " | moving-region loss share, mean over t |",
-                  "|---" * (len(SCORED) + 3) + "|"]
-        for arm, steps in summary["arms"].items():
-            row = steps.get(last)
-            if not row:
-                continue
-            share = np.mean([m for m, _ in row["moving_loss_share"]])
-            lines.append(f"| {arm} | {row['seeds']} | " + " | ".join(f"{row[k][0]:.3f} ± {row[k][1]:.3f}" for k in SCORED)
-                         + f" | {share:.3f} |")
+        lines += [f"### {study}", "", "| arm | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+        for arm, row in summary["arms"].items():
+            cells = [fmt(*row["measures"][n], digits=0 if n == STEPS_TO else 2 if n == "shape PSNR" else 3)
+                     for n in names]
+            if row["censored"]:
+                cells[0] += f" ({row['censored']} never)"
+            lines.append(f"| {arm} | {row['seeds']} | " + " | ".join(cells) + " |")
         if summary["differences"]:
-            lines += ["", "| paired difference | " + " | ".join(NAMES[k] for k in SCORED) + " |",
-                      "|---" * (len(SCORED) + 1) + "|"]
+            lines += ["", "| paired difference | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
             for name, keys in summary["differences"].items():
                 lines.append(f"| {name} | " + " | ".join(
-                    f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['wins']}/{d['seeds']}"
-                    f"{' **resolved**' if d['resolved'] else ''}" for d in (keys[k] for k in SCORED)) + " |")
-            lines += ["", "Each cell: mean paired difference [95 % bootstrap interval] and the seeds in which the first "
-                      "arm does better; **resolved**: the interval excludes 0."]
+                    f"{d['mean']:+.{0 if n == STEPS_TO else 3}f} ± {d['half_width']:.{0 if n == STEPS_TO else 3}f}, "
+                    f"{d['wins']}/{d['seeds']}, **{d['verdict']}**" for n, d in ((n, keys[n]) for n in names)) + " |")
+        lines.append("")
+    if results.get("agreement"):
+        keys = ("direction_accuracy", "text_contrast_accuracy", "shape_integrity", "shape_psnr")
+        lines += [f"### the cheap scorer ({settings['images']} frames, {settings['ddim_steps']} DDIM steps) against "
+                  f"the full one ({FULL_SCORER['images']} frames, {FULL_SCORER['ddim_steps']} steps), seed 0", "",
+                  "| arm | step | " + " | ".join(f"{CURVES.get(k, k)} cheap / full" for k in keys) + " |",
+                  "|---" * (len(keys) + 2) + "|"]
+        for row in results["agreement"]:
+            lines.append(f"| {row['arm']} | {row['step']} | " + " | ".join(
+                f"{row['cheap'][k]:.3f} / {row['full'][k]:.3f}" for k in keys) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -249,20 +359,22 @@ def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = SCORED[:4]
-    names = list(results["studies"])
-    fig, axes = plt.subplots(len(names), len(keys), figsize=(4 * len(keys), 3 * len(names)), squeeze=False)
+    names = [s for s, summary in results["studies"].items() if summary["arms"]]
+    fig, axes = plt.subplots(max(1, len(names)), len(CURVES), figsize=(3.6 * len(CURVES), 2.9 * max(1, len(names))),
+                             squeeze=False)
     for row, study in enumerate(names):
-        for col, key in enumerate(keys):
+        for col, (key, label) in enumerate(CURVES.items()):
             ax = axes[row][col]
-            for arm, steps in results["studies"][study]["arms"].items():
-                xs = sorted(steps)
-                mean, half = np.array([steps[s][key] for s in xs]).T  # (steps,) each
-                ax.plot(xs, mean, marker="o", label=arm)
-                ax.fill_between(xs, mean - half, mean + half, alpha=0.2)
-            ax.set_title(f"{study}: {NAMES[key]}", fontsize=9)
-            ax.set_xlabel("training step")
-            ax.set_ylim(0, 1)
+            for arm, summary in results["studies"][study]["arms"].items():
+                mean, half = np.array(summary["curves"][key]).T  # (steps,) each
+                ax.plot(summary["steps"], mean, marker="o", markersize=3, label=f"{arm} ({summary['seeds']})")
+                ax.fill_between(summary["steps"], mean - half, mean + half, alpha=0.2)
+            ax.set_title(f"{study}: {label}", fontsize=9)
+            ax.set_xlabel("training step", fontsize=8)
+            if key == "direction_accuracy":
+                ax.axhline(THRESHOLD, color="grey", lw=0.5, ls="--")
+            if key in ("direction_accuracy", "text_contrast_accuracy"):
+                ax.set_ylim(0, 1)
         axes[row][0].legend(fontsize=7)
     fig.tight_layout()
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=90))
@@ -271,58 +383,125 @@ def plot(results, path):
 
 # ----------------------------------------------------------------------------- command line
 
+def kept_settings(settings):
+    """The settings every run of one results folder must share."""
+    return {k: settings[k] for k in ("overrides", "steps", "every", "images", "ddim_steps")}
+
+
+def run_all(work, runs, out, settings, jobs, deadline):
+    """work(run, out, settings) for each run, `jobs` at a time; no run starts after `deadline` (time.time()), the
+    runs in progress finish. The number of runs done."""
+    done = 0
+    if jobs == 1:
+        for run in runs:
+            if time.time() >= deadline:
+                break
+            work(run, out, settings)
+            done += 1
+        return done
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as workers:
+        todo, running = list(runs), set()
+        while todo or running:
+            while todo and len(running) < jobs and time.time() < deadline:
+                running.add(workers.submit(work, todo.pop(0), out, settings))
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                future.result()
+                done += 1
+    return done
+
+
+def check_folder(folder, name, kept):
+    """Refuse a folder that holds a study with other settings; else record them there."""
+    path = Path(folder) / name
+    if path.is_file() and json.loads(path.read_text()) != kept:
+        raise ValueError(f"{folder} holds a study with other settings ({path.read_text().strip()}); "
+                         "give another folder")
+    write_atomically(path, lambda f: f.write(json.dumps(kept).encode()))
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="MotiF vs no MotiF vs Inv-MotiF on the shapes demo, with error bars")
-    p.add_argument("--out", default="out/ablation", help="folder of runs, scores and results")
-    p.add_argument("--seeds", type=int, default=5, help="seeds of the losses study")
+    p = argparse.ArgumentParser(description="MotiF vs no MotiF vs Inv-MotiF on the shapes demo: learning curves, "
+                                            "paired seeds, intervals and verdicts")
+    p.add_argument("--results", default="docs/ablation", help="one small file per finished run (commit them), "
+                   "and the tables and curves made from those files alone")
+    p.add_argument("--out", default="out/ablation", help="work folder: the runs' checkpoints and per-step scores")
+    p.add_argument("--seeds", type=int, default=5, help="paired seeds of every arm")
     p.add_argument("--studies", default="losses,lambda,paper regime", help="comma-separated: losses, lambda, paper regime")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train.py config key for every run")
-    p.add_argument("--images", type=int, default=64, help="held-out first frames scored (64: all)")
-    p.add_argument("--ddim-steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--batch", type=int, default=64, help="pairs sampled at once")
+    p.add_argument("--steps", type=int, default=500, help="the preset's first STEPS steps are trained")
+    p.add_argument("--every", type=int, default=100, help="a checkpoint scored every EVERY steps")
+    p.add_argument("--images", type=int, default=32, help="held-out first frames of the cheap scorer")
+    p.add_argument("--ddim-steps", type=int, default=5, help="DDIM steps of the cheap scorer")
+    p.add_argument("--max-runs", type=int, default=None, help="do at most N runs not yet finished, then stop")
+    p.add_argument("--max-minutes", type=float, default=None, help="start no run after M minutes (the runs in "
+                   "progress finish: a run takes about 15 minutes on 2 cores)")
+    p.add_argument("--agreement", action="store_true", help="also score seed 0 of the losses study with the full scorer")
+    p.add_argument("--report", action="store_true", help="train and score nothing: write the tables and curves of "
+                   "the run files in --results")
     p.add_argument("--jobs", type=int, default=1, help="runs trained and scored at once, each on --threads threads")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out, results = Path(args.out), Path(args.results)
+    settings = {"overrides": args.set, "steps": args.steps, "every": args.every, "images": args.images,
+                "ddim_steps": args.ddim_steps, "threads": args.threads, "device": args.device,
+                "results": str(results)}
+    if args.report and (results / "study.json").is_file():  # the study's own settings
+        settings.update(json.loads((results / "study.json").read_text()))
+    kept = kept_settings(settings)
     try:
         wanted = [s.strip() for s in args.studies.split(",") if s.strip()]
         plan = studies(args.seeds)
         unknown = [s for s in wanted if s not in plan]
         if unknown or not wanted:
             raise ValueError(f"unknown studies {unknown}; choose from {', '.join(plan)}")
-        plan = {s: plan[s] for s in wanted}
-        if args.seeds < 2 or args.images < 1 or args.jobs < 1 or args.threads < 1:
-            raise ValueError("--seeds must be at least 2 (intervals), --images, --jobs and --threads positive")
+        if args.seeds < 2 or args.images < 1 or args.jobs < 1 or args.threads < 1 or args.ddim_steps < 1:
+            raise ValueError("--seeds must be at least 2 (intervals); --images, --ddim-steps, --jobs, --threads positive")
+        if (args.max_runs is not None and args.max_runs < 0) or (args.max_minutes is not None and
+                                                                 not args.max_minutes >= 0):
+            raise ValueError("--max-runs and --max-minutes must be 0 or more")
+        if args.every < 1 or args.steps % args.every or args.steps // args.every < 2:
+            raise ValueError(f"--steps ({args.steps}) must be a multiple of --every ({args.every}), at least twice it")
         if any("=" not in o for o in args.set):
             raise ValueError("--set takes KEY=VALUE (a train.py config key)")
+        plan = {s: plan[s] for s in wanted}
         runs = list(dict.fromkeys(run for spec in plan.values() for arm in spec["arms"].values() for run in arm))
-        for run in runs[:1]:
-            train.check_config(run_config(run, out, args.set), world_size=1)
-    except ValueError as e:
+        runs.sort(key=lambda run: run.seed)  # seed 0 of every arm first: a study cut short is still paired
+        train.check_config(run_config(runs[0], out, settings), world_size=1)
+        check_folder(results, "study.json", kept)
+        if not args.report:
+            check_folder(out, "plan.json", kept)
+    except (ValueError, OSError) as e:
         fail(e)
-    settings = {"overrides": args.set, "images": args.images, "ddim_steps": args.ddim_steps, "cfg": args.cfg,
-                "batch": args.batch, "threads": args.threads, "device": args.device}
-    print(f"{len(runs)} runs in {out / 'runs'}; each scored at {POINTS} checkpoints on {args.images} held-out images "
-          f"x {len(SAMPLE_SEEDS)} sampling seeds")
-    try:
-        if args.jobs == 1:
-            for run in runs:
-                train_and_evaluate(run, out, settings)
-        else:
-            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as jobs:
-                for done in [jobs.submit(train_and_evaluate, run, out, settings) for run in runs]:
-                    done.result()
-    except (Stopped, train.TrainingStopped) as e:
-        fail(f"{e}; run the same command again to resume")
-    results = summarise(plan, out)
-    results["settings"] = {**settings, "seeds": args.seeds, "points": POINTS, "sample_seeds": SAMPLE_SEEDS}
-    write_atomically(out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
-    write_atomically(out / "results.md", lambda f: f.write(markdown(results).encode()))
-    plot(results, out / "curves.png")
-    print(markdown(results))
-    print(f"wrote {out / 'results.json'}, results.md and curves.png")
+    todo = [run for run in runs if not run_file(results, run).is_file()][:args.max_runs]
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes is not None else float("inf")
+    if not args.report:
+        print(f"{len(runs)} runs of {args.steps} steps, {len(runs) - len(todo)} done ({results / 'runs'}); "
+              f"{len(todo)} to do now in {out / 'runs'}, each scored every {args.every} steps on {args.images} "
+              f"held-out frames with {args.ddim_steps} DDIM steps")
+        try:
+            done = run_all(train_and_evaluate, todo, out, settings, args.jobs, deadline)
+            if args.agreement and "losses" in plan:
+                agreed = [arm[0] for arm in plan["losses"]["arms"].values()
+                          if not (results / "agreement" / f"{arm[0].name}.json").is_file()]
+                run_all(agree, agreed, out, settings, args.jobs, deadline)
+        except (Stopped, train.TrainingStopped) as e:
+            fail(f"{e}; run the same command again to resume")
+        if done < len(todo):
+            print(f"stopped after {done} runs (--max-minutes); {len(todo) - done} left: run it again to go on")
+    summary = summarise(plan, results)
+    if "losses" in plan:
+        summary["agreement"] = agreement(plan, results)
+    summary["settings"] = {**kept, "seeds": args.seeds}
+    write_atomically(results / "results.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    write_atomically(results / "results.md", lambda f: f.write(markdown(summary, kept).encode()))
+    plot(summary, results / "curves.png")
+    print(markdown(summary, kept))
+    print(f"wrote {results / 'results.md'} and curves.png from {results / 'runs'}; "
+          f"regenerate them with: python -m tools.ablation --results {results} --report")
 
 
 if __name__ == "__main__":
