@@ -40,6 +40,7 @@ moves up / left / down / right / stays still", the frames side by side.
 """
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -385,6 +386,11 @@ def main(argv=None):
             raise ValueError("give --ckpt CKPT [CKPT ...] (shapes models) and/or --baselines")
         if args.images < 1 or args.batch < 1:
             raise ValueError("--images and --batch must be positive")
+        if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+            raise ValueError(f"--cfg (the guidance scale) must be a number 0 or more, not {args.cfg}")
+        if args.strip is not None and not 0 <= args.strip < args.images:
+            raise ValueError(f"--strip K draws one of the scored held-out images, 0..{args.images - 1} with --images "
+                             f"{args.images}, not {args.strip}" + (f": add --images {args.strip + 1}" if args.strip > 0 else ""))
         ddim_timesteps(args.steps)
         device = pick_device("auto")
         models = [(path, *load_shapes_model(path, device)) for path in args.ckpt]  # all checked before the long part

@@ -17,6 +17,7 @@ resumes), and out/index.csv lists what was made.
 import argparse
 import csv
 import io
+import math
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def ddim_timesteps(steps, num_steps=1000):
 
 @torch.no_grad()
 def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, seeds=(0,), progress=True):
-    """image (B, 3, H, W) in [-1, 1], B captions, B seeds -> video (B, 3, T, H, W) in [-1, 1].
+    """image (B, 3, H, W) in [-1, 1], B captions, fps (one, or B), B seeds -> video (B, 3, T, H, W) in [-1, 1].
 
     DDIM, eta = 0, v-prediction; each sample's starting noise comes from its own seed. The result is the last
     step's prediction of the clean latent (VideoCrafter returns z at alphas_cumprod[0], which keeps 3 % of noise)."""
@@ -85,7 +86,7 @@ def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, se
     z_img = model.encode_video(image.to(device)[:, :, None]).expand(-1, -1, frames, -1, -1)  # (B, C, T, h, w): x-cat
     context = model.text_encoder(list(captions) + [""] * b)  # (2B, L, D): text, then the empty prompt
     z = torch.stack([torch.randn(z_img.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
-    fps = torch.full((2 * b,), float(fps), device=device)
+    fps = torch.as_tensor(fps, dtype=torch.float32, device=device).expand(b).repeat(2)  # (2B,): one, or one each
     timesteps = ddim_timesteps(steps)
     for i, t in enumerate(tqdm(timesteps, desc="sample", disable=not progress)):
         a_t = abar[t].item()
@@ -189,8 +190,11 @@ def main(argv=None):
         if args.image and args.prompt is None:
             raise ValueError("give a prompt after the image, e.g. sample.py img.png \"the red circle moves right\"")
         ddim_timesteps(args.steps)
-        if args.fps <= 0 or args.batch < 1:
-            raise ValueError(f"--fps and --batch must be positive (got {args.fps}, {args.batch})")
+        if not (math.isfinite(args.fps) and args.fps > 0) or args.batch < 1 or args.upscale < 0:
+            raise ValueError(f"--fps and --batch must be positive and --upscale 0 or more (got {args.fps}, "
+                             f"{args.batch}, {args.upscale})")
+        if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+            raise ValueError(f"--cfg (the guidance scale) must be a number 0 or more, not {args.cfg}")
         rows = read_benchmark(args.prompts, args.images) if args.prompts else None
         model, cfg, step = load_model(args.ckpt, pick_device(args.device), use_ema=not args.no_ema)
         args.cfg = cfg.get("cfg_scale", 7.5) if args.cfg is None else args.cfg

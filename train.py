@@ -39,11 +39,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
-from data import VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_size, resize_center_crop, write_video
+from data import (FALLBACK_FPS, VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_size, resize_center_crop,
+                  write_video)
 from eval import score
 from flow import RAFT, clip_heatmaps
 from loss import diffusion_loss, latent_heatmap, q_sample, v_target
 from model import SIZES, ModelConfig, MotifModel, training_flops
+from monitor import MotionMonitor, load_monitor_raft
 from sample import ddim_sample, to_uint8_frames
 from shapes import ShapesDataset, held_out_pairs
 from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
@@ -68,6 +70,7 @@ class Config:
     max_shapes: int = 3  # shapes data: 1 to this many shapes in a scene (the demo: 1)
     shape_scale: float = 1.0  # shapes data: the shapes' sizes times this (0.75: about 3 % of the pixels move, as the paper's videos)
     flow_weights: str = ""  # RAFT inside the step for video folders, no heatmap cache: small | large | a .pth ("" = the cache)
+    monitor_weights: str = ""  # RAFT of the motion monitor (monitor.py) when flow_weights is "": small | large | a .pth
     latents: bool = False  # read the autoencoder's latents from the cache of `python prepare.py latents` (video folders)
     workers: int = 4  # data loader processes per rank
     # model (model.py)
@@ -169,7 +172,20 @@ def load_config(argv):
     return Config(**values)
 
 
+POSITIVE = ("height", "width", "max_stride", "max_shapes", "pixel_patch", "batch_size", "micro_batch", "steps",
+            "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "shape_scale", "noise_shift", "lr")
+NOT_NEGATIVE = ("workers", "warmup_steps", "cooldown_steps", "sample_every", "seed", "motif_lambda", "cfg_scale",
+                "weight_decay", "grad_clip")
+FRACTIONS = ("temporal_dropout", "text_dropout", "high_t_share", "ema_decay")  # in [0, 1]
+
+
 def check_config(cfg, world_size):
+    for keys, rule, holds in ((POSITIVE, "positive", lambda v: v > 0), (NOT_NEGATIVE, "0 or more", lambda v: v >= 0),
+                              (FRACTIONS, "in [0, 1]", lambda v: 0 <= v <= 1)):
+        for key in keys:
+            value = getattr(cfg, key)
+            if not (math.isfinite(value) and holds(value)):
+                raise ValueError(f"{key} must be {rule}, not {value}")
     per_step = cfg.micro_batch * world_size
     if cfg.batch_size % per_step:
         raise ValueError(f"batch_size {cfg.batch_size} does not divide into micro_batch {cfg.micro_batch} "
@@ -182,8 +198,6 @@ def check_config(cfg, world_size):
         raise ValueError(f"frames must be at least 2 (motion needs two frames), not {cfg.frames}")
     if cfg.dtype not in ("auto", "bf16", "fp32") or cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto|cpu|cuda and dtype auto|bf16|fp32 (got {cfg.device}, {cfg.dtype})")
-    if cfg.cooldown_steps < 0:
-        raise ValueError(f"cooldown_steps must be 0 or more, not {cfg.cooldown_steps}")
     if cfg.offload and not cfg.shard:
         raise ValueError("--offload=true moves the shards of --shard=true to CPU memory: add --shard=true")
     if cfg.shard and cfg.sample_every:
@@ -323,13 +337,17 @@ class Log:
             self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         self.reset()
 
-    def validation(self, step, figures):
-        """Where the validation samples are, and their figures (shapes data) in log.jsonl (rank 0 calls it)."""
+    def validation(self, step, figures, warning=None):
+        """Where the validation samples are, and their figures (ShapesBench's, or the motion monitor's) and warning in
+        log.jsonl (rank 0 calls it)."""
         if figures:
-            self.file.write(json.dumps({"step": step, "validation": figures}) + "\n")
+            self.file.write(json.dumps({"step": step, "validation": figures, **({"warning": warning} if warning else {})})
+                            + "\n")
             self.file.flush()
         self.bar.write(f"validation samples: {Path(self.cfg.out_dir) / 'samples' / f'step_{step:07d}.gif'}  "
                        + " ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+        if warning:
+            self.bar.write(warning)
 
     def close(self):
         self.bar.close()
@@ -502,24 +520,35 @@ VALIDATION_IMAGES = 4  # shapes: the first held-out first frames, each with all 
 VALIDATION_STEPS = 25  # DDIM steps of a validation sample
 
 
+VALIDATION_FPS = 8  # a video folder's real clips are taken at the stride nearest this fps (VBench's choice)
+
+
 def validation_set(cfg, dataset):
-    """What the validation samples show, as held_out_pairs-style entries with "image" (H, W, 3) uint8 and "caption":
-    on shapes, the first held-out first frames with all their prompts (scored: they carry their scenes and motions);
-    on a video folder, the first frames of its first videos with their captions."""
+    """What the validation samples show, as held_out_pairs-style entries with "image" (H, W, 3) uint8, "caption" and
+    "fps" (what the sample is told): on shapes, the first held-out first frames with all their prompts (scored: they
+    carry their scenes and motions); on a video folder, the first frames of its first videos with their captions, and
+    "clip" (T, H, W, 3) uint8, the real clip from that frame at the stride nearest VALIDATION_FPS, for the motion
+    monitor."""
     if cfg.data == "shapes":
-        return held_out_pairs(VALIDATION_IMAGES, size=cfg.height, shape_scale=cfg.shape_scale, max_shapes=cfg.max_shapes)
+        return [{**e, "fps": 8.0} for e in held_out_pairs(VALIDATION_IMAGES, size=cfg.height,
+                                                          shape_scale=cfg.shape_scale, max_shapes=cfg.max_shapes)]
     entries = []
     for video in dataset.videos[:2 * VALIDATION_IMAGES]:
-        first = VideoFile(dataset.root / video["path"]).read([0])  # (1, H0, W0, 3)
-        entries.append({"image": resize_center_crop(first, (cfg.height, cfg.width))[0], "caption": video["caption"]})
+        file = VideoFile(dataset.root / video["path"])
+        fps = video["fps"] or file.fps or FALLBACK_FPS
+        stride = max(1, min(round(fps / VALIDATION_FPS), cfg.max_stride, (file.num_frames - 1) // (cfg.frames - 1)))
+        clip = resize_center_crop(file.read(range(0, stride * cfg.frames, stride)), (cfg.height, cfg.width))
+        entries.append({"image": clip[0], "clip": clip, "caption": video["caption"], "fps": fps / stride})
     return entries
 
 
 @torch.no_grad()
-def validate(state, entries, step):
+def validate(state, entries, step, monitor=None):
     """Sample `entries` with the EMA weights (swapped into the model, then back: bit for bit), write
-    out_dir/samples/step_NNNNNNN.gif (conditioning image | sample, a row per entry) and, on shapes, return the
-    ShapesBench figures of these pairs. Each sample's noise comes from its own seed: no training RNG is touched."""
+    out_dir/samples/step_NNNNNNN.gif (conditioning image | sample, a row per entry) and return (figures, a warning
+    or None): on shapes, the ShapesBench figures of these pairs; on a video folder with a `monitor`, the motion of the
+    samples against their real clips (monitor.py). Each sample's noise comes from its own seed: no training RNG is
+    touched."""
     cfg, model, ema = state.cfg, state.model, state.ema
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     kept = {name: p.detach().clone() for name, p in trainable.items()}
@@ -529,21 +558,38 @@ def validate(state, entries, step):
     try:
         images = torch.stack([frames_to_tensor(e["image"][None])[0] for e in entries])  # (N, 3, H, W)
         with state.autocast:
-            videos = ddim_sample(model, images, [e["caption"] for e in entries], cfg.frames, 8, VALIDATION_STEPS,
-                                 cfg.cfg_scale, seeds=range(len(entries)), progress=False)  # (N, 3, T, H, W)
+            videos = ddim_sample(model, images, [e["caption"] for e in entries], cfg.frames, [e["fps"] for e in entries],
+                                 VALIDATION_STEPS, cfg.cfg_scale, seeds=range(len(entries)), progress=False)  # (N, 3, T, H, W)
     finally:
         for name, p in trainable.items():
             p.copy_(kept[name])
         model.train()
+    samples = videos
     videos = [to_uint8_frames(video) for video in videos]  # N x (T, H, W, 3)
     rows = [np.concatenate([np.repeat(e["image"][None], cfg.frames, 0), video], axis=2) for e, video in zip(entries, videos)]
     grid = np.concatenate(rows, axis=1)  # (T, N*H, 2W, 3)
     scale = max(1, 128 // cfg.height)
     write_video(Path(cfg.out_dir) / "samples" / f"step_{step:07d}.gif", grid.repeat(scale, 1).repeat(scale, 2), 4)
-    if cfg.data != "shapes":
-        return {}
-    figures = score(entries, videos)
-    return {k: figures[k] for k in ("direction_accuracy", "text_contrast_accuracy", "still_accuracy")}
+    if cfg.data == "shapes":
+        figures = score(entries, videos)
+        keys = ("direction_accuracy", "text_contrast_accuracy", "still_accuracy", "static_video_rate")
+        return {k: figures[k] for k in keys}, None
+    if monitor is None:
+        return {}, None
+    reals = torch.stack([frames_to_tensor(e["clip"]).transpose(0, 1) for e in entries])  # (N, 3, T, H, W)
+    return monitor(samples.float().cpu(), reals, torch.tensor([e["fps"] for e in entries]))
+
+
+def motion_monitor(cfg, state):
+    """The motion monitor of a video folder's validation passes, on the step's RAFT (--flow_weights) or on
+    --monitor_weights; None, said in one line, without either (and on shapes, which ShapesBench scores)."""
+    if cfg.data == "shapes":
+        return None
+    if state.raft is None and not cfg.monitor_weights:
+        print("motion monitor off (no RAFT): --monitor_weights=small|large|PATH measures at each validation pass "
+              "whether the samples move as much as their real clips")
+        return None
+    return MotionMonitor(state.raft or load_monitor_raft(cfg.monitor_weights, state.device))
 
 
 def resume_path(cfg, master):
@@ -602,6 +648,7 @@ def train(cfg: Config):
         flops_per_clip = training_flops(model.unet.cfg, cfg.frames, latent_size, model.text_encoder.max_len)
     log = Log(cfg, state.world, state.device, master, flops_per_clip, step)
     validation = validation_set(cfg, dataset) if cfg.sample_every and master else None
+    monitor = motion_monitor(cfg, state) if validation else None
     bad_in_a_row, skipped = 0, 0
     model.train()
 
@@ -620,7 +667,7 @@ def train(cfg: Config):
         if step % cfg.log_every == 0 or step == cfg.steps:
             log.write(step, lr, grad_norm, skipped)
         if validation and step % cfg.sample_every == 0:
-            log.validation(step, validate(state, validation, step))
+            log.validation(step, *validate(state, validation, step, monitor))
 
         # ---- save (and stop, together, if any rank got a stop signal)
         stopping = any_rank(bool(stop_signals), state.world, state.device)

@@ -58,6 +58,12 @@ def test_bad_config_is_a_clear_error(argv, message):
     (["--shard=true", "--sample_every=10"], "set --sample_every=0"),
     (["--loss_mode=focal"], "motif or inverse"),
     (["--cooldown_steps=-1"], "cooldown_steps must be 0 or more"),
+    (["--steps=-1"], "steps must be positive, not -1"),
+    (["--lr=nan"], "lr must be positive, not nan"),
+    (["--cfg_scale=inf"], "cfg_scale must be 0 or more, not inf"),
+    (["--text_dropout=1.5"], r"text_dropout must be in \[0, 1\], not 1.5"),
+    (["--workers=-2"], "workers must be 0 or more"),
+    (["--shape_scale=0"], "shape_scale must be positive"),
 ])
 def test_inconsistent_config_is_a_clear_error(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -158,6 +164,9 @@ def test_sample_rejects_bad_input(tiny_ckpt, tmp_path):
         ([str(image), "x" * 500], "at most"),
         ([str(image), "x", f"--ckpt={other_ckpt}"], "not a MotiF checkpoint"),
         ([str(image), "x", f"--ckpt={tmp_path / 'none.pt'}"], "does not exist"),
+        ([str(image), "x", "--cfg=nan"], "--cfg (the guidance scale) must be a number 0 or more, not nan"),
+        ([str(image), "x", "--fps=inf"], "--fps and --batch must be positive"),
+        ([str(image), "x", "--upscale=-1"], "--upscale 0 or more"),
     ]
     for args, message in cases:
         ckpt = [] if any("--ckpt" in a for a in args) else [f"--ckpt={tiny_ckpt}"]
@@ -237,6 +246,9 @@ def test_huge_images_and_bad_eval_input_are_one_line_errors(tiny_ckpt, tmp_path)
         ([f"--ckpt={tmp_path}"], "without a 'latest' checkpoint"),
         ([f"--ckpt={tiny_ckpt}", "--steps=0"], "DDIM steps"),
         (["--baselines", "--images=0"], "must be positive"),
+        ([f"--ckpt={tiny_ckpt}", "--cfg=nan"], "must be a number 0 or more, not nan"),
+        ([f"--ckpt={tiny_ckpt}", "--images=2", "--strip=2"], "0..1 with --images 2, not 2: add --images 3"),
+        ([f"--ckpt={tiny_ckpt}", "--strip=-1"], "not -1"),
     ]
     for args, message in cases:
         assert message in user_error(eval_main, args), args
@@ -287,7 +299,8 @@ def test_validation_samples_do_not_change_training(tmp_path):
         assert all(torch.equal(v, final[1][part][k]) for k, v in final[0][part].items()), part
     (validation,) = [r for r in losses(sampled) if "validation" in r]
     assert validation["step"] == 2
-    assert set(validation["validation"]) == {"direction_accuracy", "text_contrast_accuracy", "still_accuracy"}
+    assert set(validation["validation"]) == {"direction_accuracy", "text_contrast_accuracy", "still_accuracy",
+                                             "static_video_rate"}
     assert all(0 <= v <= 1 for v in validation["validation"].values())
     gif = iio.imread(sampled / "samples" / "step_0000002.gif")
     pairs = len(train.validation_set(train.load_config(TINY), None))
@@ -316,4 +329,4 @@ def test_training_on_a_video_folder_with_validation_samples(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2] and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
     gif = iio.imread(out / "samples" / "step_0000002.gif")
     assert gif.shape == (4, len(GOOD) * 16 * 8, 2 * 16 * 8, 3)
-    assert not any("validation" in r for r in records)  # no figures: a folder's captions are not scored
+    assert not any("validation" in r for r in records)  # no figures: no RAFT for the motion monitor
