@@ -169,7 +169,7 @@ def train_and_evaluate(run, out, settings):
     """Train `run` to its last step (resuming what is there), score each of its checkpoints not yet scored, then
     write the run's file into the results folder: its settings, train.py config, commit, seconds and scores."""
     torch.set_num_threads(settings["threads"])
-    start = time.time()
+    start, code = time.time(), commit()  # the code this process runs (a later commit may land while it trains)
     cfg = run_config(run, out, settings)
     scores = out / "evals" / run.name
     wanted = range(cfg.ckpt_every, cfg.steps + 1, cfg.ckpt_every)
@@ -184,7 +184,7 @@ def train_and_evaluate(run, out, settings):
             score_once(path, scores / f"step_{step:07d}.json", settings["images"],
                        settings["ddim_steps"], settings["device"])
     scored = load_scores(scores)
-    record = {"run": {"name": run.name, **asdict(run)}, "settings": kept_settings(settings), "commit": commit(),
+    record = {"run": {"name": run.name, **asdict(run)}, "settings": kept_settings(settings), "commit": code,
               "seconds": round(time.time() - start), "threads": settings["threads"],
               "config": {k: v for k, v in vars(cfg).items() if k not in ("out_dir", "resume")},
               "scores": [scored[s] for s in wanted]}
