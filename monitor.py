@@ -12,7 +12,8 @@ Both go through the same RAFT -> heatmap code that weights the loss (flow.py), a
 
 The drift users report from every image-to-video trainer ("the motion amplitude decreased after
 training") shows as a falling motion ratio, so a pass warns (WARN_RATIO) when the ratio is under half the
-real clips' motion, or under half of what the first pass measured. Nothing here is random and nothing
+real clips' motion, or under half of what the first pass measured (at most 1: a model that starts from noise
+flickers more than its data moves, and losing that is no drift). Nothing here is random and nothing
 touches training's random streams: the losses of a run are the same bit for bit with the monitor on or off.
 """
 import torch
@@ -62,10 +63,10 @@ def motion_figures(sample, real):
 
 
 class MotionMonitor:
-    """Scores each validation pass and remembers the first pass's ratio, for the warning."""
+    """Scores each validation pass and remembers the first pass's ratio (or a resumed run's, given), for the warning."""
 
-    def __init__(self, raft):
-        self.raft, self.first_ratio = raft, None
+    def __init__(self, raft, first_ratio=None):
+        self.raft, self.first_ratio = raft, first_ratio
 
     def __call__(self, samples, reals, fps):
         """samples, reals (N, 3, T, H, W) in [-1, 1], fps (N,) -> (figures, a warning line or None)."""
@@ -76,8 +77,8 @@ class MotionMonitor:
         why = []
         if ratio < WARN_RATIO:
             why.append(f"under {WARN_RATIO:g} of the real clips' motion")
-        if ratio < 0.5 * self.first_ratio:
-            why.append(f"under half the first pass's {self.first_ratio:.2f}")
+        if ratio < 0.5 * min(self.first_ratio, 1.0):  # more motion than the data's is no standard to keep
+            why.append(f"under half the first pass's {min(self.first_ratio, 1.0):.2f}")
         warning = None
         if why:
             warning = (f"warning: the samples are going static: motion ratio {ratio:.2f} ({' and '.join(why)}); "

@@ -589,7 +589,15 @@ def motion_monitor(cfg, state):
         print("motion monitor off (no RAFT): --monitor_weights=small|large|PATH measures at each validation pass "
               "whether the samples move as much as their real clips")
         return None
-    return MotionMonitor(state.raft or load_monitor_raft(cfg.monitor_weights, state.device))
+    first = None  # a resumed run warns against its own first pass, read back from its log
+    log = Path(cfg.out_dir) / "log.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            first = json.loads(line)["validation"]["motion_ratio"]
+            break
+        except (ValueError, KeyError, TypeError):  # a loss line, or a line a killed run left half written
+            continue
+    return MotionMonitor(state.raft or load_monitor_raft(cfg.monitor_weights, state.device), first)
 
 
 def resume_path(cfg, master):

@@ -1,4 +1,5 @@
 """tools/ablation.py: its statistics on hand-made numbers, and a tiny study that trains, scores and resumes."""
+import fcntl
 import json
 import math
 import shutil
@@ -140,3 +141,14 @@ def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
     with pytest.raises(SystemExit) as stop:  # fail(): "error: ..." on stderr, exit status 1
         ablation.main(["--out", str(tmp_path), "--results", str(tmp_path), *argv])
     assert str(stop.value.code).startswith("error: ") and message in str(stop.value.code)
+
+
+def test_a_run_another_command_is_training_is_left_to_it(tmp_path, capsys):
+    run, work = ablation.Run(1.0, "motif", 1.0, 0), tmp_path / "work"
+    settings = {**SETTINGS, "images": 1, "ddim_steps": 1, "threads": 1, "device": "cpu", "results": str(tmp_path)}
+    (work / "runs").mkdir(parents=True)
+    with open(work / "runs" / f".{run.name}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the other command's process holds it
+        ablation.train_and_evaluate(run, work, settings)
+    assert "another command is training it" in capsys.readouterr().out
+    assert not (work / "runs" / run.name).exists() and not ablation.run_file(tmp_path, run).exists()

@@ -53,6 +53,27 @@ def test_a_sampler_that_repeats_the_first_frame_goes_static_and_is_warned_about(
     assert figures["motion_ratio"] < 0.5 and "under half the first pass's 1.00" in warning
 
 
+class FrameDifference:
+    """A stand-in for RAFT: a pair's flow is 10 px to the right times the mean change of its pixels."""
+
+    def pairs(self, first, second):
+        return torch.stack([10 * (second - first).abs().mean(1), torch.zeros_like(first[:, 0])], dim=1)
+
+
+def test_the_warning_compares_with_the_data_and_with_the_first_pass_at_most_one(real):
+    monitor, fps = MotionMonitor(FrameDifference()), torch.tensor([7.5, 7.5])
+    noisy = real + 0.5 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))  # an untrained model
+    first, warning = monitor(noisy, real, fps)
+    assert first["motion_ratio"] > 2 and warning is None
+    assert monitor(real, real, fps)[1] is None  # down from the noise to the data's motion: no drift
+    slower = torch.cat([real[:, :, :2], real[:, :, 1:2], real[:, :, 1:2]], dim=2)  # moves in one pair of three
+    figures, warning = monitor(0.6 * slower + 0.4 * real, real, fps)
+    assert 0.5 < figures["motion_ratio"] and warning is None
+    figures, warning = monitor(slower, real, fps)
+    assert figures["motion_ratio"] < 0.5 and "under 0.5 of the real clips' motion" in warning
+    assert "under half the first pass's 1.00" in warning
+
+
 class FixedFlow:
     """A stand-in for RAFT: every pair moves `pixels` to the right."""
 
@@ -133,3 +154,13 @@ def test_curves_reads_a_resumed_log_and_refuses_what_is_not_one(tmp_path):
     assert "does not exist" in user_error(curves.main, [str(tmp_path / "nope")])
     log.write_text("{not json\n")
     assert "is not a JSON line" in user_error(curves.main, [str(tmp_path)])
+
+
+def test_a_resumed_run_warns_against_its_own_first_pass(tmp_path):
+    (tmp_path / "log.jsonl").write_text('{"step": 10, "loss": 0.5}\n{"step": 20, "validation": {"motion_ratio": 0.8}}\n'
+                                        '{"step": 40, "validation": {"motion_ratio": 0.3}}\n{"step": 41, "valid')
+    cfg = train.load_config([f"--data={tmp_path}", f"--out_dir={tmp_path}"])
+    state = train.TrainState(cfg, None, None, None, {}, None, torch.device("cpu"), raft=FrameDifference())
+    assert train.motion_monitor(cfg, state).first_ratio == 0.8
+    (tmp_path / "log.jsonl").unlink()
+    assert train.motion_monitor(cfg, state).first_ratio is None

@@ -43,6 +43,7 @@ seed 0's checkpoints of the losses study with eval.py's full scorer (64 held-out
 RESULTS/agreement/NAME.json and tabulates the cheap score against it (results.md's last table).
 """
 import argparse
+import fcntl
 import json
 import subprocess
 import time
@@ -167,7 +168,20 @@ def run_file(results, run):
 
 def train_and_evaluate(run, out, settings):
     """Train `run` to its last step (resuming what is there), score each of its checkpoints not yet scored, then
-    write the run's file into the results folder: its settings, train.py config, commit, seconds and scores."""
+    write the run's file into the results folder: its settings, train.py config, commit, seconds and scores. A lock
+    file lets two commands work on one study side by side, each run by one of them."""
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    with open(out / "runs" / f".{run.name}.lock", "w") as lock:
+        try:  # another command on the same study may be on this run: leave it to that one
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{run.name}: another command is training it; skipped here")
+            return
+        if not run_file(settings["results"], run).is_file():  # or has finished it
+            train_and_score(run, out, settings)
+
+
+def train_and_score(run, out, settings):
     torch.set_num_threads(settings["threads"])
     start, code = time.time(), commit()  # the code this process runs (a later commit may land while it trains)
     cfg = run_config(run, out, settings)
