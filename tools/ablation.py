@@ -222,10 +222,10 @@ def agree(run, out, settings):
 # ----------------------------------------------------------------------------- statistics
 
 def t_interval(values):
-    """Mean of the values and the half-width of its 95 % Student-t interval (0 for a single value)."""
+    """Mean of the values and the half-width of its 95 % Student-t interval (NaN for a single value: no interval)."""
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
-        return float(values.mean()), 0.0
+        return float(values.mean()), float("nan")
     t = T_975[len(values) - 2] if len(values) - 1 <= len(T_975) else 1.96
     return float(values.mean()), float(t * values.std(ddof=1) / np.sqrt(len(values)))
 
@@ -330,9 +330,9 @@ def agreement(plan, results):
 
 # ----------------------------------------------------------------------------- reports
 
-def fmt(value, half=None, digits=3):
-    text = f"{value:.{digits}f}"
-    return text if half is None else f"{text} ± {half:.{digits}f}"
+def fmt(value, half=None, digits=3, sign=""):
+    text = f"{value:{sign}.{digits}f}"
+    return text if half is None or np.isnan(half) else f"{text} ± {half:.{digits}f}"
 
 
 def markdown(results, settings):
@@ -353,7 +353,7 @@ def markdown(results, settings):
             lines += ["", "| paired difference | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
             for name, keys in summary["differences"].items():
                 lines.append(f"| {name} | " + " | ".join(
-                    f"{d['mean']:+.{0 if n == STEPS_TO else 3}f} ± {d['half_width']:.{0 if n == STEPS_TO else 3}f}, "
+                    f"{fmt(d['mean'], d['half_width'], 0 if n == STEPS_TO else 3, '+')}, "
                     f"{d['wins']}/{d['seeds']}, **{d['verdict']}**" for n, d in ((n, keys[n]) for n in names)) + " |")
         lines.append("")
     if results.get("agreement"):
