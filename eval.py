@@ -384,8 +384,8 @@ def main(argv=None):
     try:
         if not args.ckpt and not args.baselines:
             raise ValueError("give --ckpt CKPT [CKPT ...] (shapes models) and/or --baselines")
-        if args.images < 1 or args.batch < 1:
-            raise ValueError("--images and --batch must be positive")
+        if args.images < 1 or args.batch < 1 or args.seed < 0:
+            raise ValueError("--images and --batch must be positive and --seed 0 or more")
         if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
             raise ValueError(f"--cfg (the guidance scale) must be a number 0 or more, not {args.cfg}")
         if args.strip is not None and not 0 <= args.strip < args.images:

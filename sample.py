@@ -190,9 +190,9 @@ def main(argv=None):
         if args.image and args.prompt is None:
             raise ValueError("give a prompt after the image, e.g. sample.py img.png \"the red circle moves right\"")
         ddim_timesteps(args.steps)
-        if not (math.isfinite(args.fps) and args.fps > 0) or args.batch < 1 or args.upscale < 0:
-            raise ValueError(f"--fps and --batch must be positive and --upscale 0 or more (got {args.fps}, "
-                             f"{args.batch}, {args.upscale})")
+        if not (math.isfinite(args.fps) and args.fps > 0) or args.batch < 1 or args.upscale < 0 or args.seed < 0:
+            raise ValueError(f"--fps and --batch must be positive, --upscale and --seed 0 or more (got {args.fps}, "
+                             f"{args.batch}, {args.upscale}, {args.seed})")
         if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
             raise ValueError(f"--cfg (the guidance scale) must be a number 0 or more, not {args.cfg}")
         rows = read_benchmark(args.prompts, args.images) if args.prompts else None

@@ -166,7 +166,8 @@ def test_sample_rejects_bad_input(tiny_ckpt, tmp_path):
         ([str(image), "x", f"--ckpt={tmp_path / 'none.pt'}"], "does not exist"),
         ([str(image), "x", "--cfg=nan"], "--cfg (the guidance scale) must be a number 0 or more, not nan"),
         ([str(image), "x", "--fps=inf"], "--fps and --batch must be positive"),
-        ([str(image), "x", "--upscale=-1"], "--upscale 0 or more"),
+        ([str(image), "x", "--upscale=-1"], "--upscale and --seed 0 or more"),
+        ([str(image), "x", "--seed=-1"], "--upscale and --seed 0 or more"),
     ]
     for args, message in cases:
         ckpt = [] if any("--ckpt" in a for a in args) else [f"--ckpt={tiny_ckpt}"]
@@ -249,6 +250,7 @@ def test_huge_images_and_bad_eval_input_are_one_line_errors(tiny_ckpt, tmp_path)
         ([f"--ckpt={tiny_ckpt}", "--cfg=nan"], "must be a number 0 or more, not nan"),
         ([f"--ckpt={tiny_ckpt}", "--images=2", "--strip=2"], "0..1 with --images 2, not 2: add --images 3"),
         ([f"--ckpt={tiny_ckpt}", "--strip=-1"], "not -1"),
+        ([f"--ckpt={tiny_ckpt}", "--seed=-1", "--loss-shares"], "--seed 0 or more"),
     ]
     for args, message in cases:
         assert message in user_error(eval_main, args), args
