@@ -24,6 +24,9 @@ tracking each shape by its colour in every frame:
 - shape PSNR: of the prompts that ask for motion, frames 1.. against the clip the prompt describes (rendered
   exactly, as training's clips are), over the pixels a shape covers in frame 0 or in that frame: a shape that moves
   the right way as a blob, or leaves a ghost where it was, is tracked as right but scores low here;
+- ghost: of the prompts that ask for motion, the mean absolute error (0..255) of frames 1.. against that clip
+  over the pixels a shape covered in frame 0 and has left in that frame: what a moving shape leaves behind where
+  it started (0 for the truth, the shape's contrast with the background for a copy of the first frame);
 - image alignment: mean PSNR of all frames against the conditioning image. A static video scores
   best here, which is the paper's point that such metrics reward not moving.
 
@@ -106,6 +109,20 @@ def shape_psnr(video, entry):
     return psnr(video[1:][region], truth[1:][region])  # over (N, 3) pixels
 
 
+def ghost(video, entry):
+    """What a moving shape leaves where it started: the mean absolute error (0..255) of frames 1.. of a uint8
+    (T, H, W, 3) video against the clip the prompt describes, over the pixels a shape covered in frame 0 that the
+    described clip shows as background in that frame. 0 for the truth; a copy of the first frame leaves the whole
+    shape there. NaN when no pixel is vacated (nothing moves)."""
+    truth = render_clip(entry["scene"], entry["motions"], len(video))[0]  # (T, H, W, 3) uint8
+    background = np.round(entry["scene"]["background"] * 255)  # (H, W, 3)
+    shape = (truth != background).any(axis=-1)  # (T, H, W)
+    vacated = shape[:1] & ~shape[1:]  # (T-1, H, W)
+    if not vacated.any():
+        return float("nan")
+    return float(np.abs(video[1:].astype(np.float32) - truth[1:])[vacated].mean())
+
+
 def colour_counts(video):
     """Pixels within COLOUR_TOLERANCE of each palette colour in each frame: {colour: (T,) int}."""
     pixels = video.astype(np.float32)  # (T, H, W, 3)
@@ -135,7 +152,7 @@ def contrast_pairs(entries):
 
 
 FIGURES = ("direction_accuracy", "text_contrast_accuracy", "still_accuracy", "shape_integrity", "static_video_rate",
-           "first_frame_psnr", "shape_psnr", "image_alignment_psnr")
+           "first_frame_psnr", "shape_psnr", "ghost", "image_alignment_psnr")
 
 
 def tally(entries, videos):
@@ -167,6 +184,9 @@ def tally(entries, videos):
         if any(m != "still" for m in entry["motions"].values()):  # the prompt asks for motion
             add(image, "static_video_rate", np.abs(video[-1].astype(np.float32) - video[0]).mean() < STATIC_CHANGE)
             add(image, "shape_psnr", shape_psnr(video, entry))
+            left = ghost(video, entry)
+            if not np.isnan(left):
+                add(image, "ghost", left)
         add(image, "first_frame_psnr", psnr(video[0], entry["image"]))
         add(image, "image_alignment_psnr", np.mean([psnr(frame, entry["image"]) for frame in video]))
     for i, j, k in contrast_pairs(entries):

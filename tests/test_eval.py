@@ -31,6 +31,8 @@ def test_scorer_separates_ground_truth_static_and_reversed():
     # the shapes against the clip the prompt describes: exact for the truth, far off for not moving or moving back
     assert truth["shape_psnr"] == pytest.approx(68.13, abs=0.01)
     assert static["shape_psnr"] < 20 and reversed_["shape_psnr"] < 20
+    # what a moving shape leaves where it started: nothing in the truth, the whole shape in a copy of frame 0
+    assert truth["ghost"] == 0 and static["ghost"] > 40
 
 
 def test_track_and_judge_by_hand():
@@ -81,6 +83,11 @@ def test_shape_integrity_catches_dissolving_shapes_and_foreign_colours():
     smeared[1:] = video[1:] // 2 + np.roll(video[1:], 5, axis=2) // 2  # the shape smeared into the background
     assert score([entry], [smeared])["shape_integrity"] == 0
     assert score([entry], [smeared])["shape_psnr"] < 30
+    copy = score([entry], copy_first_frame([entry], 8))["ghost"]
+    assert 0 < score([entry], [smeared])["ghost"] < copy  # half the shape left behind, half its colour moved
+    ghosted = video.copy()
+    ghosted[1:] = video[1:] // 2 + video[:1] // 2  # the right clip blended half and half with its first frame
+    assert score([entry], [ghosted])["ghost"] == pytest.approx(copy / 2, rel=0.05)  # half the copy's ghost
     foreign = video.copy()
     colour = next(c for c in PALETTE if c != entry["scene"]["objects"][0]["colour"])
     foreign[4, :2, :2] = PALETTE[colour]  # 4 pixels of a colour the first frame lacks
