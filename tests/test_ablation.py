@@ -117,11 +117,16 @@ def test_a_tiny_study_lands_run_files_resumes_and_reports_from_them_alone(tmp_pa
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # nothing done twice
     assert json.loads((results / "results.json").read_text())["studies"] == summary["studies"]
 
-    # the work folder gone: the committed files alone give the same tables, and nothing is run again
+    # the work folder gone: the committed files alone give the same tables, and nothing is run again; the study's
+    # page beside the results folder gets its tables between the markers
     shutil.rmtree(out)
     (results / "results.json").unlink()
+    page = tmp_path / "results.md"
+    page.write_text(f"# study\n{ablation.RESULTS_START}\nold\n{ablation.RESULTS_END}\nwhat it says\n")
     ablation.main(["--results", str(results), "--studies", "losses", "--seeds", "2", "--report"])
     assert json.loads((results / "results.json").read_text())["studies"] == summary["studies"]
+    assert page.read_text() == (f"# study\n{ablation.RESULTS_START}\n{(results / 'results.md').read_text()}\n"
+                                f"{ablation.RESULTS_END}\nwhat it says\n")
     ablation.main(args)
     assert not out.joinpath("runs").exists()
 

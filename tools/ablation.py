@@ -72,6 +72,7 @@ MEASURES = ((STEPS_TO, False), ("text-contrast AUC", True), ("direction AUC", Tr
             ("moving error", False), ("static error", False), ("text sensitivity", True))
 CURVES = {"direction_accuracy": "direction", "text_contrast_accuracy": "text-contrast", "shape_psnr": "shape PSNR (dB)",
           "moving_error": "moving-region v-error"}
+RESULTS_START, RESULTS_END = "<!-- tables of tools/ablation.py: start -->", "<!-- tables of tools/ablation.py: end -->"
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086)  # Student's t quantile 0.975 for 1..20 degrees of freedom
 
@@ -511,11 +512,17 @@ def main(argv=None):
         summary["agreement"] = agreement(plan, results)
     summary["settings"] = {**kept, "seeds": args.seeds}
     write_atomically(results / "results.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
-    write_atomically(results / "results.md", lambda f: f.write(markdown(summary, kept).encode()))
+    tables = markdown(summary, kept)
+    write_atomically(results / "results.md", lambda f: f.write(tables.encode()))
     plot(summary, results / "curves.png")
-    print(markdown(summary, kept))
-    print(f"wrote {results / 'results.md'} and curves.png from {results / 'runs'}; "
-          f"regenerate them with: python -m tools.ablation --results {results} --report")
+    print(tables)
+    doc = results.with_suffix(".md")  # docs/ablation.md beside docs/ablation/: its tables, between the markers
+    if doc.is_file() and RESULTS_START in (text := doc.read_text()) and RESULTS_END in text:
+        start, end = text.index(RESULTS_START) + len(RESULTS_START), text.index(RESULTS_END)
+        write_atomically(doc, lambda f: f.write((text[:start] + "\n" + tables + "\n" + text[end:]).encode()))
+    print(f"wrote {results / 'results.md'} and curves.png from {results / 'runs'}"
+          + (f", and the tables in {doc}" if doc.is_file() else "")
+          + f"; regenerate them with: python -m tools.ablation --results {results} --report")
 
 
 if __name__ == "__main__":
