@@ -68,7 +68,7 @@ class Config:
     width: int = 512
     max_stride: int = 8  # dynamic frame stride: s ~ U[1, max_stride] per clip, fps = source fps / s
     max_shapes: int = 3  # shapes data: 1 to this many shapes in a scene (the demo: 1)
-    shape_scale: float = 1.0  # shapes data: the shapes' sizes times this (0.75: about 3 % of the pixels move, as the paper's videos)
+    shape_scale: float = 1.0  # shapes data: the shapes' sizes times this (0.65: about 3 % of the pixels move, as in the paper's videos)
     flow_weights: str = ""  # RAFT inside the step for video folders, no heatmap cache: small | large | a .pth ("" = the cache)
     monitor_weights: str = ""  # RAFT of the motion monitor (monitor.py) when flow_weights is "": small | large | a .pth
     latents: bool = False  # read the autoencoder's latents from the cache of `python prepare.py latents` (video folders)
