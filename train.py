@@ -281,6 +281,14 @@ def any_rank(flag, world, device):
     return flag.item() > 0
 
 
+def ignore_stop_signals(worker_id):
+    """A data loader worker leaves SIGTERM and SIGUSR1 to its training process: a scheduler signals the whole
+    process group, and a worker that died of it first would stop the run before it saves. The workers end with
+    the training process."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def catch_stop_signals():
     """SIGTERM (schedulers, preemption) or SIGUSR1 -> a list that gets the signal: the loop finishes its step,
     saves and exits cleanly. Installed first thing, so a signal during start-up is not lost either."""
@@ -615,6 +623,7 @@ def make_batches(cfg, dataset, rank, world, step, device):
     """This rank's micro-batches from `step` on (StepIndices), loaded by cfg.workers processes."""
     return iter(torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch,
                                             sampler=StepIndices(cfg, rank, world, step), num_workers=cfg.workers,
+                                            worker_init_fn=ignore_stop_signals,
                                             pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
 
 

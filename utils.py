@@ -8,6 +8,7 @@ import os
 import resource
 import sys
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)  # rank 0 saves a vc2 checkpoint and samples validation clips while
+# the other ranks wait at the next collective: NCCL's watchdog would abort them after its default 10 minutes
+
+
 def setup_distributed(device="auto", shard=False, offload=False):
     """(rank, world size, device): one process, or one of torchrun's (RANK / LOCAL_RANK / WORLD_SIZE; the GPU from
     LOCAL_RANK). A sharded run has a process group even alone (FSDP2 needs one); with offload, gloo carries what is
@@ -37,7 +42,8 @@ def setup_distributed(device="auto", shard=False, offload=False):
     if world > 1 or shard:
         backend = ("cuda:nccl,cpu:gloo" if offload else "nccl") if device.type == "cuda" else "gloo"
         alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if "MASTER_ADDR" not in os.environ else {}
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None, **alone)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                timeout=PROCESS_GROUP_TIMEOUT, **alone)
     return rank, world, device
 
 

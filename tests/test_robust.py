@@ -24,9 +24,9 @@ TINY = ["--preset=shapes", "--height=16", "--width=16", "--frames=4", "--batch_s
         "--log_every=1", "--warmup_steps=2", "--device=cpu"]
 
 
-def start(args):
+def start(args, **popen):
     return subprocess.Popen([sys.executable, "train.py", *TINY, *args], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def last_losses(out_dir):
@@ -79,11 +79,17 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert len(list(out.glob("ckpt_*.pt"))) == 2  # keep_checkpoints
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    process = start(["--steps=1000", "--ckpt_every=500", f"--out_dir={tmp_path}"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_saves_and_exits_cleanly(tmp_path, workers):
+    """To the process alone, or, as a scheduler sends it, to its whole process group with its loader workers."""
+    process = start(["--steps=1000", "--ckpt_every=500", f"--out_dir={tmp_path}", f"--workers={workers}"],
+                    start_new_session=True)
     wait_for_step(tmp_path, 3, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0
+    if workers:
+        os.killpg(process.pid, signal.SIGTERM)  # the run's own group: start_new_session made it its leader
+    else:
+        process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, process.stderr.read()[-2000:]
     saved = load_checkpoint(tmp_path)["step"]
     assert saved >= 3 and saved == max(last_losses(tmp_path))  # nothing trained was lost
     assert "continue with --resume" in process.stdout.read()

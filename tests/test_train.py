@@ -332,3 +332,19 @@ def test_training_on_a_video_folder_with_validation_samples(tmp_path):
     gif = iio.imread(out / "samples" / "step_0000002.gif")
     assert gif.shape == (4, len(GOOD) * 16 * 8, 2 * 16 * 8, 3)
     assert not any("validation" in r for r in records)  # no figures: no RAFT for the motion monitor
+
+
+def test_the_process_group_waits_an_hour_for_rank_0(monkeypatch):
+    """Rank 0 saves and samples while the others wait at their next collective: longer than NCCL's default 10
+    minutes. A sharded run alone has a process group, so this process can look at its timeout."""
+    import torch.distributed as dist
+    from utils import PROCESS_GROUP_TIMEOUT, setup_distributed
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    setup_distributed("cpu", shard=True)
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        assert group._get_backend(torch.device("cpu")).options._timeout == PROCESS_GROUP_TIMEOUT
+        assert PROCESS_GROUP_TIMEOUT.total_seconds() >= 3600
+    finally:
+        dist.destroy_process_group()
