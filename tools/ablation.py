@@ -43,8 +43,11 @@ seed 0's checkpoints of the losses study with eval.py's full scorer (64 held-out
 RESULTS/agreement/NAME.json and tabulates the cheap score against it (results.md's last table).
 """
 import argparse
+import ctypes
 import fcntl
 import json
+import os
+import signal
 import subprocess
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -403,6 +406,27 @@ def kept_settings(settings):
     return {k: settings[k] for k in ("overrides", "steps", "every", "images", "ddim_steps")}
 
 
+def stop_with_parent():
+    """A worker of --jobs gets SIGTERM when the command that started it dies (Linux's PR_SET_PDEATHSIG): train.py
+    then saves and stops, as on any SIGTERM, and the worker exits (in_worker) instead of waiting for work that will
+    not come."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the workers finish their runs
+        pass
+
+
+def in_worker(work, run, out, settings):
+    """work(run, out, settings) in a worker of --jobs; a worker whose command has died leaves."""
+    parent = os.getppid()
+    try:
+        work(run, out, settings)
+    except (Stopped, train.TrainingStopped):
+        if os.getppid() != parent:
+            os._exit(1)
+        raise
+
+
 def run_all(work, runs, out, settings, jobs, deadline):
     """work(run, out, settings) for each run, `jobs` at a time; no run starts after `deadline` (time.time()), the
     runs in progress finish. The number of runs done."""
@@ -414,11 +438,11 @@ def run_all(work, runs, out, settings, jobs, deadline):
             work(run, out, settings)
             done += 1
         return done
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as workers:
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=stop_with_parent) as workers:
         todo, running = list(runs), set()
         while todo or running:
             while todo and len(running) < jobs and time.time() < deadline:
-                running.add(workers.submit(work, todo.pop(0), out, settings))
+                running.add(workers.submit(in_worker, work, todo.pop(0), out, settings))
             if not running:
                 break
             finished, running = wait(running, return_when=FIRST_COMPLETED)
