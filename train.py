@@ -173,9 +173,9 @@ def load_config(argv):
 
 
 POSITIVE = ("height", "width", "max_stride", "max_shapes", "pixel_patch", "batch_size", "micro_batch", "steps",
-            "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "shape_scale", "noise_shift", "lr")
+            "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "shape_scale", "noise_shift")
 NOT_NEGATIVE = ("workers", "warmup_steps", "cooldown_steps", "sample_every", "seed", "motif_lambda", "cfg_scale",
-                "weight_decay", "grad_clip")
+                "weight_decay", "grad_clip", "lr")
 FRACTIONS = ("temporal_dropout", "text_dropout", "high_t_share", "ema_decay")  # in [0, 1]
 
 
@@ -448,17 +448,18 @@ def model_inputs(state, batch, step):
 def loss_backward(predict, inputs, cfg, autocast, accum=1):
     """v_hat = predict(inputs) under autocast, the loss (loss.diffusion_loss: diffusion + lambda * motif) and its
     backward, scaled by 1 / accum. With update(), the training step: train.py, tools/bench.py and tools/memory.py all
-    run these two. Returns the loss terms as floats."""
+    run these two. Returns the loss terms as 0-d float64 tensors on the device: no host sync per micro-batch (float64,
+    so that train_step's mean over micro-batches is what Python floats would give, bit for bit)."""
     with autocast:
         v_hat = predict(inputs)  # (b, C, T, h, w)
     losses = diffusion_loss(v_hat, inputs["v"], inputs["heatmap"], cfg.motif_lambda, cfg.loss_mode)
     (losses["loss"] / accum).backward()
-    return {k: value.item() for k, value in losses.items()}
+    return {k: value.detach().double() for k, value in losses.items()}
 
 
 def update(state, losses, step):
-    """Clip the (synced) gradients and step AdamW and the EMA; or, if any rank saw a non-finite loss or gradient,
-    skip the step on every rank. Returns (stepped, gradient norm)."""
+    """Clip the (synced) gradients and step AdamW and the EMA; or, if any rank saw a non-finite loss (losses["loss"],
+    a float or a 0-d tensor) or gradient, skip the step on every rank. Returns (stepped, gradient norm)."""
     cfg = state.cfg
     trainable = [p for p in state.model.parameters() if p.requires_grad]
     grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)).item()  # the global norm, all ranks
@@ -501,6 +502,7 @@ def train_step(state, batches, step):
             terms = loss_backward(lambda x: state.wrapped(x["z_t"], x["z_img"], x["t"], x["captions"], x["fps"]),
                                   inputs, cfg, state.autocast, accum)
         losses = {k: losses[k] + terms[k] / accum for k in LOSS_TERMS}
+    losses = dict(zip(LOSS_TERMS, torch.stack([losses[k] for k in LOSS_TERMS]).tolist()))  # the step's one sync
     stepped, grad_norm = update(state, losses, step)
     return losses, stepped, grad_norm, lr
 

@@ -59,7 +59,7 @@ def test_bad_config_is_a_clear_error(argv, message):
     (["--loss_mode=focal"], "motif or inverse"),
     (["--cooldown_steps=-1"], "cooldown_steps must be 0 or more"),
     (["--steps=-1"], "steps must be positive, not -1"),
-    (["--lr=nan"], "lr must be positive, not nan"),
+    (["--lr=nan"], "lr must be 0 or more, not nan"),
     (["--cfg_scale=inf"], "cfg_scale must be 0 or more, not inf"),
     (["--text_dropout=1.5"], r"text_dropout must be in \[0, 1\], not 1.5"),
     (["--workers=-2"], "workers must be 0 or more"),
