@@ -4,7 +4,8 @@ Where it sits: train.py asks a dataset for items by global sample index; each it
 with its caption, its fps and its motion heatmap (from flow.py), which loss.py uses as the
 weights of the motion focal loss:
 
-    {"video":   float32 (3, T, H, W) in [-1, 1]   (or "latent": (C, T, h, w), from a latent cache),
+    {"video":   uint8 (3, T, H, W)   (or "latent": (C, T, h, w), from a latent cache): a quarter of float32's bytes
+                through the loader's shared memory; train.py takes it to [-1, 1] on the device (to_unit_range),
      "heatmap": float32 (T, h, w) in [0, 1]: shapes at pixel resolution, video folders at 1/8 of it
                 (or none: train.py computes it inside the step),
      "caption": str,
@@ -189,9 +190,19 @@ def resize_center_crop(frames, size):
     return video.permute(0, 2, 3, 1).numpy()                                          # (N, h, w, 3)
 
 
+def frames_to_clip(frames):
+    """uint8 frames (T, H, W, 3) -> a dataset item's uint8 clip (3, T, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)
+
+
+def to_unit_range(video):
+    """uint8 pixels (any shape, on any device) -> float32 in [-1, 1], the range the models use."""
+    return video.float() / 127.5 - 1
+
+
 def frames_to_tensor(frames):
-    """uint8 frames (T, H, W, 3) -> float32 (T, 3, H, W) in [-1, 1], the range the models use."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    """uint8 frames (T, H, W, 3) -> float32 (T, 3, H, W) in [-1, 1]."""
+    return to_unit_range(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2))
 
 
 # ---- a folder of captioned videos ----
@@ -493,7 +504,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             item["latent"] = torch.from_numpy(latents[picked]).float().transpose(0, 1)  # (C, T, h, w)
         else:
             frames = resize_center_crop(file.read(picked), self.size)                 # (T, H, W, 3)
-            item["video"] = frames_to_tensor(frames).transpose(0, 1)                   # (3, T, H, W)
+            item["video"] = frames_to_clip(frames)                                     # (3, T, H, W) uint8
         return item
 
     def cached_latents(self, relpath):

@@ -55,7 +55,7 @@ from tqdm import tqdm
 from PIL import Image, ImageDraw
 
 from checkpoint import load_model
-from data import frames_to_tensor, write_video
+from data import frames_to_tensor, to_unit_range, write_video
 from flow import heatmap_from_flow
 from loss import latent_heatmap, q_sample, v_target
 from sample import ddim_sample, ddim_timesteps, to_uint8_frames
@@ -256,7 +256,7 @@ def loss_shares(model, cfg, clips=64, seed=0):
                          max_shapes=cfg.get("max_shapes", 3),
                          shape_scale=cfg.get("shape_scale", 1.0))
     items = [data[i] for i in range(clips)]
-    z0 = model.encode_video(torch.stack([item["video"] for item in items]).to(device))  # (N, C, T, h, w)
+    z0 = model.encode_video(to_unit_range(torch.stack([item["video"] for item in items]).to(device)))  # (N, C, T, h, w)
     m = latent_heatmap(torch.stack([item["heatmap"] for item in items]).to(device), z0.shape[-2:])  # (N, 1, T, h, w)
     captions, fps = [item["caption"] for item in items], torch.stack([item["fps"] for item in items]).to(device)
     schedule, generator = model.schedule, torch.Generator().manual_seed(seed)

@@ -58,9 +58,9 @@ def demo_image(path, seed, view_size):
 def demo_video(path, seed, view_size):
     """Write training clip number `seed` beside its motion heatmap."""
     item = ShapesDataset("train", frames=DEMO.frames, max_shapes=DEMO.max_shapes)[seed]
-    video = ((item["video"].transpose(0, 1).permute(0, 2, 3, 1) + 1) * 127.5).round()  # (T, H, W, 3)
-    heatmap = (item["heatmap"][..., None] * 255).round().expand_as(video)            # (T, H, W, 3)
-    panels = torch.cat([video, heatmap], dim=2).to(torch.uint8).numpy()            # (T, H, 2W, 3)
+    video = item["video"].permute(1, 2, 3, 0)                                         # (T, H, W, 3) uint8
+    heatmap = (item["heatmap"][..., None] * 255).round().to(torch.uint8).expand_as(video)  # (T, H, W, 3)
+    panels = torch.cat([video, heatmap], dim=2).numpy()                              # (T, H, 2W, 3)
     scale = view_size // panels.shape[1] or 1
     write_video(path, panels.repeat(scale, axis=1).repeat(scale, axis=2), float(item["fps"]))
     print(f"wrote {path} (clip | motion heatmap) at {float(item['fps']):g} fps: {item['caption']}")

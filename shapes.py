@@ -13,7 +13,7 @@ the motion: only the text can.
 import numpy as np
 import torch
 
-from data import frames_to_tensor
+from data import frames_to_clip
 from flow import heatmap_from_flow
 
 PALETTE = {"red": (220, 50, 50), "green": (40, 170, 60), "blue": (50, 90, 230), "yellow": (235, 205, 40)}
@@ -161,7 +161,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         caption, motions = make_caption_and_motions(rng, scene)
         stride = int(rng.integers(1, self.max_stride + 1))
         video, flow = render_clip(scene, motions, self.frames, stride, self.speed)  # (T,H,W,3), (T-1,2,H,W)
-        return {"video": frames_to_tensor(video).transpose(0, 1),                  # (3, T, H, W)
+        return {"video": frames_to_clip(video),                                    # (3, T, H, W) uint8
                 "heatmap": heatmap_from_flow(flow),                               # (T, H, W)
                 "caption": caption,
                 "fps": torch.tensor(self.base_fps / stride, dtype=torch.float32),

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
 from data import (FALLBACK_FPS, VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_size, resize_center_crop,
-                  write_video)
+                  to_unit_range, write_video)
 from eval import score
 from flow import RAFT, clip_heatmaps
 from loss import diffusion_loss, latent_heatmap, q_sample, v_target
@@ -429,7 +429,7 @@ def model_inputs(state, batch, step):
     if "latent" in batch:  # cached by `python prepare.py latents`
         z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
     else:
-        video = batch["video"].to(device, non_blocking=True)  # (b, 3, T, H, W)
+        video = to_unit_range(batch["video"].to(device, non_blocking=True))  # (b, 3, T, H, W) in [-1, 1]
         with torch.no_grad(), state.autocast:
             z0 = model.encode_video(video).float()  # (b, C, T, h, w)
     if state.raft is None:  # cached (video folders) or exact (shapes)

@@ -61,7 +61,7 @@ def test_heatmaps_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raf
     raft = flow.RAFT(fixtures / "raft_small.pth")
     for index in range(2):
         item = dataset[index]
-        in_the_step = flow.clip_heatmaps(raft, item["video"][None], (4, 4))[0]             # (T, h, w)
+        in_the_step = flow.clip_heatmaps(raft, data.to_unit_range(item["video"][None]), (4, 4))[0]  # (T, h, w)
         assert item["heatmap"].shape == in_the_step.shape == (3, 4, 4)
         assert (item["heatmap"] - in_the_step).abs().max() <= 1 / 255
 
@@ -118,7 +118,7 @@ def test_cached_latents_are_the_clip_encoded_frame_by_frame(tmp_path, capsys):
         assert "video" not in from_cache and from_cache["caption"] == item["caption"]
         assert torch.equal(from_cache["fps"], item["fps"]) and torch.equal(from_cache["heatmap"], item["heatmap"])
         with torch.no_grad():
-            expected = autoencoder.encode(item["video"][None])[0]                      # (4, T, 4, 4)
+            expected = autoencoder.encode(data.to_unit_range(item["video"][None]))[0]  # (4, T, 4, 4)
         assert from_cache["latent"].shape == expected.shape
         assert torch.allclose(from_cache["latent"], expected, atol=2e-3 * expected.abs().max().item())
     with pytest.raises(ValueError, match="2 stale latent cache: good.mp4, good.gif"):  # another autoencoder's
