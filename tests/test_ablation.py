@@ -91,7 +91,7 @@ def test_a_tiny_study_lands_run_files_resumes_and_reports_from_them_alone(tmp_pa
     assert record["scores"][1]["moving_error"] > 0 and record["scores"][1]["text_sensitivity"] > 0
     ablation.main([*args, "--max-minutes", "0"])  # starts no run
     assert len(landed()) == 2
-    ablation.main([*args, "--agreement"])  # the rest
+    ablation.main([*args, "--agreement=2"])  # the rest, and seed 0 of each arm at step 2 by the full scorer
     assert len(landed()) == 6 and len(list((results / "agreement").glob("*.json"))) == 3
     summary = json.loads((results / "results.json").read_text())
     losses = summary["studies"]["losses"]
@@ -99,10 +99,10 @@ def test_a_tiny_study_lands_run_files_resumes_and_reports_from_them_alone(tmp_pa
     assert losses["arms"]["MotiF"]["steps"] == [1, 2] and len(losses["arms"]["MotiF"]["curves"]["moving_error"]) == 2
     assert set(losses["differences"]) == {"MotiF - no MotiF", "MotiF - Inv-MotiF"}
     assert losses["differences"]["MotiF - no MotiF"]["shape PSNR"]["seeds"] == 2
-    assert [(row["arm"], row["step"]) for row in summary["agreement"]] == [
-        (arm, s) for arm in ("MotiF", "no MotiF", "Inv-MotiF") for s in (1, 2)]
+    assert [(row["arm"], row["step"]) for row in summary["agreement"]] == [(arm, 2) for arm in ("MotiF", "no MotiF",
+                                                                                               "Inv-MotiF")]
     report = (results / "results.md").read_text()
-    assert report.count("| MotiF |") == 1 + 2 and report.count("| MotiF - no MotiF |") == 1  # + 2 agreement rows
+    assert report.count("| MotiF |") == 1 + 1 and report.count("| MotiF - no MotiF |") == 1  # + an agreement row
     assert (results / "curves.png").stat().st_size > 10_000
 
     # a run killed after its first checkpoint: no run file, its last checkpoint and score gone; the rerun resumes it
@@ -113,9 +113,12 @@ def test_a_tiny_study_lands_run_files_resumes_and_reports_from_them_alone(tmp_pa
     (run / "latest").write_text("ckpt_0000001.pt")
     (out / "evals" / run.name / "step_0000002.json").unlink()
     kept = {p: p.stat().st_mtime_ns for p in [*(out / "evals").rglob("*.json"), *(results / "runs").glob("*.json")]}
-    ablation.main([*args, "--agreement"])
+    ablation.main([*args, "--agreement"])  # and the full scorer on every checkpoint of seed 0 now
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # nothing done twice
-    assert json.loads((results / "results.json").read_text())["studies"] == summary["studies"]
+    resumed = json.loads((results / "results.json").read_text())
+    assert resumed["studies"] == summary["studies"]
+    assert [(row["arm"], row["step"]) for row in resumed["agreement"]] == [
+        (arm, s) for arm in ("MotiF", "no MotiF", "Inv-MotiF") for s in (1, 2)]
 
     # the work folder gone: the committed files alone give the same tables, and nothing is run again; the study's
     # page beside the results folder gets its tables between the markers
@@ -141,6 +144,7 @@ def test_a_tiny_study_lands_run_files_resumes_and_reports_from_them_alone(tmp_pa
     (["--seeds", "1"], "at least 2"),
     (["--steps", "250"], "multiple of --every"),
     (["--steps", "1200"], "cool-down"),
+    (["--agreement", "x"], "--agreement takes steps"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
     with pytest.raises(SystemExit) as stop:  # fail(): "error: ..." on stderr, exit status 1

@@ -3,7 +3,7 @@ soon? A tool (run from the repository's root); nothing in the method imports it.
 
     python -m tools.ablation --studies losses --jobs 2 --threads 1 --max-minutes 20   # a chunk; rerun to go on
     python -m tools.ablation --report                           # tables and curves from docs/ablation/runs/ alone
-    python -m tools.ablation --studies losses --agreement       # the cheap scorer against the full one
+    python -m tools.ablation --studies losses --agreement 300   # the cheap scorer against the full one, at step 300
     python -m tools.ablation --results out/quick --out out/quick-work --seeds 2 --set height=16   # a smaller one
 
 The demo reaches direction accuracy 1.000 by step 500 with any loss, so a study that scored the end of training
@@ -39,7 +39,8 @@ folder OUT (out/ablation) holds checkpoints (OUT/runs/NAME, resumed by train.py)
 (OUT/evals/NAME/step_N.json), each written atomically, so a killed command loses at most the steps since a run's
 last checkpoint. RESULTS/study.json and OUT/plan.json keep the settings: other settings are refused, not mixed
 in. Runs go seed by seed (seed 0 of every arm first), so a study cut short is still paired. --agreement scores
-seed 0's checkpoints of the losses study with eval.py's full scorer (64 held-out frames, 25 DDIM steps) into
+seed 0's checkpoints of the losses study (all, or the steps it names) with eval.py's full scorer (64 held-out
+frames, 25 DDIM steps) into
 RESULTS/agreement/NAME.json and tabulates the cheap score against it (results.md's last table).
 """
 import argparse
@@ -210,17 +211,22 @@ def train_and_score(run, out, settings):
 
 
 def agree(run, out, settings):
-    """Seed 0's checkpoints of a run scored again with the full scorer (FULL_SCORER): OUT/agreement/NAME/ while it
-    works, then RESULTS/agreement/NAME.json."""
+    """A seed-0 run's checkpoints (those of settings["agreement"], or all) scored again with the full scorer
+    (FULL_SCORER): OUT/agreement/NAME/ while it works, then RESULTS/agreement/NAME.json, added to what it holds."""
     torch.set_num_threads(settings["threads"])
-    folder = out / "agreement" / run.name
-    for step, path in checkpoints(run_config(run, out, settings).out_dir).items():
-        score_once(path, folder / f"step_{step:07d}.json", FULL_SCORER["images"], FULL_SCORER["ddim_steps"],
+    folder, path = out / "agreement" / run.name, Path(settings["results"]) / "agreement" / f"{run.name}.json"
+    scored = {s["step"]: s for s in json.loads(path.read_text())["scores"]} if path.is_file() else {}
+    wanted = settings["agreement"]
+    todo = {step: ckpt for step, ckpt in checkpoints(run_config(run, out, settings).out_dir).items()
+            if step not in scored and (wanted is None or step in wanted)}
+    if not todo:
+        return
+    for step, ckpt in todo.items():
+        score_once(ckpt, folder / f"step_{step:07d}.json", FULL_SCORER["images"], FULL_SCORER["ddim_steps"],
                    settings["device"], errors=False)
-    record = {"run": run.name, "scorer": FULL_SCORER, "commit": commit(),
-              "scores": [scores for _, scores in sorted(load_scores(folder).items())]}
-    write_atomically(Path(settings["results"]) / "agreement" / f"{run.name}.json",
-                     lambda f: f.write(json.dumps(record, indent=1).encode()))
+    scored.update(load_scores(folder))
+    record = {"run": run.name, "scorer": FULL_SCORER, "commit": commit(), "scores": [scored[s] for s in sorted(scored)]}
+    write_atomically(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -477,7 +483,9 @@ def main(argv=None):
     p.add_argument("--max-runs", type=int, default=None, help="do at most N runs not yet finished, then stop")
     p.add_argument("--max-minutes", type=float, default=None, help="start no run after M minutes (the runs in "
                    "progress finish: a run takes about 15 minutes on 2 cores)")
-    p.add_argument("--agreement", action="store_true", help="also score seed 0 of the losses study with the full scorer")
+    p.add_argument("--agreement", nargs="?", const="all", default=None, metavar="STEPS",
+                   help="also score seed 0 of the losses study with the full scorer: every checkpoint, or the steps "
+                   "given (comma-separated, e.g. 200,300,400)")
     p.add_argument("--report", action="store_true", help="train and score nothing: write the tables and curves of "
                    "the run files in --results")
     p.add_argument("--jobs", type=int, default=1, help="runs trained and scored at once, each on --threads threads")
@@ -487,7 +495,7 @@ def main(argv=None):
     out, results = Path(args.out), Path(args.results)
     settings = {"overrides": args.set, "steps": args.steps, "every": args.every, "images": args.images,
                 "ddim_steps": args.ddim_steps, "threads": args.threads, "device": args.device,
-                "results": str(results)}
+                "results": str(results), "agreement": None}
     if args.report and (results / "study.json").is_file():  # the study's own settings
         settings.update(json.loads((results / "study.json").read_text()))
     kept = kept_settings(settings)
@@ -504,6 +512,11 @@ def main(argv=None):
             raise ValueError("--max-runs and --max-minutes must be 0 or more")
         if args.every < 1 or args.steps % args.every or args.steps // args.every < 2:
             raise ValueError(f"--steps ({args.steps}) must be a multiple of --every ({args.every}), at least twice it")
+        if args.agreement not in (None, "all"):
+            try:
+                settings["agreement"] = {int(step) for step in args.agreement.split(",")}
+            except ValueError:
+                raise ValueError(f"--agreement takes steps like 200,300,400, not {args.agreement!r}") from None
         if any("=" not in o for o in args.set):
             raise ValueError("--set takes KEY=VALUE (a train.py config key)")
         plan = {s: plan[s] for s in wanted}
@@ -524,9 +537,8 @@ def main(argv=None):
         try:
             done = run_all(train_and_evaluate, todo, out, settings, args.jobs, deadline)
             if args.agreement and "losses" in plan:
-                agreed = [arm[0] for arm in plan["losses"]["arms"].values()
-                          if not (results / "agreement" / f"{arm[0].name}.json").is_file()]
-                run_all(agree, agreed, out, settings, args.jobs, deadline)
+                run_all(agree, [arm[0] for arm in plan["losses"]["arms"].values()], out, settings, args.jobs,
+                        float("inf"))  # a few checkpoints, asked for by name: not cut by --max-minutes
         except (Stopped, train.TrainingStopped) as e:
             fail(f"{e}; run the same command again to resume")
         if done < len(todo):
