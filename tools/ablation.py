@@ -40,8 +40,8 @@ folder OUT (out/ablation) holds checkpoints (OUT/runs/NAME, resumed by train.py)
 last checkpoint. RESULTS/study.json and OUT/plan.json keep the settings: other settings are refused, not mixed
 in. Runs go seed by seed (seed 0 of every arm first), so a study cut short is still paired. --agreement scores
 seed 0's checkpoints of the losses study (all, or the steps it names) with eval.py's full scorer (64 held-out
-frames, 25 DDIM steps) into
-RESULTS/agreement/NAME.json and tabulates the cheap score against it (results.md's last table).
+frames, 25 DDIM steps) into RESULTS/agreement/NAME.json and tabulates the cheap score against it (results.md's
+last table).
 """
 import argparse
 import ctypes
