@@ -60,7 +60,7 @@ from flow import heatmap_from_flow
 from loss import latent_heatmap, q_sample, v_target
 from sample import ddim_sample, ddim_timesteps, to_uint8_frames
 from shapes import DIRECTIONS, PALETTE, PHRASES, ShapesDataset, held_out_pairs, render_clip
-from utils import fail, pick_device, write_atomically
+from utils import autocast, fail, pick_device, wants_bf16, write_atomically
 
 MOVED = 0.1  # of the frame width: the least travel that counts as moving
 COLOUR_TOLERANCE = 60  # max distance in RGB (0..255) for a pixel to belong to a shape's colour
@@ -420,17 +420,18 @@ def main(argv=None):
     for index, (path, model, cfg, step) in enumerate(models):
         scale = cfg.get("cfg_scale", 7.5) if args.cfg is None else args.cfg
         entries = held_out(cfg, args.images)
-        videos = sample_all(model, cfg, entries, args.steps, scale, args.seed, args.batch)
-        row = {"ckpt": str(path), "step": step, **score(entries, videos)}
-        if args.loss_shares:
-            row["loss_shares"] = loss_shares(model, cfg, seed=args.seed)
-        if args.text_sensitivity:
-            row["text_sensitivity"] = text_sensitivity(model, cfg, seed=args.seed)
+        with autocast(device, wants_bf16(cfg.get("dtype", "auto"), device)):  # as the run trained
+            videos = sample_all(model, cfg, entries, args.steps, scale, args.seed, args.batch)
+            row = {"ckpt": str(path), "step": step, **score(entries, videos)}
+            if args.loss_shares:
+                row["loss_shares"] = loss_shares(model, cfg, seed=args.seed)
+            if args.text_sensitivity:
+                row["text_sensitivity"] = text_sensitivity(model, cfg, seed=args.seed)
+            if args.strip is not None:
+                entry = next(e for e in held_out(cfg, args.strip + 1) if e["image_id"] == args.strip)
+                write_strip(model, cfg, entry, out / f"strip_{index}_step{step}.png", args.steps, scale, args.seed)
         results.setdefault("checkpoints", []).append(row)
         write_grid(entries, videos, out / f"grid_{index}_step{step}.gif")
-        if args.strip is not None:
-            entry = next(e for e in held_out(cfg, args.strip + 1) if e["image_id"] == args.strip)
-            write_strip(model, cfg, entry, out / f"strip_{index}_step{step}.png", args.steps, scale, args.seed)
         print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                        if not isinstance(v, dict)))
         print("direction accuracy by shapes in the scene: " + " ".join(

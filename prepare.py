@@ -29,7 +29,7 @@ from data import (FALLBACK_FPS, UnusableVideo, cache_path, frames_to_tensor, hea
 from flow import RAFT, heatmap_from_flow
 from shapes import ShapesDataset, held_out_pairs
 from train import load_config
-from utils import fail, parse_size, pick_device
+from utils import autocast, fail, parse_size, pick_device, wants_bf16
 
 
 # ----------------------------------------------------------------------------- the shapes videos
@@ -134,7 +134,9 @@ def cache_latents(root, autoencoder, kind, size, device, chunk=16):
     """Store every listed video's latents, frame by frame (both autoencoders work on single frames), with frames
     resized and center-cropped to size = (H, W): {"latents": float16 (N, C, h, w), "autoencoder": kind,
     "fps": the container's fps or 0} in data.latent_cache_path. A training clip's latent is then latents[picked]:
-    no decoding, no encoder on the training GPU. Existing caches are kept; unusable videos are counted."""
+    no decoding, no encoder on the training GPU. Existing caches are kept; unusable videos are counted. The frames
+    are encoded in the precision the training step encodes in (utils.wants_bf16: bf16 on a GPU)."""
+    device = torch.device(device)
     videos, skipped = read_captions(root)
     root = video_root(root)  # a captions file given by name: its folder
     todo = [v for v in videos if not latent_cache_path(root, v["path"], size).is_file()]
@@ -148,10 +150,10 @@ def cache_latents(root, autoencoder, kind, size, device, chunk=16):
             unusable.append((error.reason, video["path"]))
             continue
         latents = []
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, wants_bf16("auto", device)):  # the precision the step encodes in
             for start in range(0, len(frames), chunk):
                 part = frames_to_tensor(resize_center_crop(frames[start:start + chunk], size))  # (n, 3, H, W)
-                z = autoencoder.encode(part.transpose(0, 1)[None].to(device))                   # (1, C, n, h, w)
+                z = autoencoder.encode(part.transpose(0, 1)[None].to(device)).float()           # (1, C, n, h, w)
                 latents.append(z[0].transpose(0, 1).half().cpu())                               # (n, C, h, w)
         save_npz(latent_cache_path(root, video["path"], size), latents=torch.cat(latents).numpy(),
                  autoencoder=np.array(kind), fps=np.array(fps or 0.0))

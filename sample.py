@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from checkpoint import load_model
 from data import frames_to_tensor, resize_center_crop, write_video
-from utils import fail, pick_device, write_atomically
+from utils import autocast, fail, pick_device, wants_bf16, write_atomically
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs
 
@@ -196,16 +196,21 @@ def main(argv=None):
         if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
             raise ValueError(f"--cfg (the guidance scale) must be a number 0 or more, not {args.cfg}")
         rows = read_benchmark(args.prompts, args.images) if args.prompts else None
-        model, cfg, step = load_model(args.ckpt, pick_device(args.device), use_ema=not args.no_ema)
+        device = pick_device(args.device)
+        model, cfg, step = load_model(args.ckpt, device, use_ema=not args.no_ema)
         args.cfg = cfg.get("cfg_scale", 7.5) if args.cfg is None else args.cfg
         print(f"sampling {args.ckpt} (step {step}, {'raw' if args.no_ema else 'EMA'} weights): {cfg['frames']} frames "
               f"at {cfg['height']}x{cfg['width']}, {args.steps} DDIM steps, cfg {args.cfg}, seed {args.seed}")
+        precision = autocast(device, wants_bf16(cfg.get("dtype", "auto"), device))  # as the run trained
         if rows:
-            sample_benchmark(model, cfg, rows, args.out, args)
+            with precision:
+                sample_benchmark(model, cfg, rows, args.out, args)
             return
         check_prompt(args.prompt, model)
         image = load_image(args.image, cfg["height"], cfg["width"])
-        video = ddim_sample(model, image[None], [args.prompt], cfg["frames"], args.fps, args.steps, args.cfg, [args.seed])
+        with precision:
+            video = ddim_sample(model, image[None], [args.prompt], cfg["frames"], args.fps, args.steps, args.cfg,
+                                [args.seed])
         frames = to_uint8_frames(video[0], args.upscale or max(1, -(-256 // min(cfg["height"], cfg["width"]))))
         out = Path(args.out)
         for suffix in (".mp4", ".gif"):

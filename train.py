@@ -49,7 +49,7 @@ from monitor import MotionMonitor, load_monitor_raft
 from sample import ddim_sample, to_uint8_frames
 from shapes import ShapesDataset, held_out_pairs
 from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
-from utils import autocast, fail, peak_bf16_flops, peak_memory_gb, setup_distributed
+from utils import autocast, fail, peak_bf16_flops, peak_memory_gb, setup_distributed, wants_bf16
 
 
 class TrainingStopped(Exception):
@@ -635,7 +635,7 @@ def setup(cfg):
     rank, world, device = setup_distributed(cfg.device, cfg.shard, cfg.offload)
     check_config(cfg, world)
     master = rank == 0
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    use_bf16 = wants_bf16(cfg.dtype, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # the same shapes every step: cuDNN times its algorithms once
     model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master), world, use_bf16)
     dataset = build_dataset(cfg, model)

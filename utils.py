@@ -47,6 +47,12 @@ def setup_distributed(device="auto", shard=False, offload=False):
     return rank, world, device
 
 
+def wants_bf16(dtype, device):
+    """A run's `dtype` ("auto": bf16 on a GPU, fp32 on the CPU; "bf16"; "fp32") on `device` -> whether it computes in
+    bf16. Training, its validation samples, sample.py, eval.py and prepare.py's latent cache all decide it here."""
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
 def autocast(device, bf16, cache=True):
     """The one precision context of a forward: bf16 autocast, or nothing (fp32)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if bf16 else nullcontext()

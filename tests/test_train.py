@@ -348,3 +348,11 @@ def test_the_process_group_waits_an_hour_for_rank_0(monkeypatch):
         assert PROCESS_GROUP_TIMEOUT.total_seconds() >= 3600
     finally:
         dist.destroy_process_group()
+
+
+def test_one_precision_rule_for_training_sampling_and_caches():
+    from utils import wants_bf16
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not wants_bf16("auto", cpu) and wants_bf16("auto", gpu) and wants_bf16("bf16", cpu) and not wants_bf16("fp32", gpu)
+    assert train.load_config(["--preset=shapes"]).dtype == "fp32"  # the demo's figures, on any device
+    assert train.load_config([]).dtype == "auto"  # the recipe: bf16 on GPUs

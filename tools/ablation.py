@@ -62,7 +62,7 @@ import torch
 import train
 from checkpoint import load_model
 from eval import held_out, loss_shares, pool, sample_all, tally, text_sensitivity
-from utils import fail, pick_device, write_atomically
+from utils import autocast, fail, pick_device, wants_bf16, write_atomically
 
 PAPER_SCALE = 0.65  # shapes this size: 2.95 % of the pixels move (against 5.8 % at 1), the paper's ~3 %
 LAMBDAS = (0.0, 0.5, 1.0, 2.0, 4.0)
@@ -140,15 +140,17 @@ def evaluate(path, images, ddim_steps, device="auto", errors=True):
     """One checkpoint's scores: ShapesBench's figures on the first `images` held-out frames (every prompt, DDIM
     `ddim_steps`, the run's guidance scale, sampling seed 0) and, if `errors`, the moving / static v-error per
     timestep and the text sensitivity of v_hat from pure noise."""
-    model, cfg, step = load_model(path, pick_device(device))
+    device = pick_device(device)
+    model, cfg, step = load_model(path, device)
     entries = held_out(cfg, images)
-    videos = sample_all(model, cfg, entries, ddim_steps, cfg.get("cfg_scale", 7.5), 0, len(entries))
-    scores = {"step": step, "figures": pool(tally(entries, videos).values())}
-    if errors:
-        shares = loss_shares(model, cfg, clips=SHARE_CLIPS)
-        scores["moving_error"] = float(np.mean(shares["moving_error"]))
-        scores["static_error"] = float(np.mean(shares["static_error"]))
-        scores["text_sensitivity"] = text_sensitivity(model, cfg, SENSITIVITY_IMAGES)["from_noise"]["direction_words"]
+    with autocast(device, wants_bf16(cfg.get("dtype", "auto"), device)):  # as eval.py scores it
+        videos = sample_all(model, cfg, entries, ddim_steps, cfg.get("cfg_scale", 7.5), 0, len(entries))
+        scores = {"step": step, "figures": pool(tally(entries, videos).values())}
+        if errors:
+            shares = loss_shares(model, cfg, clips=SHARE_CLIPS)
+            scores["moving_error"] = float(np.mean(shares["moving_error"]))
+            scores["static_error"] = float(np.mean(shares["static_error"]))
+            scores["text_sensitivity"] = text_sensitivity(model, cfg, SENSITIVITY_IMAGES)["from_noise"]["direction_words"]
     return scores
 
 
