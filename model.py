@@ -75,6 +75,10 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 
+MAX_ATTENTION_BATCH = 65535  # the fused CUDA attention kernels put the batch on a grid axis capped here (PyTorch
+# issue 146704): temporal attention's batch is B x h x w (66,560 for 26 clips of vc2 at 320 x 512), so it goes in parts
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention when context is None."""
 
@@ -97,7 +101,8 @@ class Attention(nn.Module):
             x = x.reshape(context.shape[0], -1, dim)  # (B, T*L, dim)
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (., L, heads*d)
         q, k, v = (a.unflatten(-1, (self.heads, -1)).transpose(1, 2) for a in (q, k, v))  # (., heads, L, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (., heads, Lq, d)
+        out = torch.cat([F.scaled_dot_product_attention(*(a[i:i + MAX_ATTENTION_BATCH] for a in (q, k, v)))
+                         for i in range(0, len(q), MAX_ATTENTION_BATCH)])  # (., heads, Lq, d)
         return self.to_out(out.transpose(1, 2).reshape(n, length, -1))  # (N, L, dim)
 
 

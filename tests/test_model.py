@@ -8,7 +8,7 @@ import torch
 from checkpoint import load_t2v_unet
 from conftest import regenerate_weights
 from encoders import BytesTextEncoder, PixelAutoencoder
-from model import SIZES, ModelConfig, MotifModel, UNet, UNetConfig
+from model import SIZES, Attention, ModelConfig, MotifModel, UNet, UNetConfig
 
 
 def randomize(module, seed=0):
@@ -221,3 +221,20 @@ def test_pixel_autoencoder_round_trip():
     assert z.shape == (2, 48, 3, 4, 6)
     assert torch.equal(ae.decode(z), video)
     assert torch.equal(z[:, :, 1], ae.encode(video[:, :, 1:2])[:, :, 0])  # frames stay separate
+
+
+def test_attention_over_a_batch_past_the_cuda_grid_limit_goes_in_parts(monkeypatch):
+    """Temporal attention's batch (B x h x w) can pass the 65,535 the fused CUDA kernels take: parts of it give the
+    same result as the whole, here with the limit set to 4 for a batch of 10."""
+    import model
+    torch.manual_seed(0)
+    x, text = torch.randn(10, 6, 32), torch.randn(2, 5, 24)
+    sdpa, batches = model.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention", lambda q, k, v: batches.append(len(q)) or sdpa(q, k, v))
+    for attention, context, parts in ((Attention(32, heads=2, head_dim=16), None, [4, 4, 2]),
+                                      (Attention(32, heads=2, head_dim=16, context_dim=24), text, [2])):
+        whole = attention(x, context)
+        monkeypatch.setattr(model, "MAX_ATTENTION_BATCH", 4)
+        batches.clear()
+        assert torch.allclose(attention(x, context), whole, atol=1e-6) and batches == parts  # cross: B = 2 rows
+        monkeypatch.setattr(model, "MAX_ATTENTION_BATCH", 65535)
