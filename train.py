@@ -1,8 +1,9 @@
 """Train a text-image-to-video model with the Motion Focal Loss.
 
-    python train.py --preset shapes                      # CPU demo on built-in synthetic videos
-    python train.py --data=path/to/videos                # the paper recipe on your videos
-    torchrun --nproc_per_node 8 train.py --data=videos   # the same on 8 GPUs
+    python train.py --preset shapes                                   # the CPU demo on built-in synthetic videos
+    python train.py --data=videos --init=model.ckpt                   # the paper's recipe from VideoCrafter2
+    torchrun --nproc_per_node 8 --shutdown-timeout 600 train.py --data=videos --init=model.ckpt   # on 8 GPUs
+    python train.py --data=videos --model=demo --autoencoder=pixel --text_encoder=bytes   # small, from scratch
 
 One process or many (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE): each step draws the global
 batch's sample indices step*B .. step*B+B-1; each rank takes a disjoint slice, and every sample's
@@ -75,8 +76,8 @@ class Config:
     workers: int = 4  # data loader processes per rank
     # model (model.py)
     model: str = "vc2"  # a size of model.SIZES
-    text_encoder: str = "bytes"
-    autoencoder: str = "pixel"
+    text_encoder: str = "openclip"  # VideoCrafter2's, frozen (from --init) | bytes (trained from scratch)
+    autoencoder: str = "kl-f8"  # VideoCrafter2's, frozen (from --init) | pixel (space-to-depth, from scratch)
     pixel_patch: int = 8  # space-to-depth factor of the pixel autoencoder
     temporal_dropout: float = 0.1
     gradient_checkpointing: bool = True

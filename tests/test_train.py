@@ -37,7 +37,12 @@ def test_config_layers_defaults_preset_and_flags():
     cfg = train.load_config(["--preset", "shapes", "--lr=3e-4", "--steps", "7", "--resume", "--gradient_checkpointing=true"])
     assert cfg.data == "shapes" and cfg.model == "demo" and cfg.frames == 4 and cfg.max_shapes == 1  # config/shapes.toml
     assert cfg.lr == 3e-4 and cfg.steps == 7 and cfg.resume == "latest" and cfg.gradient_checkpointing is True
-    assert train.load_config([]).lr == 5e-5  # the paper's recipe is the default
+    recipe = train.load_config([])  # the paper's recipe is the default, as the README says
+    assert (recipe.model, recipe.text_encoder, recipe.autoencoder) == ("vc2", "openclip", "kl-f8")
+    assert (recipe.frames, recipe.height, recipe.width, recipe.batch_size, recipe.lr, recipe.steps) == \
+        (16, 320, 512, 64, 5e-5, 32000)
+    assert (recipe.motif_lambda, recipe.text_dropout, recipe.max_stride) == (1.0, 0.1, 8)
+    assert "--init" in user_error(train.main, ["--data=videos"])  # frozen encoders: from VideoCrafter2's model.ckpt
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -323,7 +328,8 @@ def test_training_on_a_video_folder_with_validation_samples(tmp_path):
                       heatmap_size=np.array(size), **pairs)
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    train.train(train.load_config(["--data=" + str(tmp_path / "videos"), "--model=demo", "--pixel_patch=2",
+    train.train(train.load_config(["--data=" + str(tmp_path / "videos"), "--model=demo", "--autoencoder=pixel",
+                                   "--text_encoder=bytes", "--pixel_patch=2",
                                    "--height=16", "--width=16", "--frames=4", "--max_stride=2", "--batch_size=2",
                                    "--micro_batch=2", "--workers=0", "--steps=2", "--sample_every=2", "--log_every=1",
                                    f"--out_dir={out}"]))
