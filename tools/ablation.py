@@ -530,10 +530,11 @@ def main(argv=None):
             check_folder(out, "plan.json", kept)
     except (ValueError, OSError) as e:
         fail(e)
-    todo = [run for run in runs if not run_file(results, run).is_file()][:args.max_runs]
+    pending = [run for run in runs if not run_file(results, run).is_file()]
+    todo = pending[:args.max_runs]
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes is not None else float("inf")
     if not args.report:
-        print(f"{len(runs)} runs of {args.steps} steps, {len(runs) - len(todo)} done ({results / 'runs'}); "
+        print(f"{len(runs)} runs of {args.steps} steps, {len(runs) - len(pending)} done ({results / 'runs'}); "
               f"{len(todo)} to do now in {out / 'runs'}, each scored every {args.every} steps on {args.images} "
               f"held-out frames with {args.ddim_steps} DDIM steps")
         try:
