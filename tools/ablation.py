@@ -46,6 +46,7 @@ last table).
 import argparse
 import ctypes
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -161,8 +162,11 @@ def score_once(path, result, images, ddim_steps, device, errors=True):
         write_atomically(result, lambda f: f.write(json.dumps(scores).encode()))
 
 
+@functools.cache
 def commit():
-    """The repository's commit (with "+changes" when the work tree differs from it), for a run file."""
+    """The commit this process's code came from (with "+changes" when the work tree differed from it), for a run
+    file: read once, when the process starts (main, or a --jobs worker's start), and kept, since a later commit may
+    land while it trains."""
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     head = git("rev-parse", "--short=12", "HEAD") or "unknown"
@@ -190,7 +194,7 @@ def train_and_evaluate(run, out, settings):
 
 def train_and_score(run, out, settings):
     torch.set_num_threads(settings["threads"])
-    start, code = time.time(), commit()  # the code this process runs (a later commit may land while it trains)
+    start, code = time.time(), commit()
     cfg = run_config(run, out, settings)
     scores = out / "evals" / run.name
     wanted = range(cfg.ckpt_every, cfg.steps + 1, cfg.ckpt_every)
@@ -418,6 +422,7 @@ def stop_with_parent():
     """A worker of --jobs gets SIGTERM when the command that started it dies (Linux's PR_SET_PDEATHSIG): train.py
     then saves and stops, as on any SIGTERM, and the worker exits (in_worker) instead of waiting for work that will
     not come."""
+    commit()  # the code this worker has loaded
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the workers finish their runs
@@ -494,6 +499,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    commit()  # the code this command has loaded
     out, results = Path(args.out), Path(args.results)
     settings = {"overrides": args.set, "steps": args.steps, "every": args.every, "images": args.images,
                 "ddim_steps": args.ddim_steps, "threads": args.threads, "device": args.device,
