@@ -16,6 +16,8 @@ real clips' motion, or under half of what the first pass measured (at most 1: a 
 flickers more than its data moves, and losing that is no drift). Nothing here is random and nothing
 touches training's random streams: the losses of a run are the same bit for bit with the monitor on or off.
 """
+import json
+
 import torch
 
 from flow import RAFT, frame_heatmaps, pair_heatmaps
@@ -60,6 +62,17 @@ def motion_figures(sample, real):
             "real_moving_area": real["moving_area"].mean().item(),
             "dynamic_degree": sample["dynamic"].mean().item(),
             "real_dynamic_degree": real["dynamic"].mean().item()}
+
+
+def first_logged_ratio(log):
+    """The motion ratio of the first validation pass in a run's log.jsonl (None without one): what a resumed run
+    compares its passes with."""
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            return json.loads(line)["validation"]["motion_ratio"]
+        except (ValueError, KeyError, TypeError):  # a loss line, or a line a killed run left half written
+            continue
+    return None
 
 
 class MotionMonitor:

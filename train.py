@@ -46,7 +46,7 @@ from eval import score
 from flow import RAFT, clip_heatmaps
 from loss import diffusion_loss, latent_heatmap, q_sample, v_target
 from model import SIZES, ModelConfig, MotifModel, training_flops
-from monitor import MotionMonitor, load_monitor_raft
+from monitor import MotionMonitor, first_logged_ratio, load_monitor_raft
 from sample import ddim_sample, to_uint8_frames
 from shapes import ShapesDataset, held_out_pairs
 from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
@@ -575,20 +575,19 @@ def validate(state, entries, step, monitor=None):
         for name, p in trainable.items():
             p.copy_(kept[name])
         model.train()
-    samples = videos
-    videos = [to_uint8_frames(video) for video in videos]  # N x (T, H, W, 3)
-    rows = [np.concatenate([np.repeat(e["image"][None], cfg.frames, 0), video], axis=2) for e, video in zip(entries, videos)]
+    frames = [to_uint8_frames(video) for video in videos]  # N x (T, H, W, 3)
+    rows = [np.concatenate([np.repeat(e["image"][None], cfg.frames, 0), f], axis=2) for e, f in zip(entries, frames)]
     grid = np.concatenate(rows, axis=1)  # (T, N*H, 2W, 3)
     scale = max(1, 128 // cfg.height)
     write_video(Path(cfg.out_dir) / "samples" / f"step_{step:07d}.gif", grid.repeat(scale, 1).repeat(scale, 2), 4)
     if cfg.data == "shapes":
-        figures = score(entries, videos)
+        figures = score(entries, frames)
         keys = ("direction_accuracy", "text_contrast_accuracy", "still_accuracy", "static_video_rate")
         return {k: figures[k] for k in keys}, None
     if monitor is None:
         return {}, None
     reals = torch.stack([frames_to_tensor(e["clip"]).transpose(0, 1) for e in entries])  # (N, 3, T, H, W)
-    return monitor(samples.float().cpu(), reals, torch.tensor([e["fps"] for e in entries]))
+    return monitor(videos.float().cpu(), reals, torch.tensor([e["fps"] for e in entries]))
 
 
 def motion_monitor(cfg, state):
@@ -600,15 +599,8 @@ def motion_monitor(cfg, state):
         print("motion monitor off (no RAFT): --monitor_weights=small|large|PATH measures at each validation pass "
               "whether the samples move as much as their real clips")
         return None
-    first = None  # a resumed run warns against its own first pass, read back from its log
-    log = Path(cfg.out_dir) / "log.jsonl"
-    for line in log.read_text().splitlines() if log.is_file() else []:
-        try:
-            first = json.loads(line)["validation"]["motion_ratio"]
-            break
-        except (ValueError, KeyError, TypeError):  # a loss line, or a line a killed run left half written
-            continue
-    return MotionMonitor(state.raft or load_monitor_raft(cfg.monitor_weights, state.device), first)
+    raft = state.raft or load_monitor_raft(cfg.monitor_weights, state.device)
+    return MotionMonitor(raft, first_logged_ratio(Path(cfg.out_dir) / "log.jsonl"))  # a resumed run: its own first
 
 
 def resume_path(cfg, master):
