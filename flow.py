@@ -24,6 +24,8 @@ MOTION_THRESHOLD = 0.05   # relative motion (fraction of the width per frame) wh
 MOTION_SHARPNESS = 100.0  # slope of sigma: 0.0067 at no motion, 0.993 at 0.1 widths per frame
 RAFT_MIN_SIDE = 128       # RAFT sees frames at least this big (small ones are upsampled)
 RAFT_MULTIPLE = 8         # and padded to a multiple of this
+RAFT_CPU_CHUNK = 8        # frame pairs per RAFT call on the CPU
+RAFT_GPU_CHUNK = 64       # on a GPU (halved on out-of-memory): not yet measured on one
 
 # ---- flow -> heatmaps ----
 
@@ -86,11 +88,28 @@ def load_raft_model(weights):
 
 
 class RAFT:
-    """Frozen RAFT (fp32, eval, no grad): frames in [-1, 1] -> optical flow in pixels."""
+    """Frozen RAFT (fp32, eval, no grad): frames in [-1, 1] -> optical flow in pixels.
 
-    def __init__(self, weights="small", device="cpu", chunk=8):
-        self.device, self.chunk = torch.device(device), chunk
+    Pairs go through RAFT `chunk` at a time: by default 8 on the CPU (more buys nothing there) and 64 on a GPU (a
+    pair at the 128 px short side needs tens of MB, so a micro-batch's 120 pairs take two calls, not fifteen). If a
+    chunk runs out of GPU memory it is halved, for that call and every later one."""
+
+    def __init__(self, weights="small", device="cpu", chunk=None):
+        self.device = torch.device(device)
+        self.chunk = chunk or (RAFT_GPU_CHUNK if self.device.type == "cuda" else RAFT_CPU_CHUNK)
         self.model = load_raft_model(weights).to(self.device).eval().requires_grad_(False)
+
+    def flow(self, first, second):
+        """RAFT's final flow of padded frame pairs (n, 3, h, w) -> (n, 2, h, w), chunk pairs per call."""
+        while True:
+            try:
+                return torch.cat([self.model(first[i:i + self.chunk], second[i:i + self.chunk])[-1]
+                                  for i in range(0, len(first), self.chunk)])
+            except torch.cuda.OutOfMemoryError:
+                if self.chunk == 1:
+                    raise
+                self.chunk //= 2
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def pairs(self, first, second):
@@ -98,25 +117,21 @@ class RAFT:
 
         Frames whose smaller side is under 128 px are upsampled (bilinear) for RAFT and the flow
         is scaled back (area average, values divided by the factor); all are padded to a multiple
-        of 8 by repeating the border. Pairs go through RAFT `chunk` at a time."""
+        of 8 by repeating the border."""
         height, width = first.shape[-2:]
         scale = max(1.0, RAFT_MIN_SIDE / min(height, width))
         run_height, run_width = round(height * scale), round(width * scale)
         pad = (0, -run_width % RAFT_MULTIPLE, 0, -run_height % RAFT_MULTIPLE)
-        flows = []
-        for start in range(0, len(first), self.chunk):
-            images = [images[start:start + self.chunk].to(self.device, torch.float32) for images in (first, second)]
-            if scale > 1:
-                images = [F.interpolate(x, size=(run_height, run_width), mode="bilinear", align_corners=False)
-                          for x in images]                                     # (n, 3, h, w)
-            images = [F.pad(x, pad, mode="replicate") for x in images]         # (n, 3, h+, w+)
-            flow = self.model(*images)[-1][..., :run_height, :run_width]       # (n, 2, h, w)
-            if scale > 1:
-                flow = F.interpolate(flow, size=(height, width), mode="area")  # (n, 2, H, W)
-                flow = flow * torch.tensor([width / run_width, height / run_height],
-                                           device=flow.device).view(1, 2, 1, 1)
-            flows.append(flow.to(first.device))
-        return torch.cat(flows)                                                # (N, 2, H, W)
+        images = [images.to(self.device, torch.float32) for images in (first, second)]
+        if scale > 1:
+            images = [F.interpolate(x, size=(run_height, run_width), mode="bilinear", align_corners=False)
+                      for x in images]                                         # (N, 3, h, w)
+        images = [F.pad(x, pad, mode="replicate") for x in images]             # (N, 3, h+, w+)
+        flow = self.flow(*images)[..., :run_height, :run_width]               # (N, 2, h, w)
+        if scale > 1:
+            flow = F.interpolate(flow, size=(height, width), mode="area")      # (N, 2, H, W)
+            flow = flow * torch.tensor([width / run_width, height / run_height], device=flow.device).view(1, 2, 1, 1)
+        return flow.to(first.device)                                           # (N, 2, H, W)
 
     @torch.no_grad()
     def heatmaps(self, first, second, size):

@@ -163,3 +163,26 @@ def test_weights_that_are_not_rafts_are_a_clear_error(tmp_path):
     torch.save({"conv.weight": torch.zeros(3, 3)}, not_raft)
     with pytest.raises(ValueError, match="neither a torchvision raft_small nor a raft_large"):
         flow.RAFT(not_raft)
+
+
+def test_raft_chunks_by_device_and_halves_a_chunk_that_runs_out_of_memory(rafts):
+    raft = rafts("small")
+    assert raft.chunk == flow.RAFT_CPU_CHUNK and flow.RAFT_GPU_CHUNK > flow.RAFT_CPU_CHUNK
+    first, second, _ = moving_shapes_pairs(32, count=11)
+    expected = raft.pairs(first, second)
+    calls = []
+
+    def small_memory(a, b):  # a device that holds 3 pairs a call
+        calls.append(len(a))
+        if len(a) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return model(a, b)
+
+    model, chunk = raft.model, raft.chunk
+    try:
+        raft.model, raft.chunk = small_memory, 16
+        # the same flow (to the last bits that a call's batch size changes in the convolutions' kernels)
+        torch.testing.assert_close(raft.pairs(first, second), expected, atol=1e-3, rtol=0)
+        assert raft.chunk == 2 and calls == [11, 8, 4, 2, 2, 2, 2, 2, 1]  # 16 -> 8 -> 4 -> 2, kept after
+    finally:
+        raft.model, raft.chunk = model, chunk
