@@ -27,9 +27,13 @@ CHECKPOINT_KIND = "motif-ti2v"
 # ----------------------------------------------------------------------------- ours
 
 def save_checkpoint(out_dir, state, keep):
-    """Write ckpt_STEP.pt, point `latest` at it, then delete all but the newest `keep`."""
+    """Write ckpt_STEP.pt, point `latest` at it, then delete all but the newest `keep`. The oldest go before the write,
+    so that the disk holds `keep` files at once, not keep + 1 (a vc2 checkpoint is about 24 GB); the newest stays
+    until the new one is in, whatever `keep`."""
     out_dir = Path(out_dir)
     path = out_dir / f"ckpt_{state['step']:07d}.pt"
+    for old in sorted(p for p in out_dir.glob("ckpt_*.pt") if p != path)[:-max(keep - 1, 1)]:
+        old.unlink()
     write_atomically(path, lambda f: torch.save(state, f))
     write_atomically(out_dir / "latest", lambda f: f.write(path.name.encode() + b"\n"))
     for old in sorted(out_dir.glob("ckpt_*.pt"))[:-keep]:

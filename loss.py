@@ -42,7 +42,9 @@ class Schedule:
     def coefficients(self, t):
         """(B,) timesteps -> sqrt(abar_t), sqrt(1 - abar_t), each (B, 1, 1, 1, 1)."""
         shape = (-1, 1, 1, 1, 1)
-        return self.sqrt_abar.to(t.device)[t].view(shape), self.sqrt_one_minus_abar.to(t.device)[t].view(shape)
+        if self.sqrt_abar.device != t.device:  # moved once to where the timesteps are, not copied at every call
+            self.sqrt_abar, self.sqrt_one_minus_abar = self.sqrt_abar.to(t.device), self.sqrt_one_minus_abar.to(t.device)
+        return self.sqrt_abar[t].view(shape), self.sqrt_one_minus_abar[t].view(shape)
 
 
 def q_sample(schedule, z0, t, noise):

@@ -92,7 +92,7 @@ def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, se
         a_t = abar[t].item()
         a_prev = abar[timesteps[i + 1]].item() if i + 1 < len(timesteps) else abar[0].item()
         tt = torch.full((2 * b,), t, device=device, dtype=torch.long)
-        v_text, v_null = model.denoise(torch.cat([z, z]), torch.cat([z_img, z_img]), tt, context, fps).chunk(2)
+        v_text, v_null = model.denoise(torch.cat([z, z]), torch.cat([z_img, z_img]), tt, context, fps).float().chunk(2)  # fp32 under bf16
         v = v_null + cfg_scale * (v_text - v_null)  # classifier-free guidance
         x0 = a_t ** 0.5 * z - (1 - a_t) ** 0.5 * v  # (B, C, T, h, w)
         eps = a_t ** 0.5 * v + (1 - a_t) ** 0.5 * z

@@ -438,9 +438,11 @@ def model_inputs(state, batch, step):
     else:  # RAFT on just these clips' frame pairs, batched, at the size of a cached heatmap (the same m')
         heatmap = clip_heatmaps(state.raft, video, heatmap_size(video.shape[-2:]))  # (b, T, H/8, W/8)
     t, noise, drop = draw_randomness(cfg, step, batch["index"].tolist(), z0.shape[1:], model.schedule.num_steps)
-    t, noise = t.to(device), noise.to(device)
+    if device.type == "cuda":  # drawn on the CPU (per-sample generators): pinned, so the copies do not wait
+        t, noise = t.pin_memory(), noise.pin_memory()
+    t, noise = t.to(device, non_blocking=True), noise.to(device, non_blocking=True)
     return {"z_t": q_sample(model.schedule, z0, t, noise),  # (b, C, T, h, w)
-            "z_img": model.image_latent(z0), "t": t, "fps": batch["fps"].to(device),
+            "z_img": model.image_latent(z0), "t": t, "fps": batch["fps"].to(device, non_blocking=True),
             "captions": ["" if d else c for d, c in zip(drop, batch["caption"])],
             "v": v_target(model.schedule, z0, t, noise),  # (b, C, T, h, w)
             "heatmap": latent_heatmap(heatmap, z0.shape[-2:])}  # (b, 1, T, h, w)
@@ -512,7 +514,8 @@ def save(state, step):
     """Every rank calls it; rank 0 writes one file, sharded or not (a sharded model's state gathered whole onto
     rank 0's CPU memory first). Non-finite weights are never written over a good checkpoint."""
     cfg, model, master = state.cfg, state.model, state.rank == 0
-    if any_rank(not all(torch.isfinite(local(p)).all() for p in model.parameters()), state.world, state.device):
+    trainable = [local(p) for p in model.parameters() if p.requires_grad]
+    if any_rank(not torch.stack([torch.isfinite(p).all() for p in trainable]).all().item(), state.world, state.device):
         raise TrainingStopped(f"non-finite weights at step {step}: not saving; the last good checkpoint stays")
     if cfg.shard:
         saved = gather_state(model, state.optimizer, state.ema, master)
@@ -630,12 +633,13 @@ def setup(cfg):
     master = rank == 0
     use_bf16 = wants_bf16(cfg.dtype, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # the same shapes every step: cuDNN times its algorithms once
+    torch.backends.cuda.matmul.allow_tf32 = use_bf16  # what stays fp32 in a bf16 run (RAFT in the step and the monitor): TF32
     model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master), world, use_bf16)
     dataset = build_dataset(cfg, model)
     raft = RAFT(cfg.flow_weights, device=device) if cfg.flow_weights and cfg.data != "shapes" else None
     if world > 1 and not cfg.shard:  # the gradients are views of DDP's all-reduce buckets, not a second copy of them
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          gradient_as_bucket_view=True)
+                                          gradient_as_bucket_view=True, broadcast_buffers=False)  # no buffer changes
     else:
         wrapped = model  # alone, or sharded in place
     state = TrainState(cfg, model, wrapped, optimizer, ema, autocast(device, use_bf16), device, world, rank, raft)

@@ -177,3 +177,23 @@ def test_a_checkpoint_whose_config_does_not_describe_its_model_is_a_clear_error(
         with pytest.raises(ValueError, match=message) as error:
             load_model(tmp_path / f"{name}.pt", "cpu")
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_checkpoints_on_disk_never_exceed_keep_plus_the_newest(tmp_path, monkeypatch, keep):
+    """The oldest checkpoints are deleted before a new one is written (a vc2 checkpoint is about 24 GB), yet the
+    newest stays until the new one is in."""
+    import checkpoint
+    on_disk = []
+    save = torch.save
+
+    def counting_save(obj, f):
+        on_disk.append(sorted(p.name for p in tmp_path.glob("ckpt_*.pt")))
+        save(obj, f)
+    monkeypatch.setattr(checkpoint.torch, "save", counting_save)
+    for step in range(1, 6):
+        checkpoint.save_checkpoint(tmp_path, {"step": step}, keep)
+    assert all(len(names) <= max(keep - 1, 1) for names in on_disk)  # + the one being written: at most max(keep, 2)
+    assert all(names[-1] == f"ckpt_{step:07d}.pt" for step, names in enumerate(on_disk[1:], 1))  # the newest kept
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == [f"ckpt_{s:07d}.pt" for s in range(6 - keep, 6)]
+    assert (tmp_path / "latest").read_text().strip() == "ckpt_0000005.pt"
