@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from encoders import KL_SIZES, KLAutoencoder, OpenCLIPTextEncoder
-from model import ModelConfig, MotifModel, UNet
+from model import ModelConfig, MotifModel
+from unet import UNet
 from utils import write_atomically
 
 CHECKPOINT_KIND = "motif-ti2v"

@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from model import Stage
+from unet import Stage
 
 
 def shard_model(model: nn.Module, device, world, bf16=False, offload=False) -> nn.Module:

@@ -10,7 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 import prepare
 import shapes
-from model import SIZES, UNet, training_flops
+from model import SIZES, training_flops
+from unet import UNet
 from tools import bench
 from train import Config
 

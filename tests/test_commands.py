@@ -30,6 +30,7 @@ import data  # noqa: E402
 import encoders  # noqa: E402
 import flow  # noqa: E402
 import model  # noqa: E402
+import unet  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
 
@@ -122,10 +123,10 @@ def make_videocrafter2_checkpoint(path):
     """model.ckpt in VideoCrafter2's layout at the shrunk sizes: a text-to-video U-Net (4 input channels), kl-f8,
     OpenCLIP's text half (`cond_stage_model.model.*`), random weights."""
     torch.manual_seed(0)
-    unet = model.UNet(model.UNetConfig(**{**asdict(model.SIZES["vc2"]), "in_channels": 4}))
+    t2v = unet.UNet(unet.UNetConfig(**{**asdict(model.SIZES["vc2"]), "in_channels": 4}))
     autoencoder = encoders.KLAutoencoder(encoders.KL_SIZES["full"])
     text = encoders.OpenCLIPTextEncoder("ViT-H-14")
-    state = {**{"model.diffusion_model." + k: v for k, v in unet.state_dict().items()},
+    state = {**{"model.diffusion_model." + k: v for k, v in t2v.state_dict().items()},
              **{"first_stage_model." + k: v for k, v in autoencoder.state_dict().items()},
              **{"cond_stage_model.model." + k: v for k, v in text.model.state_dict().items()}}
     torch.save({"state_dict": state}, path)

@@ -9,7 +9,8 @@ import torch
 from checkpoint import load_t2v_unet, load_videocrafter2
 from conftest import regenerate_weights
 from encoders import KL_SIZES, KLAutoencoder, OpenCLIPTextEncoder
-from model import SIZES, ModelConfig, MotifModel, UNet
+from model import SIZES, ModelConfig, MotifModel
+from unet import UNet
 from test_model import randomize
 
 SCALE = 0.18215

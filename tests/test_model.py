@@ -8,7 +8,8 @@ import torch
 from checkpoint import load_t2v_unet
 from conftest import regenerate_weights
 from encoders import BytesTextEncoder, PixelAutoencoder
-from model import SIZES, Attention, ModelConfig, MotifModel, UNet, UNetConfig
+from model import SIZES, ModelConfig, MotifModel, build_unet
+from unet import Attention, UNet, UNetConfig
 
 
 def randomize(module, seed=0):
@@ -166,7 +167,7 @@ def test_output_depends_on_every_condition(demo_model, change):
 
 
 def test_input_skip_adds_a_blend_of_z_t_and_the_image_below_its_timestep():
-    unet = UNet(replace(SIZES["demo"], in_channels=24, out_channels=12, temporal_dropout=0.0)).eval()
+    unet = build_unet(replace(SIZES["demo"], in_channels=24, out_channels=12, temporal_dropout=0.0)).eval()
     below = unet.cfg.input_skip_below
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 24, 4, 16, 16, generator=g), torch.randn(2, 7, 64, generator=g)
@@ -193,14 +194,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     ckpt.load_state_dict(plain.state_dict())
     x, t, ctx, fps = torch.randn(1, 8, 4, 16, 16), torch.tensor([7]), torch.randn(1, 3, 64), torch.tensor([8])
     calls = []
-    import model as model_module
-    original = model_module.checkpoint
-    model_module.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
+    import unet as unet_module
+    original = unet_module.checkpoint
+    unet_module.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         for net in (plain, ckpt):
             net(x, t, ctx, fps).square().mean().backward()
     finally:
-        model_module.checkpoint = original
+        unet_module.checkpoint = original
     assert len(calls) == len(ckpt.input_blocks) + len(ckpt.output_blocks) + 2  # every stage, + init_attn, middle
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
@@ -226,15 +227,15 @@ def test_pixel_autoencoder_round_trip():
 def test_attention_over_a_batch_past_the_cuda_grid_limit_goes_in_parts(monkeypatch):
     """Temporal attention's batch (B x h x w) can pass the 65,535 the fused CUDA kernels take: parts of it give the
     same result as the whole, here with the limit set to 4 for a batch of 10."""
-    import model
+    import unet
     torch.manual_seed(0)
     x, text = torch.randn(10, 6, 32), torch.randn(2, 5, 24)
-    sdpa, batches = model.F.scaled_dot_product_attention, []
-    monkeypatch.setattr(model.F, "scaled_dot_product_attention", lambda q, k, v: batches.append(len(q)) or sdpa(q, k, v))
+    sdpa, batches = unet.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(unet.F, "scaled_dot_product_attention", lambda q, k, v: batches.append(len(q)) or sdpa(q, k, v))
     for attention, context, parts in ((Attention(32, heads=2, head_dim=16), None, [4, 4, 2]),
                                       (Attention(32, heads=2, head_dim=16, context_dim=24), text, [2])):
         whole = attention(x, context)
-        monkeypatch.setattr(model, "MAX_ATTENTION_BATCH", 4)
+        monkeypatch.setattr(unet, "MAX_ATTENTION_BATCH", 4)
         batches.clear()
         assert torch.allclose(attention(x, context), whole, atol=1e-6) and batches == parts  # cross: B = 2 rows
-        monkeypatch.setattr(model, "MAX_ATTENTION_BATCH", 65535)
+        monkeypatch.setattr(unet, "MAX_ATTENTION_BATCH", 65535)

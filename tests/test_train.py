@@ -182,8 +182,8 @@ def test_sample_rejects_bad_input(tiny_ckpt, tmp_path):
 def test_init_from_a_text_to_video_unet(tmp_path):
     from dataclasses import replace
 
-    from model import SIZES, UNet
-    t2v = UNet(replace(SIZES["demo"], in_channels=12, out_channels=12))  # pixel_patch 2: 12 latent channels
+    from model import SIZES, build_unet
+    t2v = build_unet(replace(SIZES["demo"], in_channels=12, out_channels=12))  # pixel_patch 2: 12 latent channels
     with torch.no_grad():
         for p in t2v.parameters():
             p.normal_(0, 0.02)

@@ -66,7 +66,8 @@ from flow import RAFT, frame_heatmaps, pair_heatmaps, video_heatmap
 from encoders import KL_SIZES, KLAutoencoder
 from loss import latent_heatmap
 from model import SIZES as MODEL_SIZES
-from model import ModelConfig, MotifModel, UNet, UNetConfig, training_flops
+from model import ModelConfig, MotifModel, build_unet, training_flops
+from unet import UNetConfig
 from sample import ddim_sample
 from train import Config, TrainState, loss_backward, update
 from utils import PEAK_BF16_FLOPS, autocast, fail, parse_size, peak_bf16_flops, peak_memory_gb, pick_device, write_atomically
@@ -195,7 +196,7 @@ def unet_config(opts):
 
 
 def build_ours(opts, cfg):
-    return UNet(cfg)
+    return build_unet(cfg)
 
 
 def call_ours(model, x):
@@ -270,7 +271,7 @@ def call_diffusers(model, x):
 
 
 CONTENDERS = {
-    "ours": (build_ours, call_ours, "model.UNet"),
+    "ours": (build_ours, call_ours, "unet.UNet"),
     "videocrafter": (build_videocrafter, call_videocrafter, "VideoCrafter lvdm UNetModel (einsum attention)"),
     "diffusers": (build_diffusers, call_diffusers, "diffusers UNet3DConditionModel, same heads; no fps embedding"),
 }

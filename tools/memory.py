@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from model import ModelConfig, MotifModel, Stage, UNet
+from model import ModelConfig, MotifModel, build_unet
+from unet import Stage
 from shard import local, shard_model
 from tools.bench import SIZES, make_inputs, parse_hw
 from train import Config, TrainState, loss_backward, update
@@ -121,7 +122,7 @@ def measure_states(opts, device):
     start_gib = rss_gib() if device.type == "cpu" else 0.0
     torch.manual_seed(opts.seed)
     cfg = replace(SIZES[opts.size], gradient_checkpointing=opts.checkpointing)
-    unet = UNet(cfg).to(device).train()
+    unet = build_unet(cfg).to(device).train()
     params = sum(p.numel() for p in unet.parameters())
     if opts.parallel == "ddp":
         wrapped = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None,
@@ -165,7 +166,7 @@ def measure_activations(opts, device):
     """Peak memory of a forward + backward above the weights, gradients dropped as they come, autocast's weight cache
     off; then, with bf16, what the cache adds. One process."""
     cfg = replace(SIZES[opts.size], gradient_checkpointing=opts.checkpointing)
-    unet = UNet(cfg).to(device).train()
+    unet = build_unet(cfg).to(device).train()
     for p in unet.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     inputs = make_inputs(opts, cfg, device, opts.seed)
