@@ -18,8 +18,9 @@ Data flow of a step (DESIGN.md): clip + heatmap (shapes.py or data.py / flow.py)
 latent = z0 of frame 0 repeated -> z_t, v (loss.py) -> v_hat = model(z_t, z_img, t, text, fps) ->
 L = L_diffusion + lambda * L_motif -> AdamW, EMA, checkpoint (checkpoint.py).
 
-The file reads top to bottom: the config; the data and the randomness of a step; processes; then
-train(): setup, and a loop of step / log / save.
+The file reads top to bottom: the config; train(), setup and then a loop of step / log / validate / save; the
+step written out in one function (train_step) and its parts; the validation samples; what setup builds (the model,
+the data, the log); the processes.
 """
 import dataclasses
 import difflib
@@ -209,47 +210,140 @@ def check_config(cfg, world_size):
                          "captions.jsonl, see README) or try the built-in demo with --preset shapes")
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- the run: setup, then a loop of step / log / save
 
-def build_dataset(cfg: Config, model: MotifModel):
-    """The training data the config names: the shapes videos or a video folder (with its caches)."""
-    factor = model.resolution_factor
-    if cfg.height % factor or cfg.width % factor:
-        raise ValueError(f"height and width must be multiples of {factor} for this model "
-                         f"(got {cfg.height}x{cfg.width})")
-    if cfg.data == "shapes":
-        if cfg.height != cfg.width:
-            raise ValueError(f"shapes videos are square: set height = width (got {cfg.height}x{cfg.width})")
-        return ShapesDataset("train", size=cfg.height, frames=cfg.frames, max_stride=cfg.max_stride, seed=cfg.seed,
-                             max_shapes=cfg.max_shapes,
-                             shape_scale=cfg.shape_scale)
-    if not Path(cfg.data).exists():
-        raise ValueError(f"--data={cfg.data}: no such folder or file (give a folder of videos with captions.csv or "
-                         "captions.jsonl, a captions file such as WebVid's results_2M_train.csv, or use --preset shapes)")
-    if cfg.latents and (cfg.flow_weights or cfg.autoencoder == "pixel"):
-        raise ValueError("--latents reads cached kl-f8 latents and cached heatmaps: it goes with --autoencoder=kl-f8 "
-                         "and without --flow_weights")
-    return VideoFolderDataset(cfg.data, frames=cfg.frames, size=(cfg.height, cfg.width), max_stride=cfg.max_stride,
-                              seed=cfg.seed, cached_heatmaps=not cfg.flow_weights,
-                              latents=cfg.autoencoder if cfg.latents else "")
+def train(cfg: Config):
+    """Train as cfg says; returns the model. One process, or this rank's share under torchrun."""
+    # ---- setup
+    stop_signals = catch_stop_signals()
+    state, step, dataset = setup(cfg)
+    master, model = state.rank == 0, state.model
+    batches = make_batches(cfg, dataset, state.rank, state.world, step, state.device)
+    flops_per_clip = None
+    if state.device.type == "cuda":  # for MFU: the U-Net's forward + backward FLOPs, counted once on the meta device
+        latent_size = (cfg.height // model.autoencoder.factor, cfg.width // model.autoencoder.factor)
+        flops_per_clip = training_flops(model.unet.cfg, cfg.frames, latent_size, model.text_encoder.max_len)
+    log = Log(cfg, state.world, state.device, master, flops_per_clip, step)
+    validation = validation_set(cfg, dataset) if cfg.sample_every and master else None
+    monitor = motion_monitor(cfg, state) if validation else None
+    bad_in_a_row, skipped = 0, 0
+    model.train()
+
+    while step < cfg.steps:
+        # ---- step
+        losses, stepped, grad_norm, lr = train_step(state, batches, step)
+        bad_in_a_row = 0 if stepped else bad_in_a_row + 1
+        skipped += not stepped
+        if bad_in_a_row >= cfg.max_bad_steps:
+            raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step + 1}); "
+                                  f"stopping. Lower lr (now {cfg.lr}) or check the data; the last good checkpoint is kept")
+        step += 1
+
+        # ---- log
+        log.add(losses)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.write(step, lr, grad_norm, skipped)
+
+        # ---- evaluate: samples of held-out pairs (or the folder's first videos) with the EMA weights, scored
+        if validation and step % cfg.sample_every == 0:
+            log.validation(step, *validate(state, validation, step, monitor))
+
+        # ---- save (and stop, together, if any rank got a stop signal)
+        stopping = any_rank(bool(stop_signals), state.world, state.device)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+            save(state, step)
+        if stopping:
+            if master:
+                log.bar.write(f"stop signal: saved step {step} to {cfg.out_dir}; continue with --resume")
+            break
+
+    log.close()
+    if master:
+        print(f"done: step {step}, checkpoint {Path(cfg.out_dir) / (Path(cfg.out_dir) / 'latest').read_text().strip()}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return model
 
 
-class StepIndices(torch.utils.data.Sampler):
-    """The sample indices this rank reads, micro-batch after micro-batch, from `start_step` on:
-    step s covers global indices s*B .. s*B+B-1, split into micro-batches dealt out to the ranks."""
+def setup(cfg):
+    """Processes, precision, model, AdamW and EMA (fresh or resumed), RAFT if asked: (TrainState, the step to start
+    from, the dataset)."""
+    rank, world, device = setup_distributed(cfg.device, cfg.shard, cfg.offload)
+    check_config(cfg, world)
+    master = rank == 0
+    use_bf16 = wants_bf16(cfg.dtype, device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # the same shapes every step: cuDNN times its algorithms once
+    torch.backends.cuda.matmul.allow_tf32 = use_bf16  # what stays fp32 in a bf16 run (RAFT in the step and the monitor): TF32
+    model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master), world, use_bf16)
+    dataset = build_dataset(cfg, model)
+    raft = RAFT(cfg.flow_weights, device=device) if cfg.flow_weights and cfg.data != "shapes" else None
+    if world > 1 and not cfg.shard:  # the gradients are views of DDP's all-reduce buckets, not a second copy of them
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True, broadcast_buffers=False)  # no buffer changes
+    else:
+        wrapped = model  # alone, or sharded in place
+    state = TrainState(cfg, model, wrapped, optimizer, ema, autocast(device, use_bf16), device, world, rank, raft)
+    if master:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        print(f"training {cfg.model} ({sum(p.numel() for p in ema.values()) / 1e6:.1f} M trainable parameters) on "
+              f"{cfg.data}: {world} process(es) on {device.type}"
+              + (f", sharded{' and offloaded to CPU memory' if cfg.offload else ''}" if cfg.shard else "")
+              + f", global batch {cfg.batch_size} = {cfg.micro_batch} x {cfg.batch_size // (cfg.micro_batch * world)} "
+              f"micro-steps x {world}, {'bf16' if use_bf16 else 'fp32'}")
+    return state, step, dataset
 
-    def __init__(self, cfg: Config, rank, world_size, start_step):
-        self.cfg, self.rank, self.world, self.start = cfg, rank, world_size, start_step
 
-    def __iter__(self):
-        mb, accum = self.cfg.micro_batch, self.cfg.batch_size // (self.cfg.micro_batch * self.world)
-        for step in range(self.start, self.cfg.steps):
-            for micro in range(accum):
-                first = step * self.cfg.batch_size + (micro * self.world + self.rank) * mb
-                yield from range(first, first + mb)
+# ----------------------------------------------------------------------------- one step
 
-    def __len__(self):
-        return (self.cfg.steps - self.start) * self.cfg.batch_size // self.world
+LOSS_TERMS = ("loss", "diffusion", "motif", "moving", "static")  # what diffusion_loss returns, all logged
+
+
+def train_step(state, batches, step):
+    """One step of MotiF, top to bottom. Per micro-batch: the clips' latents z0 and motion heatmaps m; per sample,
+    from its own seed, t, noise and text dropout; z_t and the target v; v_hat from the U-Net given z_t, the image
+    latent (x-cat), t, the text and fps; the loss and its backward (DDP syncs on the last micro-batch; sharded
+    gradients are reduce-scattered after each, shard.py). Then one update: clipping, AdamW, EMA. Returns (the loss
+    terms averaged over the micro-batches, stepped, gradient norm, lr)."""
+    cfg, model, device = state.cfg, state.model, state.device
+    torch.manual_seed(sample_seed(cfg.seed, step, -1 - state.rank))  # the global RNG drives only dropout: resume is exact
+    lr = learning_rate(cfg, step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    accum = cfg.batch_size // (cfg.micro_batch * state.world)
+    losses = dict.fromkeys(LOSS_TERMS, 0.0)
+    for micro in range(accum):
+        batch = next(batches)
+        # the clips -> z0, from the latent cache of `prepare.py latents` or through the (frozen) autoencoder
+        if "latent" in batch:
+            z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
+        else:
+            video = to_unit_range(batch["video"].to(device, non_blocking=True))  # (b, 3, T, H, W) in [-1, 1]
+            with torch.no_grad(), state.autocast:
+                z0 = model.encode_video(video).float()  # (b, C, T, h, w)
+        # their motion heatmaps m: cached (video folders) or exact (shapes), or RAFT on just these clips' frame pairs
+        if state.raft is None:
+            heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H', W')
+        else:
+            heatmap = clip_heatmaps(state.raft, video, heatmap_size(video.shape[-2:]))  # (b, T, H/8, W/8)
+        m = latent_heatmap(heatmap, z0.shape[-2:])  # (b, 1, T, h, w): m', area-averaged to the latent size
+        # per sample, seeded by (seed, step, sample index): the maths does not depend on the world size
+        t, noise, drop = draw_randomness(cfg, step, batch["index"].tolist(), z0.shape[1:], model.schedule.num_steps)
+        if device.type == "cuda":  # drawn on the CPU: pinned, so the copies do not wait
+            t, noise = t.pin_memory(), noise.pin_memory()
+        t, noise = t.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+        z_t = q_sample(model.schedule, z0, t, noise)  # (b, C, T, h, w)
+        v = v_target(model.schedule, z0, t, noise)  # (b, C, T, h, w)
+        z_img = model.image_latent(z0)  # (b, C, T, h, w): frame 0's latent over every frame
+        captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
+        fps = batch["fps"].to(device, non_blocking=True)
+        # v_hat = U-Net(cat[z_t, z_img], t, text, fps); L = L_diffusion + lambda * L_motif; backward
+        sync = state.world == 1 or cfg.shard or micro == accum - 1
+        with nullcontext() if sync else state.wrapped.no_sync():
+            terms = loss_backward(lambda: state.wrapped(z_t, z_img, t, captions, fps), v, m, cfg, state.autocast, accum)
+        losses = {k: losses[k] + terms[k] / accum for k in LOSS_TERMS}
+    losses = dict(zip(LOSS_TERMS, torch.stack([losses[k] for k in LOSS_TERMS]).tolist()))  # the step's one sync
+    stepped, grad_norm = update(state, losses, step)
+    return losses, stepped, grad_norm, lr
 
 
 def sample_seed(seed, step, index):
@@ -271,191 +365,14 @@ def draw_randomness(cfg, step, indices, latent_shape, num_timesteps):
     return torch.cat(t), torch.stack(noise), drop
 
 
-# ----------------------------------------------------------------------------- processes
-
-def any_rank(flag, world, device):
-    """True on every rank if `flag` is true on any: ranks decide together to skip a step or to stop."""
-    if world == 1:
-        return bool(flag)
-    flag = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
-
-
-def ignore_stop_signals(worker_id):
-    """A data loader worker leaves SIGTERM and SIGUSR1 to its training process: a scheduler signals the whole
-    process group, and a worker that died of it first would stop the run before it saves. The workers end with
-    the training process."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def catch_stop_signals():
-    """SIGTERM (schedulers, preemption) or SIGUSR1 -> a list that gets the signal: the loop finishes its step,
-    saves and exits cleanly. Installed first thing, so a signal during start-up is not lost either."""
-    received = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda number, frame: received.append(number))
-    return received
-
-
-# ----------------------------------------------------------------------------- training
-
-LOSS_TERMS = ("loss", "diffusion", "motif", "moving", "static")  # what diffusion_loss returns, all logged
-
-
-class Log:
-    """Loss terms averaged over the steps since the last line, clips/s, and one JSON line per log_every steps in
-    out_dir/log.jsonl (rank 0), echoed under the progress bar. On a GPU with a known peak, MFU per GPU."""
-
-    def __init__(self, cfg, world, device, master, flops_per_clip, step):
-        self.cfg, self.world, self.device, self.master = cfg, world, device, master
-        self.flops_per_clip, self.peak_flops = flops_per_clip, peak_bf16_flops(device)
-        self.file = open(Path(cfg.out_dir) / "log.jsonl", "a") if master else None
-        self.bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
-        self.reset()
-
-    def reset(self):
-        self.sums, self.steps, self.clips, self.started = dict.fromkeys(LOSS_TERMS, 0.0), 0, 0, time.time()
-
-    def add(self, losses):
-        """One step's loss terms (averaged over its micro-batches)."""
-        for key in LOSS_TERMS:
-            self.sums[key] += losses[key]
-        self.steps += 1
-        self.clips += self.cfg.batch_size
-        self.bar.update(1)
-
-    def write(self, step, lr, grad_norm, skipped):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.time() - self.started
-        means = torch.tensor([self.sums[k] / self.steps for k in LOSS_TERMS], device=self.device)
-        if self.world > 1:  # the mean over ranks
-            dist.all_reduce(means)
-            means /= self.world
-        record = {"step": step, **dict(zip(LOSS_TERMS, means.tolist())), "lr": lr, "grad_norm": grad_norm,
-                  "skipped_steps": skipped, "clips_per_s": self.clips / elapsed, "peak_mem_gb": peak_memory_gb(self.device)}
-        if self.flops_per_clip and self.peak_flops:
-            record["mfu"] = self.flops_per_clip * record["clips_per_s"] / self.world / self.peak_flops  # per GPU
-        if self.master:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", moving=f"{record['moving']:.3f}",
-                                 static=f"{record['static']:.3f}", clips_s=f"{record['clips_per_s']:.1f}")
-            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        self.reset()
-
-    def validation(self, step, figures, warning=None):
-        """Where the validation samples are, and their figures (ShapesBench's, or the motion monitor's) and warning in
-        log.jsonl (rank 0 calls it)."""
-        if figures:
-            self.file.write(json.dumps({"step": step, "validation": figures, **({"warning": warning} if warning else {})})
-                            + "\n")
-            self.file.flush()
-        self.bar.write(f"validation samples: {Path(self.cfg.out_dir) / 'samples' / f'step_{step:07d}.gif'}  "
-                       + " ".join(f"{k} {v:.3f}" for k, v in figures.items()))
-        if warning:
-            self.bar.write(warning)
-
-    def close(self):
-        self.bar.close()
-        if self.file:
-            self.file.close()
-
-
-def setup_model(cfg, device, master, resume, world, bf16):
-    """The model, its AdamW and its EMA (fp32 shadow weights of the trainable parameters): from --init, or fresh
-    (the same initial weights on every rank), or the checkpoint's when resuming; then sharded with --shard (shard.py:
-    the optimizer and the EMA hold this rank's shards). Returns them and the step."""
-    torch.manual_seed(cfg.seed)
-    model = MotifModel(ModelConfig.from_run_config(asdict(cfg))).to(device)
-    ckpt = load_checkpoint(resume) if resume else None
-    if ckpt:  # it holds every weight, --init's included
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError:
-            keys = ("model", "text_encoder", "autoencoder", "pixel_patch")
-            saved, ours = ({k: c.get(k) for k in keys} for c in (ckpt["config"], asdict(cfg)))
-            raise ValueError(f"{resume} holds another model ({saved}) than this config builds ({ours}); "
-                             "resume with its settings or start a new out_dir") from None
-    elif cfg.init:
-        message = init_from(model, cfg.init)
-        if master:
-            print(message)
-    elif cfg.autoencoder == "kl-f8" or cfg.text_encoder == "openclip":
-        raise ValueError(f"the {cfg.autoencoder} autoencoder and the {cfg.text_encoder} text encoder are frozen and "
-                         "need pretrained weights: pass --init=path/to/VideoCrafter2/model.ckpt (see README), or "
-                         "train everything from scratch with --autoencoder=pixel --text_encoder=bytes")
-    if cfg.shard:
-        shard_model(model, device, world, bf16, cfg.offload)
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=True)  # one kernel for all parameters: 0.34 -> 0.09 s per step at the bench size
-    ema = {name: p.detach().clone().float() for name, p in trainable.items()}  # sharded: this rank's shards
-    if not ckpt:
-        return model, optimizer, ema, 0
-    if cfg.shard:
-        load_optimizer_state(model, optimizer, ckpt["optimizer"])
-    else:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    for name, shadow in ema.items():
-        shadow.copy_(local_part(ckpt["ema"][name], shadow))
-    if master:
-        print(f"resumed from {resume} at step {ckpt['step']}")
-    return model, optimizer, ema, ckpt["step"]
-
-
-@dataclass
-class TrainState:
-    """What a training step works on: the model (and `wrapped`, the same model in DDP, or itself alone or sharded),
-    AdamW, the EMA (fp32 shadow weights of the trainable parameters, by name), the precision, the processes, and
-    RAFT when heatmaps are computed inside the step (else None)."""
-    cfg: Config
-    model: torch.nn.Module
-    wrapped: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    ema: dict
-    autocast: object
-    device: torch.device
-    world: int = 1
-    rank: int = 0
-    raft: object = None
-
-
-def model_inputs(state, batch, step):
-    """A micro-batch as the U-Net sees it: z0 (encoded, or read from the latent cache), the heatmap at latent size,
-    and per sample (seeded by its index) t, noise and text dropout, hence z_t and the target v."""
-    cfg, model, device = state.cfg, state.model, state.device
-    if "latent" in batch:  # cached by `python prepare.py latents`
-        z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
-    else:
-        video = to_unit_range(batch["video"].to(device, non_blocking=True))  # (b, 3, T, H, W) in [-1, 1]
-        with torch.no_grad(), state.autocast:
-            z0 = model.encode_video(video).float()  # (b, C, T, h, w)
-    if state.raft is None:  # cached (video folders) or exact (shapes)
-        heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H', W')
-    else:  # RAFT on just these clips' frame pairs, batched, at the size of a cached heatmap (the same m')
-        heatmap = clip_heatmaps(state.raft, video, heatmap_size(video.shape[-2:]))  # (b, T, H/8, W/8)
-    t, noise, drop = draw_randomness(cfg, step, batch["index"].tolist(), z0.shape[1:], model.schedule.num_steps)
-    if device.type == "cuda":  # drawn on the CPU (per-sample generators): pinned, so the copies do not wait
-        t, noise = t.pin_memory(), noise.pin_memory()
-    t, noise = t.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-    return {"z_t": q_sample(model.schedule, z0, t, noise),  # (b, C, T, h, w)
-            "z_img": model.image_latent(z0), "t": t, "fps": batch["fps"].to(device, non_blocking=True),
-            "captions": ["" if d else c for d, c in zip(drop, batch["caption"])],
-            "v": v_target(model.schedule, z0, t, noise),  # (b, C, T, h, w)
-            "heatmap": latent_heatmap(heatmap, z0.shape[-2:])}  # (b, 1, T, h, w)
-
-
-def loss_backward(predict, inputs, cfg, autocast, accum=1):
-    """v_hat = predict(inputs) under autocast, the loss (loss.diffusion_loss: diffusion + lambda * motif) and its
-    backward, scaled by 1 / accum. With update(), the training step: train.py, tools/bench.py and tools/memory.py all
-    run these two. Returns the loss terms as 0-d float64 tensors on the device: no host sync per micro-batch (float64,
-    so that train_step's mean over micro-batches is what Python floats would give, bit for bit)."""
+def loss_backward(predict, v, heatmap, cfg, autocast, accum=1):
+    """v_hat = predict() under autocast, the MotiF loss (loss.py: L_diffusion + lambda * L_motif, or Inv-MotiF) and its
+    backward, scaled by 1 / accum. train_step, tools/bench.py and tools/memory.py all run this, then update().
+    Returns the loss terms as 0-d float64 tensors on the device: no host sync per micro-batch (float64, so that
+    train_step's mean over micro-batches is what Python floats would give, bit for bit)."""
     with autocast:
-        v_hat = predict(inputs)  # (b, C, T, h, w)
-    losses = diffusion_loss(v_hat, inputs["v"], inputs["heatmap"], cfg.motif_lambda, cfg.loss_mode)
+        v_hat = predict()  # (b, C, T, h, w)
+    losses = diffusion_loss(v_hat, v, heatmap, cfg.motif_lambda, cfg.loss_mode)
     (losses["loss"] / accum).backward()
     return {k: value.detach().double() for k, value in losses.items()}
 
@@ -487,29 +404,6 @@ def learning_rate(cfg, step):
     return lr
 
 
-def train_step(state, batches, step):
-    """One step: the learning rate, then micro-batch after micro-batch forward, loss and backward (DDP syncs on the
-    last; sharded gradients are reduce-scattered after each, shard.py), then update(). Returns (the loss terms
-    averaged over the micro-batches, stepped, gradient norm, lr)."""
-    cfg = state.cfg
-    torch.manual_seed(sample_seed(cfg.seed, step, -1 - state.rank))  # the global RNG drives only dropout: resume is exact
-    lr = learning_rate(cfg, step)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    accum = cfg.batch_size // (cfg.micro_batch * state.world)
-    losses = dict.fromkeys(LOSS_TERMS, 0.0)
-    for micro in range(accum):
-        inputs = model_inputs(state, next(batches), step)
-        sync = state.world == 1 or cfg.shard or micro == accum - 1
-        with nullcontext() if sync else state.wrapped.no_sync():
-            terms = loss_backward(lambda x: state.wrapped(x["z_t"], x["z_img"], x["t"], x["captions"], x["fps"]),
-                                  inputs, cfg, state.autocast, accum)
-        losses = {k: losses[k] + terms[k] / accum for k in LOSS_TERMS}
-    losses = dict(zip(LOSS_TERMS, torch.stack([losses[k] for k in LOSS_TERMS]).tolist()))  # the step's one sync
-    stepped, grad_norm = update(state, losses, step)
-    return losses, stepped, grad_norm, lr
-
-
 def save(state, step):
     """Every rank calls it; rank 0 writes one file, sharded or not (a sharded model's state gathered whole onto
     rank 0's CPU memory first). Non-finite weights are never written over a good checkpoint."""
@@ -531,6 +425,8 @@ def save(state, step):
 # ----------------------------------------------------------------------------- validation samples
 
 VALIDATION_IMAGES = 4  # shapes: the first held-out first frames, each with all its prompts (13 pairs)
+
+
 VALIDATION_STEPS = 25  # DDIM steps of a validation sample
 
 
@@ -606,6 +502,67 @@ def motion_monitor(cfg, state):
     return MotionMonitor(raft, first_logged_ratio(Path(cfg.out_dir) / "log.jsonl"))  # a resumed run: its own first
 
 
+# ----------------------------------------------------------------------------- what setup builds: the model, the data, the log
+
+@dataclass
+class TrainState:
+    """What a training step works on: the model (and `wrapped`, the same model in DDP, or itself alone or sharded),
+    AdamW, the EMA (fp32 shadow weights of the trainable parameters, by name), the precision, the processes, and
+    RAFT when heatmaps are computed inside the step (else None)."""
+    cfg: Config
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: dict
+    autocast: object
+    device: torch.device
+    world: int = 1
+    rank: int = 0
+    raft: object = None
+
+
+def setup_model(cfg, device, master, resume, world, bf16):
+    """The model, its AdamW and its EMA (fp32 shadow weights of the trainable parameters): from --init, or fresh
+    (the same initial weights on every rank), or the checkpoint's when resuming; then sharded with --shard (shard.py:
+    the optimizer and the EMA hold this rank's shards). Returns them and the step."""
+    torch.manual_seed(cfg.seed)
+    model = MotifModel(ModelConfig.from_run_config(asdict(cfg))).to(device)
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt:  # it holds every weight, --init's included
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            keys = ("model", "text_encoder", "autoencoder", "pixel_patch")
+            saved, ours = ({k: c.get(k) for k in keys} for c in (ckpt["config"], asdict(cfg)))
+            raise ValueError(f"{resume} holds another model ({saved}) than this config builds ({ours}); "
+                             "resume with its settings or start a new out_dir") from None
+    elif cfg.init:
+        message = init_from(model, cfg.init)
+        if master:
+            print(message)
+    elif cfg.autoencoder == "kl-f8" or cfg.text_encoder == "openclip":
+        raise ValueError(f"the {cfg.autoencoder} autoencoder and the {cfg.text_encoder} text encoder are frozen and "
+                         "need pretrained weights: pass --init=path/to/VideoCrafter2/model.ckpt (see README), or "
+                         "train everything from scratch with --autoencoder=pixel --text_encoder=bytes")
+    if cfg.shard:
+        shard_model(model, device, world, bf16, cfg.offload)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=True)  # one kernel for all parameters: 0.34 -> 0.09 s per step at the bench size
+    ema = {name: p.detach().clone().float() for name, p in trainable.items()}  # sharded: this rank's shards
+    if not ckpt:
+        return model, optimizer, ema, 0
+    if cfg.shard:
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    for name, shadow in ema.items():
+        shadow.copy_(local_part(ckpt["ema"][name], shadow))
+    if master:
+        print(f"resumed from {resume} at step {ckpt['step']}")
+    return model, optimizer, ema, ckpt["step"]
+
+
 def resume_path(cfg, master):
     """What --resume names: a checkpoint or run folder; "latest" is out_dir if it has one, else a fresh start ("")."""
     if cfg.resume != "latest":
@@ -617,6 +574,47 @@ def resume_path(cfg, master):
     return ""
 
 
+def build_dataset(cfg: Config, model: MotifModel):
+    """The training data the config names: the shapes videos or a video folder (with its caches)."""
+    factor = model.resolution_factor
+    if cfg.height % factor or cfg.width % factor:
+        raise ValueError(f"height and width must be multiples of {factor} for this model "
+                         f"(got {cfg.height}x{cfg.width})")
+    if cfg.data == "shapes":
+        if cfg.height != cfg.width:
+            raise ValueError(f"shapes videos are square: set height = width (got {cfg.height}x{cfg.width})")
+        return ShapesDataset("train", size=cfg.height, frames=cfg.frames, max_stride=cfg.max_stride, seed=cfg.seed,
+                             max_shapes=cfg.max_shapes,
+                             shape_scale=cfg.shape_scale)
+    if not Path(cfg.data).exists():
+        raise ValueError(f"--data={cfg.data}: no such folder or file (give a folder of videos with captions.csv or "
+                         "captions.jsonl, a captions file such as WebVid's results_2M_train.csv, or use --preset shapes)")
+    if cfg.latents and (cfg.flow_weights or cfg.autoencoder == "pixel"):
+        raise ValueError("--latents reads cached kl-f8 latents and cached heatmaps: it goes with --autoencoder=kl-f8 "
+                         "and without --flow_weights")
+    return VideoFolderDataset(cfg.data, frames=cfg.frames, size=(cfg.height, cfg.width), max_stride=cfg.max_stride,
+                              seed=cfg.seed, cached_heatmaps=not cfg.flow_weights,
+                              latents=cfg.autoencoder if cfg.latents else "")
+
+
+class StepIndices(torch.utils.data.Sampler):
+    """The sample indices this rank reads, micro-batch after micro-batch, from `start_step` on:
+    step s covers global indices s*B .. s*B+B-1, split into micro-batches dealt out to the ranks."""
+
+    def __init__(self, cfg: Config, rank, world_size, start_step):
+        self.cfg, self.rank, self.world, self.start = cfg, rank, world_size, start_step
+
+    def __iter__(self):
+        mb, accum = self.cfg.micro_batch, self.cfg.batch_size // (self.cfg.micro_batch * self.world)
+        for step in range(self.start, self.cfg.steps):
+            for micro in range(accum):
+                first = step * self.cfg.batch_size + (micro * self.world + self.rank) * mb
+                yield from range(first, first + mb)
+
+    def __len__(self):
+        return (self.cfg.steps - self.start) * self.cfg.batch_size // self.world
+
+
 def make_batches(cfg, dataset, rank, world, step, device):
     """This rank's micro-batches from `step` on (StepIndices), loaded by cfg.workers processes."""
     return iter(torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch,
@@ -625,82 +623,92 @@ def make_batches(cfg, dataset, rank, world, step, device):
                                             pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
 
 
-def setup(cfg):
-    """Processes, precision, model, AdamW and EMA (fresh or resumed), RAFT if asked: (TrainState, the step to start
-    from, the dataset)."""
-    rank, world, device = setup_distributed(cfg.device, cfg.shard, cfg.offload)
-    check_config(cfg, world)
-    master = rank == 0
-    use_bf16 = wants_bf16(cfg.dtype, device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # the same shapes every step: cuDNN times its algorithms once
-    torch.backends.cuda.matmul.allow_tf32 = use_bf16  # what stays fp32 in a bf16 run (RAFT in the step and the monitor): TF32
-    model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master), world, use_bf16)
-    dataset = build_dataset(cfg, model)
-    raft = RAFT(cfg.flow_weights, device=device) if cfg.flow_weights and cfg.data != "shapes" else None
-    if world > 1 and not cfg.shard:  # the gradients are views of DDP's all-reduce buckets, not a second copy of them
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          gradient_as_bucket_view=True, broadcast_buffers=False)  # no buffer changes
-    else:
-        wrapped = model  # alone, or sharded in place
-    state = TrainState(cfg, model, wrapped, optimizer, ema, autocast(device, use_bf16), device, world, rank, raft)
-    if master:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        print(f"training {cfg.model} ({sum(p.numel() for p in ema.values()) / 1e6:.1f} M trainable parameters) on "
-              f"{cfg.data}: {world} process(es) on {device.type}"
-              + (f", sharded{' and offloaded to CPU memory' if cfg.offload else ''}" if cfg.shard else "")
-              + f", global batch {cfg.batch_size} = {cfg.micro_batch} x {cfg.batch_size // (cfg.micro_batch * world)} "
-              f"micro-steps x {world}, {'bf16' if use_bf16 else 'fp32'}")
-    return state, step, dataset
+class Log:
+    """Loss terms averaged over the steps since the last line, clips/s, and one JSON line per log_every steps in
+    out_dir/log.jsonl (rank 0), echoed under the progress bar. On a GPU with a known peak, MFU per GPU."""
+
+    def __init__(self, cfg, world, device, master, flops_per_clip, step):
+        self.cfg, self.world, self.device, self.master = cfg, world, device, master
+        self.flops_per_clip, self.peak_flops = flops_per_clip, peak_bf16_flops(device)
+        self.file = open(Path(cfg.out_dir) / "log.jsonl", "a") if master else None
+        self.bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps, self.clips, self.started = dict.fromkeys(LOSS_TERMS, 0.0), 0, 0, time.time()
+
+    def add(self, losses):
+        """One step's loss terms (averaged over its micro-batches)."""
+        for key in LOSS_TERMS:
+            self.sums[key] += losses[key]
+        self.steps += 1
+        self.clips += self.cfg.batch_size
+        self.bar.update(1)
+
+    def write(self, step, lr, grad_norm, skipped):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.time() - self.started
+        means = torch.tensor([self.sums[k] / self.steps for k in LOSS_TERMS], device=self.device)
+        if self.world > 1:  # the mean over ranks
+            dist.all_reduce(means)
+            means /= self.world
+        record = {"step": step, **dict(zip(LOSS_TERMS, means.tolist())), "lr": lr, "grad_norm": grad_norm,
+                  "skipped_steps": skipped, "clips_per_s": self.clips / elapsed, "peak_mem_gb": peak_memory_gb(self.device)}
+        if self.flops_per_clip and self.peak_flops:
+            record["mfu"] = self.flops_per_clip * record["clips_per_s"] / self.world / self.peak_flops  # per GPU
+        if self.master:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", moving=f"{record['moving']:.3f}",
+                                 static=f"{record['static']:.3f}", clips_s=f"{record['clips_per_s']:.1f}")
+            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        self.reset()
+
+    def validation(self, step, figures, warning=None):
+        """Where the validation samples are, and their figures (ShapesBench's, or the motion monitor's) and warning in
+        log.jsonl (rank 0 calls it)."""
+        if figures:
+            self.file.write(json.dumps({"step": step, "validation": figures, **({"warning": warning} if warning else {})})
+                            + "\n")
+            self.file.flush()
+        self.bar.write(f"validation samples: {Path(self.cfg.out_dir) / 'samples' / f'step_{step:07d}.gif'}  "
+                       + " ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+        if warning:
+            self.bar.write(warning)
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
 
 
-def train(cfg: Config):
-    # ---- setup
-    stop_signals = catch_stop_signals()
-    state, step, dataset = setup(cfg)
-    master, model = state.rank == 0, state.model
-    batches = make_batches(cfg, dataset, state.rank, state.world, step, state.device)
-    flops_per_clip = None
-    if state.device.type == "cuda":  # for MFU: the U-Net's forward + backward FLOPs, counted once on the meta device
-        latent_size = (cfg.height // model.autoencoder.factor, cfg.width // model.autoencoder.factor)
-        flops_per_clip = training_flops(model.unet.cfg, cfg.frames, latent_size, model.text_encoder.max_len)
-    log = Log(cfg, state.world, state.device, master, flops_per_clip, step)
-    validation = validation_set(cfg, dataset) if cfg.sample_every and master else None
-    monitor = motion_monitor(cfg, state) if validation else None
-    bad_in_a_row, skipped = 0, 0
-    model.train()
+# ----------------------------------------------------------------------------- processes
 
-    while step < cfg.steps:
-        # ---- step
-        losses, stepped, grad_norm, lr = train_step(state, batches, step)
-        bad_in_a_row = 0 if stepped else bad_in_a_row + 1
-        skipped += not stepped
-        if bad_in_a_row >= cfg.max_bad_steps:
-            raise TrainingStopped(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step + 1}); "
-                                  f"stopping. Lower lr (now {cfg.lr}) or check the data; the last good checkpoint is kept")
-        step += 1
+def any_rank(flag, world, device):
+    """True on every rank if `flag` is true on any: ranks decide together to skip a step or to stop."""
+    if world == 1:
+        return bool(flag)
+    flag = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
 
-        # ---- log
-        log.add(losses)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log.write(step, lr, grad_norm, skipped)
-        if validation and step % cfg.sample_every == 0:
-            log.validation(step, *validate(state, validation, step, monitor))
 
-        # ---- save (and stop, together, if any rank got a stop signal)
-        stopping = any_rank(bool(stop_signals), state.world, state.device)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-            save(state, step)
-        if stopping:
-            if master:
-                log.bar.write(f"stop signal: saved step {step} to {cfg.out_dir}; continue with --resume")
-            break
+def ignore_stop_signals(worker_id):
+    """A data loader worker leaves SIGTERM and SIGUSR1 to its training process: a scheduler signals the whole
+    process group, and a worker that died of it first would stop the run before it saves. The workers end with
+    the training process."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
-    log.close()
-    if master:
-        print(f"done: step {step}, checkpoint {Path(cfg.out_dir) / (Path(cfg.out_dir) / 'latest').read_text().strip()}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return model
+
+def catch_stop_signals():
+    """SIGTERM (schedulers, preemption) or SIGUSR1 -> a list that gets the signal: the loop finishes its step,
+    saves and exits cleanly. Installed first thing, so a signal during start-up is not lost either."""
+    received = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda number, frame: received.append(number))
+    return received
 
 
 def main(argv=None):

@@ -295,7 +295,8 @@ def training_step(run, inputs, step):
     """train.py's step on random inputs, for any contender: train.loss_backward (autocast forward, diffusion + motion
     focal loss, backward), then train.update (gradient clipping, fused AdamW, EMA)."""
     state = run["state"]
-    update(state, loss_backward(lambda x: run["call"](state.model, x), inputs, state.cfg, state.autocast), step)
+    update(state, loss_backward(lambda: run["call"](state.model, inputs), inputs["v"], inputs["heatmap"], state.cfg,
+                                state.autocast), step)
 
 
 def forward_backward(model, call, inputs):

@@ -140,8 +140,8 @@ def measure_states(opts, device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         began = time.perf_counter()
-        losses = loss_backward(lambda x: wrapped(x["x"], x["t"], x["context"], x["fps"]), inputs, state.cfg,
-                               state.autocast)  # train.py's step: this, then update()
+        losses = loss_backward(lambda: wrapped(inputs["x"], inputs["t"], inputs["context"], inputs["fps"]), inputs["v"],
+                               inputs["heatmap"], state.cfg, state.autocast)  # train.py's step: this, then update()
         grads = [p.grad for p in unet.parameters() if p.grad is not None]
         update(state, losses, step)
         if device.type == "cuda":
@@ -177,7 +177,8 @@ def measure_activations(opts, device):
             torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else rss_gib()
         reset_peak(device)
-        loss_backward(lambda x: unet(x["x"], x["t"], x["context"], x["fps"]), inputs, Config(), precision)
+        loss_backward(lambda: unet(inputs["x"], inputs["t"], inputs["context"], inputs["fps"]), inputs["v"],
+                      inputs["heatmap"], Config(), precision)
         return peak_memory_gb(device) - before
 
     peak_above_weights(False)  # warm-up: the allocator's pools and PyTorch's one-time buffers
