@@ -66,10 +66,10 @@ def latent_heatmap(heatmap, latent_size):
     return pooled.view(b, t, 1, *latent_size).transpose(1, 2)  # (B, 1, T, h, w)
 
 
-def diffusion_loss(v_hat, v, heatmap, lam=1.0, mode="motif"):
-    """L = L_diffusion + lam * L_motif, with logging terms.
+def motif_loss(v_hat, v, m, lam=1.0, mode="motif"):
+    """MotiF's loss, L = L_diffusion + lam * L_motif, with logging terms.
 
-    v_hat, v: (B, C, T, h, w); heatmap: m' at latent size (B, 1, T, h, w) in [0, 1].
+    v_hat, v: (B, C, T, h, w); m: the motion heatmap at latent size, the paper's m' (B, 1, T, h, w) in [0, 1].
     mode "motif" weights the error by m', "inverse" by 1 - m' (Inv-MotiF).
     Returns a dict: loss (to backprop), diffusion, motif, and the mean squared error inside
     high-motion regions (moving) and static regions (static), each weighted by m' or 1 - m'.
@@ -77,7 +77,7 @@ def diffusion_loss(v_hat, v, heatmap, lam=1.0, mode="motif"):
     if mode not in ("motif", "inverse"):
         raise ValueError(f"unknown loss mode {mode!r}: use 'motif' or 'inverse'")
     err = (v - v_hat).float().square()  # (B, C, T, h, w)
-    m = heatmap.float().expand_as(err)
+    m = m.float().expand_as(err)  # (B, C, T, h, w)
     weight = m if mode == "motif" else 1 - m
     diffusion = err.mean()
     motif = (weight.square() * err).mean()  # mean((w * (v - v_hat))^2)

@@ -42,12 +42,12 @@ def upscale(image, size):
 DEMO = load_config(["--preset", "shapes"])  # the demo's videos: its frames and shapes per scene
 
 
-def demo_image(path, seed, view_size):
-    """Write held-out first frame number `seed` of the demo (upscaled for viewing) and print the prompts that fit it."""
+def demo_image(path, index, view_size):
+    """Write held-out first frame number `index` of the demo (upscaled for viewing) and print the prompts that fit it."""
     held_out = held_out_pairs(max_shapes=DEMO.max_shapes)
-    prompts = [entry for entry in held_out if entry["image_id"] == seed]
+    prompts = [entry for entry in held_out if entry["image_id"] == index]
     if not prompts:
-        raise ValueError(f"--seed must pick a held-out image, 0..{held_out[-1]['image_id']}")
+        raise ValueError(f"--index must pick a held-out image, 0..{held_out[-1]['image_id']}")
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(upscale(prompts[0]["image"], view_size)).save(path)
     print(f"wrote {path}; prompts that fit it:")
@@ -55,9 +55,9 @@ def demo_image(path, seed, view_size):
         print(f"  {entry['caption']}")
 
 
-def demo_video(path, seed, view_size):
-    """Write training clip number `seed` beside its motion heatmap."""
-    item = ShapesDataset("train", frames=DEMO.frames, max_shapes=DEMO.max_shapes)[seed]
+def demo_video(path, index, view_size):
+    """Write training clip number `index` beside its motion heatmap."""
+    item = ShapesDataset("train", frames=DEMO.frames, max_shapes=DEMO.max_shapes)[index]
     video = item["video"].permute(1, 2, 3, 0)                                         # (T, H, W, 3) uint8
     heatmap = (item["heatmap"][..., None] * 255).round().to(torch.uint8).expand_as(video)  # (T, H, W, 3)
     panels = torch.cat([video, heatmap], dim=2).numpy()                              # (T, H, 2W, 3)
@@ -189,7 +189,7 @@ def main(argv=None):
     video = commands.add_parser("demo-video", help="write a shapes training clip beside its motion heatmap")
     for command, what in ((image, "held-out image"), (video, "training clip")):
         command.add_argument("out", type=Path, help=".png/.jpg" if command is image else ".gif/.mp4")
-        command.add_argument("--seed", type=int, default=0, help=f"which {what}")
+        command.add_argument("--index", type=int, default=0, help=f"which {what}")
         command.add_argument("--view-size", type=int, default=256, help="upscale to this many pixels (only for "
                              "viewing: sample.py resizes images to the model's resolution)")
     check = commands.add_parser("check", help="decode every video of a folder, report usable ones")
@@ -219,9 +219,9 @@ def main(argv=None):
             suffixes = (".png", ".jpg", ".jpeg") if args.command == "demo-image" else (".gif", ".mp4")
             if args.out.suffix.lower() not in suffixes:
                 raise ValueError(f"{args.command} writes {' or '.join(suffixes)} files, not {args.out}")
-            if args.view_size <= 0 or args.seed < 0:
-                raise ValueError("--view-size must be positive and --seed non-negative")
-            (demo_image if args.command == "demo-image" else demo_video)(args.out, args.seed, args.view_size)
+            if args.view_size <= 0 or args.index < 0:
+                raise ValueError("--view-size must be positive and --index non-negative")
+            (demo_image if args.command == "demo-image" else demo_video)(args.out, args.index, args.view_size)
         elif args.command == "check":
             if args.frames < 2:
                 raise ValueError("--frames must be at least 2")

@@ -45,7 +45,7 @@ from data import (FALLBACK_FPS, VideoFile, VideoFolderDataset, frames_to_tensor,
                   to_unit_range, write_video)
 from eval import score
 from flow import RAFT, clip_heatmaps
-from loss import diffusion_loss, latent_heatmap, q_sample, v_target
+from loss import latent_heatmap, motif_loss, q_sample, v_target
 from model import SIZES, ModelConfig, MotifModel, training_flops
 from monitor import MotionMonitor, first_logged_ratio, load_monitor_raft
 from sample import ddim_sample, to_uint8_frames
@@ -295,7 +295,7 @@ def setup(cfg):
 
 # ----------------------------------------------------------------------------- one step
 
-LOSS_TERMS = ("loss", "diffusion", "motif", "moving", "static")  # what diffusion_loss returns, all logged
+LOSS_TERMS = ("loss", "diffusion", "motif", "moving", "static")  # what motif_loss returns, all logged
 
 
 def train_step(state, batches, step):
@@ -365,14 +365,14 @@ def draw_randomness(cfg, step, indices, latent_shape, num_timesteps):
     return torch.cat(t), torch.stack(noise), drop
 
 
-def loss_backward(predict, v, heatmap, cfg, autocast, accum=1):
+def loss_backward(predict, v, m, cfg, autocast, accum=1):
     """v_hat = predict() under autocast, the MotiF loss (loss.py: L_diffusion + lambda * L_motif, or Inv-MotiF) and its
     backward, scaled by 1 / accum. train_step, tools/bench.py and tools/memory.py all run this, then update().
     Returns the loss terms as 0-d float64 tensors on the device: no host sync per micro-batch (float64, so that
     train_step's mean over micro-batches is what Python floats would give, bit for bit)."""
     with autocast:
         v_hat = predict()  # (b, C, T, h, w)
-    losses = diffusion_loss(v_hat, v, heatmap, cfg.motif_lambda, cfg.loss_mode)
+    losses = motif_loss(v_hat, v, m, cfg.motif_lambda, cfg.loss_mode)
     (losses["loss"] / accum).backward()
     return {k: value.detach().double() for k, value in losses.items()}
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loss import Schedule, diffusion_loss, latent_heatmap, q_sample, v_target
+from loss import Schedule, motif_loss, latent_heatmap, q_sample, v_target
 
 
 def test_schedule_matches_videocrafter2(fixtures):
@@ -53,12 +53,12 @@ def hand_case():
 
 def test_motif_loss_by_hand():
     v_hat, v, m = hand_case()
-    out = diffusion_loss(v_hat, v, m, lam=1.0)
+    out = motif_loss(v_hat, v, m, lam=1.0)
     assert out["diffusion"].item() == pytest.approx((1 + 4 + 9 + 16) / 4)
     motif = (1 * 1 + 0.25 * 4 + 1 * 9 + 0.25 * 16) / 4  # mean((m * (v - v_hat))^2) = mean(m^2 err)
     assert out["motif"].item() == pytest.approx(motif)
     assert out["loss"].item() == pytest.approx(7.5 + motif)
-    assert diffusion_loss(v_hat, v, m, lam=2.0)["loss"].item() == pytest.approx(7.5 + 2 * motif)
+    assert motif_loss(v_hat, v, m, lam=2.0)["loss"].item() == pytest.approx(7.5 + 2 * motif)
     # logging: error inside moving (weight m) and static (weight 1 - m) regions
     assert out["moving"].item() == pytest.approx((1 + 0.5 * 4 + 9 + 0.5 * 16) / (1 + 0.5 + 1 + 0.5))
     assert out["static"].item() == pytest.approx((0.5 * 4 + 0.5 * 16) / (0.5 + 0.5))
@@ -67,28 +67,28 @@ def test_motif_loss_by_hand():
 def test_lambda_zero_is_plain_mse():
     v_hat, v = torch.randn(2, 4, 3, 5, 5), torch.randn(2, 4, 3, 5, 5)
     m = torch.rand(2, 1, 3, 5, 5)
-    out = diffusion_loss(v_hat, v, m, lam=0.0)
+    out = motif_loss(v_hat, v, m, lam=0.0)
     assert torch.allclose(out["loss"], torch.nn.functional.mse_loss(v_hat, v))
 
 
 def test_inverse_mode_weights_static_regions():
     v_hat, v, m = hand_case()
-    out = diffusion_loss(v_hat, v, m, lam=1.0, mode="inverse")
+    out = motif_loss(v_hat, v, m, lam=1.0, mode="inverse")
     assert out["motif"].item() == pytest.approx((0 * 1 + 0.25 * 4 + 0 * 9 + 0.25 * 16) / 4)
     # a static-only error is invisible to MotiF's extra term and fully seen by the inverse one
     v_hat2 = torch.zeros(1, 1, 1, 1, 2)
     v_hat2[..., 1] = 1.0
     m2 = torch.tensor([1.0, 0.0]).view(1, 1, 1, 1, 2)
-    assert diffusion_loss(v_hat2, torch.zeros_like(v_hat2), m2)["motif"].item() == 0
-    assert diffusion_loss(v_hat2, torch.zeros_like(v_hat2), m2, mode="inverse")["motif"].item() == pytest.approx(0.5)
+    assert motif_loss(v_hat2, torch.zeros_like(v_hat2), m2)["motif"].item() == 0
+    assert motif_loss(v_hat2, torch.zeros_like(v_hat2), m2, mode="inverse")["motif"].item() == pytest.approx(0.5)
     with pytest.raises(ValueError):
-        diffusion_loss(v_hat, v, m, mode="sideways")
+        motif_loss(v_hat, v, m, mode="sideways")
 
 
 def test_motif_term_changes_the_gradient_only_where_things_move():
     v = torch.zeros(1, 1, 1, 1, 2)
     v_hat = torch.ones(1, 1, 1, 1, 2, requires_grad=True)
     m = torch.tensor([1.0, 0.0]).view(1, 1, 1, 1, 2)
-    diffusion_loss(v_hat, v, m, lam=1.0)["loss"].backward()
+    motif_loss(v_hat, v, m, lam=1.0)["loss"].backward()
     grad = v_hat.grad.flatten().tolist()
     assert grad[0] == pytest.approx(2 * grad[1])  # moving pixel: (1 + m^2) = 2x the static pixel's gradient

@@ -112,7 +112,7 @@ def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path):
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    real = train.diffusion_loss
+    real = train.motif_loss
     calls = []
 
     def flaky(*args, **kwargs):
@@ -122,13 +122,13 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(train, "diffusion_loss", flaky)
+    monkeypatch.setattr(train, "motif_loss", flaky)
     model = train.train(train.load_config(TINY + ["--steps=4", f"--out_dir={tmp_path / 'a'}"]))
     log = last_losses(tmp_path / "a")
     assert log[1]["skipped_steps"] == 0 and log[2]["skipped_steps"] == 1 and log[4]["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
-    monkeypatch.setattr(train, "diffusion_loss", lambda *a, **k: {**real(*a, **k), "loss": torch.tensor(float("inf"), requires_grad=True)})
+    monkeypatch.setattr(train, "motif_loss", lambda *a, **k: {**real(*a, **k), "loss": torch.tensor(float("inf"), requires_grad=True)})
     with pytest.raises(train.TrainingStopped, match="3 steps in a row"):
         train.train(train.load_config(TINY + ["--steps=10", "--max_bad_steps=3", f"--out_dir={tmp_path / 'b'}"]))
     assert not (tmp_path / "b" / "latest").exists()  # nothing broken was saved
