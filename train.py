@@ -86,9 +86,11 @@ class Config:
     # objective (loss.py)
     motif_lambda: float = 1.0  # lambda; 0 = plain diffusion loss
     loss_mode: str = "motif"  # motif | inverse (weights static regions: Inv-MotiF)
+    # not MotiF: what made the 32x32 demo read its prompt (config/shapes.toml; docs/demo-study.md); off in the recipe
     noise_shift: float = 1.0  # noise schedule (loss.Schedule): signal-to-noise ratio / noise_shift^2 at every t
     high_t_share: float = 0.0  # share of samples whose timestep is drawn from the top tenth of the range
     zero_terminal_snr: bool = False  # noise schedule: rescaled so that t = 999 is pure noise (Lin et al. 2024)
+    # the objective's other settings
     text_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
     cfg_scale: float = 7.5  # classifier-free guidance of this model's samples (validation, sample.py, eval.py)
     # optimisation
@@ -357,7 +359,7 @@ def draw_randomness(cfg, step, indices, latent_shape, num_timesteps):
     for index in indices:
         g = torch.Generator().manual_seed(sample_seed(cfg.seed, step, index))
         low = 0
-        if cfg.high_t_share and torch.rand(1, generator=g).item() < cfg.high_t_share:
+        if cfg.high_t_share and torch.rand(1, generator=g).item() < cfg.high_t_share:  # the demo's (0 in the recipe)
             low = num_timesteps * 9 // 10  # where the motion is decided: z_t holds little of the clip
         t.append(torch.randint(low, num_timesteps, (1,), generator=g))
         drop.append(torch.rand(1, generator=g).item() < cfg.text_dropout)
