@@ -55,12 +55,12 @@ from tqdm import tqdm
 from PIL import Image, ImageDraw
 
 from checkpoint import load_model
-from data import frames_to_tensor, to_unit_range, write_video
 from flow import heatmap_from_flow
 from loss import latent_heatmap, q_sample, v_target
 from sample import ddim_sample, ddim_timesteps, to_uint8_frames
 from shapes import DIRECTIONS, PALETTE, PHRASES, ShapesDataset, held_out_pairs, render_clip
 from utils import autocast, fail, pick_device, wants_bf16, write_atomically
+from video_io import frames_to_tensor, to_unit_range, write_video
 
 MOVED = 0.1  # of the frame width: the least travel that counts as moving
 COLOUR_TOLERANCE = 60  # max distance in RGB (0..255) for a pixel to belong to a shape's colour

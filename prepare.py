@@ -23,13 +23,13 @@ from torchvision.utils import flow_to_image
 from tqdm import tqdm
 
 from checkpoint import load_kl_autoencoder, read_state_dict
-from data import (FALLBACK_FPS, UnusableVideo, cache_path, frames_to_tensor, heatmap_cache_is_complete, heatmap_size,
-                  latent_cache_path, load_frames, read_captions, resize_center_crop, save_npz, summarise, video_root,
-                  write_video)
+from data import (cache_path, heatmap_cache_is_complete, heatmap_size, latent_cache_path, read_captions, save_npz,
+                  summarise, video_root)
 from flow import RAFT, heatmap_from_flow
 from shapes import ShapesDataset, held_out_pairs
 from train import load_config
 from utils import autocast, fail, parse_size, pick_device, wants_bf16
+from video_io import FALLBACK_FPS, UnusableVideo, frames_to_tensor, load_frames, resize_center_crop, write_video
 
 
 # ----------------------------------------------------------------------------- the shapes videos

@@ -27,8 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from checkpoint import load_model
-from data import frames_to_tensor, resize_center_crop, write_video
 from utils import autocast, fail, pick_device, wants_bf16, write_atomically
+from video_io import frames_to_tensor, resize_center_crop, write_video
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs
 

@@ -13,8 +13,8 @@ the motion: only the text can.
 import numpy as np
 import torch
 
-from data import frames_to_clip
 from flow import heatmap_from_flow
+from video_io import frames_to_clip
 
 PALETTE = {"red": (220, 50, 50), "green": (40, 170, 60), "blue": (50, 90, 230), "yellow": (235, 205, 40)}
 SHAPES = ("circle", "square", "triangle")

@@ -41,8 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
-from data import (FALLBACK_FPS, VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_size, resize_center_crop,
-                  to_unit_range, write_video)
+from data import VideoFolderDataset, heatmap_size
 from eval import score
 from flow import RAFT, clip_heatmaps
 from loss import latent_heatmap, motif_loss, q_sample, v_target
@@ -52,6 +51,7 @@ from sample import ddim_sample, to_uint8_frames
 from shapes import ShapesDataset, held_out_pairs
 from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
 from utils import autocast, fail, peak_bf16_flops, peak_memory_gb, setup_distributed, wants_bf16
+from video_io import FALLBACK_FPS, VideoFile, frames_to_tensor, resize_center_crop, to_unit_range, write_video
 
 
 class TrainingStopped(Exception):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import data
+import video_io
 import prepare
 import shapes
 from model import SIZES, training_flops
@@ -150,7 +150,7 @@ def test_data_measures_a_folder_today_and_now(tmp_path, fixtures, monkeypatch):
     for k, name in enumerate(["a.mp4", "b.gif"]):
         scene = shapes.make_scene(np.random.default_rng([7, k]), 256)
         video, _ = shapes.render_clip(scene, {0: shapes.allowed_motions(scene["objects"][0], 256)[1]}, frames=6)
-        data.write_video(folder / name, video, fps=10)
+        video_io.write_video(folder / name, video, fps=10)
     (folder / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\n")
     prepare.cache_heatmaps(folder, str(fixtures / "raft_small.pth"), (256, 256), 2, torch.device("cpu"))
     *videos, loader, _ = run_bench(tmp_path, "--what", "data", "--data", str(folder), "--size", "256x256",

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(ROOT))
 
-import data  # noqa: E402
+import video_io  # noqa: E402
 import encoders  # noqa: E402
 import flow  # noqa: E402
 import model  # noqa: E402
@@ -96,7 +96,7 @@ def test_the_documents_show_the_commands_this_file_runs():
 
 def clips():
     """(name, frames, caption) of two real 10-frame clips: the fixture's, panning one way and back."""
-    frames = data.VideoFile(FIXTURES / "realshort.mp4").read(range(0, 30, 3))
+    frames = video_io.VideoFile(FIXTURES / "realshort.mp4").read(range(0, 30, 3))
     return [("clip_a", frames, "the scene pans"), ("clip_b", frames[::-1].copy(), "the scene pans back")]
 
 
@@ -104,7 +104,7 @@ def make_folder(root):
     """A video folder with its captions.csv."""
     root.mkdir(parents=True, exist_ok=True)
     for name, video, _ in clips():
-        data.write_video(root / f"{name}.mp4", video, fps=10)
+        video_io.write_video(root / f"{name}.mp4", video, fps=10)
     (root / "captions.csv").write_text("path,caption\n" + "".join(f"{n}.mp4,{c}\n" for n, _, c in clips()))
 
 
@@ -114,7 +114,7 @@ def make_webvid(csv_path):
     lines = ["videoid,contentUrl,duration,page_dir,name"]
     for videoid, (_, video, caption) in zip(("1001", "1002"), clips()):
         (root / "videos" / "000001_000050").mkdir(parents=True, exist_ok=True)
-        data.write_video(root / "videos" / "000001_000050" / f"{videoid}.mp4", video, fps=10)
+        video_io.write_video(root / "videos" / "000001_000050" / f"{videoid}.mp4", video, fps=10)
         lines.append(f"{videoid},https://x/{videoid}.mp4,PT00H00M10S,000001_000050,{caption}")
     csv_path.write_text("\n".join(lines) + "\n")
 

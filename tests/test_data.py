@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 import data
+
+import video_io
 import prepare
 from test_shapes import uint8_frames
 
@@ -58,8 +60,8 @@ def write_videos(root):
     """The good and the bad files of GOOD and BAD."""
     root.mkdir(parents=True, exist_ok=True)
     frames = index_frames(12)                                               # (12, 36, 48, 3)
-    data.write_video(root / "good.mp4", frames, fps=24)
-    data.write_video(root / "good.gif", frames, fps=10)
+    video_io.write_video(root / "good.mp4", frames, fps=24)
+    video_io.write_video(root / "good.gif", frames, fps=10)
     write_pillow_animation(root / "grey.gif", [Image.fromarray(f[..., 0], "L") for f in frames], fps=10)
     rgba = np.concatenate([frames, np.full((*frames.shape[:3], 1), 255, np.uint8)], axis=-1)  # (12, H, W, 4)
     rgba[:, :4, :4, 3] = 0                                                  # a transparent corner
@@ -70,7 +72,7 @@ def write_videos(root):
     (root / "truncated.mp4").write_bytes(good[:len(good) // 2])
     (root / "random.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
     (root / "text.mp4").write_text("this is not a video\n" * 50)
-    data.write_video(root / "short.mp4", frames[:FRAMES - 1], fps=24)
+    video_io.write_video(root / "short.mp4", frames[:FRAMES - 1], fps=24)
     write_audio_only(root / "audio.m4a")
 
 
@@ -273,10 +275,10 @@ def windows(num_frames, frames, max_stride=8, count=12, seed=0):
 def check_clips_match_whole_decoding(path, frames, monkeypatch, count=12, extra_starts=()):
     """VideoFile.read of `count` dataset-drawn clips and of clips at extra_starts == those frames of the whole
     decode. Returns how many were read by seeking to a key frame other than the first (none fell back)."""
-    whole, video = decode_whole(path), data.VideoFile(path)
+    whole, video = decode_whole(path), video_io.VideoFile(path)
     assert video.num_frames == len(whole)
-    seeks, decode = [], data.VideoFile.decode
-    monkeypatch.setattr(data.VideoFile, "decode", lambda self, picked, seek_to: seeks.append(
+    seeks, decode = [], video_io.VideoFile.decode
+    monkeypatch.setattr(video_io.VideoFile, "decode", lambda self, picked, seek_to: seeks.append(
         (seek_to, found := decode(self, picked, seek_to))) or found)
     for picked in windows(len(whole), frames, count=count) + [start + np.arange(frames) for start in extra_starts]:
         assert np.array_equal(video.read(picked), whole[picked]), (path.name, picked)
@@ -292,14 +294,14 @@ def test_a_clip_reads_the_frames_whole_decoding_gives(tmp_path, fixtures, monkey
     write_variable_rate_mp4(tmp_path / "vfr.mp4")
     frames = [Image.fromarray(f) for f in index_frames(12)]
     frames[0].save(tmp_path / "uneven.gif", save_all=True, append_images=frames[1:], duration=[20, 70, 30] * 4, loop=0)
-    vfr = data.VideoFile(tmp_path / "vfr.mp4")
+    vfr = video_io.VideoFile(tmp_path / "vfr.mp4")
     assert len(set(np.diff(vfr.timestamps))) > 2 and len(vfr.key_frames) == 6   # uneven gaps, seekable
     assert check_clips_match_whole_decoding(tmp_path / "vfr.mp4", 8, monkeypatch, extra_starts=(6, 7, 8, 28, 32)) > 5
     assert check_clips_match_whole_decoding(fixtures / "realshort.mp4", 4, monkeypatch, extra_starts=(29, 30, 32)) >= 2
     for name in ("good.gif", "uneven.gif", "rgba.gif", "rgba.png"):
-        assert data.VideoFile(tmp_path / name).timestamps is None               # not a seekable codec
+        assert video_io.VideoFile(tmp_path / name).timestamps is None               # not a seekable codec
         assert check_clips_match_whole_decoding(tmp_path / name, FRAMES, monkeypatch) == 0
-    with pytest.raises(data.UnusableVideo, match="frame 40 of 40 does not decode"):
+    with pytest.raises(video_io.UnusableVideo, match="frame 40 of 40 does not decode"):
         vfr.read([38, 40])
 
 
@@ -322,7 +324,7 @@ def write_webvid(root):
     frames = index_frames(12)
     for page_dir, videoid in (("000001_000050", "1001"), ("000001_000050", "1002"), ("000051_000100", "77")):
         (root / "videos" / page_dir).mkdir(parents=True, exist_ok=True)
-        data.write_video(root / "videos" / page_dir / f"{videoid}.mp4", frames, fps=24)
+        video_io.write_video(root / "videos" / page_dir / f"{videoid}.mp4", frames, fps=24)
     (root / "videos" / "000051_000100" / "broken.mp4").write_text("not a video")
     lines = [WEBVID_HEADER,
              '1001,https://x/1001.mp4,PT00H00M14S,000001_000050,"Cockatoo, close up, looks ""left"""',

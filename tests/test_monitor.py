@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import video_io
 import train
 from conftest import user_error
 from tools import curves
@@ -25,9 +25,9 @@ def raft(fixtures):
 @pytest.fixture(scope="module")
 def real(fixtures):
     """Two 4-frame clips of the fixture video (stride 4, from frames 0 and 12): (2, 3, 4, H, W) in [-1, 1]."""
-    video = data.VideoFile(fixtures / "realshort.mp4")
-    clips = [data.resize_center_crop(video.read(range(start, start + 16, 4)), SIZE) for start in (0, 12)]
-    return torch.stack([data.frames_to_tensor(c).transpose(0, 1) for c in clips])
+    video = video_io.VideoFile(fixtures / "realshort.mp4")
+    clips = [video_io.resize_center_crop(video.read(range(start, start + 16, 4)), SIZE) for start in (0, 12)]
+    return torch.stack([video_io.frames_to_tensor(c).transpose(0, 1) for c in clips])
 
 
 def test_a_real_clip_scored_against_itself_gives_one(raft, real):
@@ -102,9 +102,9 @@ def test_vbench_dynamic_degree_follows_its_rule_by_hand():
 
 
 def video_folder(root, fixtures):
-    video = data.VideoFile(fixtures / "realshort.mp4")
-    data.write_video(root / "a.mp4", video.read(range(0, 36, 2)), fps=15)
-    data.write_video(root / "b.mp4", video.read(range(0, 36, 2))[::-1].copy(), fps=15)
+    video = video_io.VideoFile(fixtures / "realshort.mp4")
+    video_io.write_video(root / "a.mp4", video.read(range(0, 36, 2)), fps=15)
+    video_io.write_video(root / "b.mp4", video.read(range(0, 36, 2))[::-1].copy(), fps=15)
     (root / "captions.csv").write_text("path,caption\na.mp4,the scene pans\nb.mp4,the scene pans back\n")
 
 

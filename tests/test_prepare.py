@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 import data
+
+import video_io
 import flow
 import prepare
 import shapes
@@ -30,7 +32,7 @@ def write_folder(root, frames=4):
         rng = np.random.default_rng([5, k])
         scene = shapes.make_scene(rng, 32)
         video, _ = shapes.render_clip(scene, {0: shapes.allowed_motions(scene["objects"][0], 32)[1]}, frames=frames)
-        data.write_video(root / name, video, fps=10)
+        video_io.write_video(root / name, video, fps=10)
     (root / "broken.mp4").write_text("not a video\n")
     (root / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\nbroken.mp4,three\n")
 
@@ -61,7 +63,7 @@ def test_heatmaps_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raf
     raft = flow.RAFT(fixtures / "raft_small.pth")
     for index in range(2):
         item = dataset[index]
-        in_the_step = flow.clip_heatmaps(raft, data.to_unit_range(item["video"][None]), (4, 4))[0]  # (T, h, w)
+        in_the_step = flow.clip_heatmaps(raft, video_io.to_unit_range(item["video"][None]), (4, 4))[0]  # (T, h, w)
         assert item["heatmap"].shape == in_the_step.shape == (3, 4, 4)
         assert (item["heatmap"] - in_the_step).abs().max() <= 1 / 255
 
@@ -78,7 +80,7 @@ def test_show_cli_writes_frame_flow_and_heatmap_side_by_side(tmp_path, fixtures)
     out = tmp_path / "vis.mp4"
     prepare.main(["show", str(fixtures / "realshort.mp4"), "--out", str(out), "--frames", "4", "--size", "64x96",
                   "--device", "cpu", "--weights", str(fixtures / "raft_small.pth")])
-    frames, _ = data.load_frames(out)
+    frames, _ = video_io.load_frames(out)
     assert frames.shape == (4, 64, 3 * 96, 3)
     heatmap = frames[..., 2 * 96:, :].astype(int)                          # (T, H, W, 3)
     assert np.abs(heatmap - heatmap.mean(-1, keepdims=True)).max() < 16   # grey
@@ -118,7 +120,7 @@ def test_cached_latents_are_the_clip_encoded_frame_by_frame(tmp_path, capsys):
         assert "video" not in from_cache and from_cache["caption"] == item["caption"]
         assert torch.equal(from_cache["fps"], item["fps"]) and torch.equal(from_cache["heatmap"], item["heatmap"])
         with torch.no_grad():
-            expected = autoencoder.encode(data.to_unit_range(item["video"][None]))[0]  # (4, T, 4, 4)
+            expected = autoencoder.encode(video_io.to_unit_range(item["video"][None]))[0]  # (4, T, 4, 4)
         assert from_cache["latent"].shape == expected.shape
         assert torch.allclose(from_cache["latent"], expected, atol=2e-3 * expected.abs().max().item())
     with pytest.raises(ValueError, match="2 stale latent cache: good.mp4, good.gif"):  # another autoencoder's

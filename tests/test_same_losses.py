@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_commands import SHRINK_PREPARE, SHRINK_TRAIN, clips, make_named_files, shrink  # noqa: E402
 
-import data  # noqa: E402
+import video_io  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
 
@@ -47,7 +47,7 @@ def recipe_files(work):
     what the process ran before (the same frames encoded twice in one process gave two files)."""
     (work / "videos").mkdir()
     for name, video, _ in clips():
-        data.write_video(work / "videos" / f"{name}.gif", video, fps=10)
+        video_io.write_video(work / "videos" / f"{name}.gif", video, fps=10)
     (work / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n}.gif,{c}\n" for n, _, c in clips()))
     make_named_files(["--init=model.ckpt"])
     prepare.main(["heatmaps", "videos"] + SHRINK_PREPARE["heatmaps"])

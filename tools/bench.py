@@ -25,7 +25,7 @@ flash-attention ops, so CPU attention counts there as it does on GPU. train.py's
 
 --what data measures, per video of the folder --data (captions.csv/.jsonl), what a training item of --frames frames
 at --size with a stride up to --max-stride costs today and now: decoding (the whole video, or the clip's frames
-by seeking: data.VideoFile), RAFT (every pair at full size, or at a short side of 128 px: RAFT.heatmaps), the
+by seeking: video_io.VideoFile), RAFT (every pair at full size, or at a short side of 128 px: RAFT.heatmaps), the
 heatmap cache (bytes per video-second and the per-item read, from the real pair heatmaps of --flow-clips sampled
 clips tiled to the video's pair count), how far m' moves (mean |difference| and IoU of m' > 0.5), and the folder's
 data loader in one process (clips/s per worker, with the caches of `prepare.py heatmaps` and without); it projects
@@ -60,17 +60,17 @@ import torch
 from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count,
                                      sdpa_flop_count)
 
-from data import (VideoFile, VideoFolderDataset, frames_to_tensor, heatmap_cache_is_complete, heatmap_size, cache_path,
-                  load_frames, read_captions, resize_center_crop)
-from flow import RAFT, frame_heatmaps, pair_heatmaps, video_heatmap
+from data import VideoFolderDataset, cache_path, heatmap_cache_is_complete, heatmap_size, read_captions
 from encoders import KL_SIZES, KLAutoencoder
+from flow import RAFT, frame_heatmaps, pair_heatmaps, video_heatmap
 from loss import latent_heatmap
 from model import SIZES as MODEL_SIZES
 from model import ModelConfig, MotifModel, build_unet, training_flops
-from unet import UNetConfig
 from sample import ddim_sample
 from train import Config, TrainState, loss_backward, update
+from unet import UNetConfig
 from utils import PEAK_BF16_FLOPS, autocast, fail, parse_size, peak_bf16_flops, peak_memory_gb, pick_device, write_atomically
+from video_io import VideoFile, frames_to_tensor, load_frames, resize_center_crop
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
