@@ -40,7 +40,8 @@ class DemoUNet(UNet):
 
     def __init__(self, cfg: DemoUNetConfig):
         super().__init__(cfg)
-        self.input_skip = nn.Sequential(nn.SiLU(), zero(nn.Linear(4 * cfg.model_channels, 2 * cfg.out_channels)))
+        emb_dim = 4 * cfg.model_channels  # the embedding's width, as in UNet
+        self.input_skip = nn.Sequential(nn.SiLU(), zero(nn.Linear(emb_dim, 2 * cfg.out_channels)))
 
     def embed(self, t, fps, context, frames):
         """UNet's embedding + the pooled text's, then + the frame's (frame index and pooled text): (B*T, E)."""

@@ -1,8 +1,9 @@
 """Optical flow -> motion heatmaps, the weights of MotiF's motion focal loss.
 
-Where it sits: data.py and shapes.py hand over a clip of T frames; this file turns it into a heatmap
-m (T, H, W) in [0, 1] that is ~1 where things move and ~0 where they do not; loss.py
-area-downsamples m to the latent size and weights the diffusion loss with it.
+Where it sits: a clip of T frames becomes a heatmap m (T, H, W) in [0, 1] that is ~1 where things move and ~0 where
+they do not, by one of three roads through this file: shapes.py's synthetic clips from their exact flow; a video
+folder's clips from RAFT, once into a cache (prepare.py heatmaps, read back by data.py) or inside the training step
+(train.py, clip_heatmaps). loss.py area-downsamples m to the latent size and weights the diffusion loss with it.
 
     frames (T, 3, H, W) --RAFT--> flow (T-1, 2, H, W), pixels
           --> x = |flow| / width            relative motion, independent of the resolution

@@ -5,7 +5,7 @@
 
 Under DDP every rank holds all of the trainable state: fp32 weights (4 bytes a parameter), gradients (4), AdamW's
 two moments (8) and the EMA (4), 28 GB for VideoCrafter2's 1.41 B-parameter U-Net. `shard_model` makes every U-Net
-block (model.Stage) one unit of torch.distributed.fsdp.fully_shard and the rest of the trainable parameters (the
+block (unet.Stage) one unit of torch.distributed.fsdp.fully_shard and the rest of the trainable parameters (the
 time and fps embeddings, the output layer, a trainable text encoder) the root unit, so each rank keeps 1 / world of
 each parameter (dim-0 shards, DTensors). A unit's weights are all-gathered just before its forward (in bf16 on a GPU
 run) and again for its backward, then freed; its gradients are reduce-scattered (in fp32) and averaged over the

@@ -214,6 +214,23 @@ def check_config(cfg, world_size):
 
 # ----------------------------------------------------------------------------- the run: setup, then a loop of step / log / save
 
+@dataclass
+class TrainState:
+    """What a training step works on: the model (and `wrapped`, the same model in DDP, or itself alone or sharded),
+    AdamW, the EMA (fp32 shadow weights of the trainable parameters, by name), the precision, the processes, and
+    RAFT when heatmaps are computed inside the step (else None)."""
+    cfg: Config
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: dict
+    autocast: object
+    device: torch.device
+    world: int = 1
+    rank: int = 0
+    raft: object = None
+
+
 def train(cfg: Config):
     """Train as cfg says; returns the model. One process, or this rank's share under torchrun."""
     # ---- setup
@@ -307,7 +324,8 @@ def train_step(state, batches, step):
     gradients are reduce-scattered after each, shard.py). Then one update: clipping, AdamW, EMA. Returns (the loss
     terms averaged over the micro-batches, stepped, gradient norm, lr)."""
     cfg, model, device = state.cfg, state.model, state.device
-    torch.manual_seed(sample_seed(cfg.seed, step, -1 - state.rank))  # the global RNG drives only dropout: resume is exact
+    # the global RNG drives only dropout: seeded per step and rank (a negative index, never a sample's): resume is exact
+    torch.manual_seed(sample_seed(cfg.seed, step, -1 - state.rank))
     lr = learning_rate(cfg, step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -324,7 +342,7 @@ def train_step(state, batches, step):
                 z0 = model.encode_video(video).float()  # (b, C, T, h, w)
         # their motion heatmaps m: cached (video folders) or exact (shapes), or RAFT on just these clips' frame pairs
         if state.raft is None:
-            heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H', W')
+            heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H', W'): H' = H (shapes) or H/8 (cache)
         else:
             heatmap = clip_heatmaps(state.raft, video, heatmap_size(video.shape[-2:]))  # (b, T, H/8, W/8)
         m = latent_heatmap(heatmap, z0.shape[-2:])  # (b, 1, T, h, w): m', area-averaged to the latent size
@@ -505,23 +523,6 @@ def motion_monitor(cfg, state):
 
 
 # ----------------------------------------------------------------------------- what setup builds: the model, the data, the log
-
-@dataclass
-class TrainState:
-    """What a training step works on: the model (and `wrapped`, the same model in DDP, or itself alone or sharded),
-    AdamW, the EMA (fp32 shadow weights of the trainable parameters, by name), the precision, the processes, and
-    RAFT when heatmaps are computed inside the step (else None)."""
-    cfg: Config
-    model: torch.nn.Module
-    wrapped: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    ema: dict
-    autocast: object
-    device: torch.device
-    world: int = 1
-    rank: int = 0
-    raft: object = None
-
 
 def setup_model(cfg, device, master, resume, world, bf16):
     """The model, its AdamW and its EMA (fp32 shadow weights of the trainable parameters): from --init, or fresh

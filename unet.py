@@ -1,7 +1,7 @@
 """VideoCrafter2's 3-D U-Net, with x-cat input: what MotiF fine-tunes.
 
-Where it sits: model.py puts it between a text encoder and an autoencoder (encoders.py); the training step
-(train.py) calls it as UNet(cat[z_t, z_img], t, context, fps) -> v_hat (B, C, T, h, w). The noisy latent z_t and
+Where it sits: model.py puts it between a text encoder and an autoencoder (encoders.py) and calls it as
+UNet(cat[z_t, z_img], t, context, fps) -> v_hat (B, C, T, h, w) (MotifModel.denoise), in training and sampling. The noisy latent z_t and
 the image latent z_img (the first frame's latent repeated over T) are concatenated on channels: x-cat, the one change
 MotiF makes to VideoCrafter2's network (the 4 new input channels of the first conv start at zero: checkpoint.py).
 
@@ -98,6 +98,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim, mult=4):
         super().__init__()
+        # nn.Identity where upstream has its (unused) Dropout: the checkpoint's keys keep their indices (net.2)
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
 
     def forward(self, x):
@@ -209,7 +210,7 @@ class ResBlock(nn.Module):
         self.scale_shift = scale_shift
         self.in_layers = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, (1 + scale_shift) * out_channels))
-        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Identity(),
+        self.out_layers = nn.Sequential(nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Identity(),  # upstream's Dropout
                                         zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
         self.temopral_conv = TemporalConvBlock(out_channels, temporal_dropout)  # upstream spelling, kept for checkpoints
@@ -309,8 +310,9 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
 
     def add_embeddings(self, emb_dim):
-        """VideoCrafter2's condition reaches the U-Net through the timestep and fps embeddings and cross-attention
-        only; demo.py's U-Net adds two embeddings here (here: the order in which parameters are drawn is kept)."""
+        """None: VideoCrafter2's condition reaches the U-Net through the timestep and fps embeddings and
+        cross-attention only. A hook for demo.py's U-Net, which adds two embeddings here, where they were first
+        written, so that its parameters are drawn in the same order from the same seed."""
 
     def run(self, stage, h, emb, context, batch_size):
         if self.cfg.gradient_checkpointing and self.training:
@@ -318,7 +320,8 @@ class UNet(nn.Module):
         return stage(h, emb, context, batch_size)
 
     def embed(self, t, fps, context, frames):
-        """The embedding every ResBlock adds: t (B,), fps (B,) -> (B*T, E), one row per frame."""
+        """The embedding every ResBlock adds: t (B,), fps (B,) -> (B*T, E), one row per frame. VideoCrafter2's does
+        not read the text (context); demo.py's U-Net, which overrides this, does."""
         ch = self.cfg.model_channels
         emb = self.time_embed(timestep_embedding(t, ch)) + self.fps_embedding(timestep_embedding(fps, ch))  # (B, E)
         return emb.repeat_interleave(frames, dim=0)  # (B*T, E)
