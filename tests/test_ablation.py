@@ -45,6 +45,20 @@ def test_compare_pairs_seeds_and_gives_verdicts():
     assert ablation.compare(fast, slow)[steps]["seeds"] == 4
 
 
+def test_difference_of_differences_by_hand():
+    """MotiF's advantage over no MotiF in one study against another, seed by seed."""
+    def runs(motif, plain):
+        return {"MotiF": {str(k): {"measures": {n: motif[k] for n, _ in ablation.MEASURES}} for k in range(3)},
+                "no MotiF": {str(k): {"measures": {n: plain[k] for n, _ in ablation.MEASURES}} for k in range(3)}}
+    summary = {"studies": {"small": {"runs": runs([5, 6, 7], [1, 1, 1])},  # differences 4, 5, 6
+                           "large": {"runs": runs([2, 2, 3], [1, 1, 1])}}}  # differences 1, 1, 2
+    result = ablation.difference_of_differences(summary, "small", "large")["shape PSNR"]  # 3, 4, 4: higher is better
+    assert result["mean"] == pytest.approx(11 / 3) and result["seeds"] == 3 and result["verdict"] == "better"
+    assert result["half_width"] == pytest.approx(4.303 * np.std([3, 4, 4], ddof=1) / math.sqrt(3))
+    steps = ablation.difference_of_differences(summary, "small", "large")[ablation.STEPS_TO]
+    assert steps["verdict"] == "worse"  # lower is better for steps: a larger difference there is a smaller advantage
+
+
 def test_studies_share_runs_and_pair_seeds():
     plan = ablation.studies(5)
     runs = {run for spec in plan.values() for arm in spec["arms"].values() for run in arm}
@@ -102,8 +116,21 @@ def test_a_tiny_study_lands_run_files_resumes_and_reports_from_them_alone(tmp_pa
     assert [(row["arm"], row["step"]) for row in summary["agreement"]] == [(arm, 2) for arm in ("MotiF", "no MotiF",
                                                                                                "Inv-MotiF")]
     report = (results / "results.md").read_text()
-    assert report.count("| MotiF |") == 1 + 1 and report.count("| MotiF - no MotiF |") == 1  # + an agreement row
+    assert report.count("| MotiF |") == 1 + 1 + 1 and report.count("| MotiF - no MotiF |") == 1  # + shares, agreement
     assert (results / "curves.png").stat().st_size > 10_000
+    shares = losses["loss_shares"]["MotiF"]  # per t at the last step: the paper's first finding
+    assert shares["seeds"] == 2 and len(shares["share"]) == len(shares["timesteps"]) == 10
+    assert all(0 < mean < 1 for mean, _ in shares["share"]) and 0 < shares["moving_area"] < 1
+    assert "Share of the squared v-error inside the moving regions, per t" in report
+
+    # a run file from before the shares were kept: --shares adds them from its last checkpoint, the same numbers
+    path = results / "runs" / "lambda1_motif_scale1_seed1.json"
+    record = json.loads(path.read_text())
+    kept_shares = {k: record["scores"][-1].pop(k) for k in ("share_timesteps", "moving_loss_share", "moving_area_share")}
+    path.write_text(json.dumps(record))
+    ablation.main([*args, "--shares"])
+    assert {k: json.loads(path.read_text())["scores"][-1][k] for k in kept_shares} == pytest.approx(kept_shares)
+    summary = json.loads((results / "results.json").read_text())
 
     # a run killed after its first checkpoint: no run file, its last checkpoint and score gone; the rerun resumes it
     # exactly and does nothing else again

@@ -148,11 +148,40 @@ def evaluate(path, images, ddim_steps, device="auto", errors=True):
         videos = sample_all(model, cfg, entries, ddim_steps, cfg.get("cfg_scale", 7.5), 0, len(entries))
         scores = {"step": step, "figures": pool(tally(entries, videos).values())}
         if errors:
-            shares = loss_shares(model, cfg, clips=SHARE_CLIPS)
-            scores["moving_error"] = float(np.mean(shares["moving_error"]))
-            scores["static_error"] = float(np.mean(shares["static_error"]))
+            scores.update(share_scores(loss_shares(model, cfg, clips=SHARE_CLIPS)))
             scores["text_sensitivity"] = text_sensitivity(model, cfg, SENSITIVITY_IMAGES)["from_noise"]["direction_words"]
     return scores
+
+
+def share_scores(shares):
+    """What a checkpoint's scores keep of eval.loss_shares: the moving / static v-error averaged over its grid of t,
+    and per t the share of the squared error inside the moving regions (the paper's first finding), with the
+    share of the area that moves."""
+    return {"moving_error": float(np.mean(shares["moving_error"])), "static_error": float(np.mean(shares["static_error"])),
+            "share_timesteps": shares["timesteps"], "moving_loss_share": shares["moving_loss_share"],
+            "moving_area_share": shares["moving_area_share"]}
+
+
+def backfill_shares(run, out, settings):
+    """A run file from before the per-t shares were kept: its last checkpoint (still in OUT) scored again with
+    eval.loss_shares, the per-t shares added to its last scores. The recomputed mean moving error must equal the
+    stored one: the checkpoint is the run's."""
+    path = run_file(settings["results"], run)
+    record = json.loads(path.read_text())
+    last = record["scores"][-1]
+    ckpt = checkpoints(run_config(run, out, settings).out_dir).get(last["step"])
+    if "moving_loss_share" in last or ckpt is None:
+        return
+    torch.set_num_threads(settings["threads"])
+    device = pick_device(settings["device"])
+    model, cfg, _ = load_model(ckpt, device)
+    with torch.no_grad(), autocast(device, wants_bf16(cfg.get("dtype", "auto"), device)):
+        shares = share_scores(loss_shares(model, cfg, clips=SHARE_CLIPS))
+    if not np.isclose(shares["moving_error"], last["moving_error"], rtol=1e-4):
+        raise Stopped(f"{run.name}: {ckpt} gives moving error {shares['moving_error']:.6f}, its file "
+                      f"{last['moving_error']:.6f}: not the run's checkpoint")
+    last.update({k: shares[k] for k in ("share_timesteps", "moving_loss_share", "moving_area_share")})
+    write_atomically(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
 def score_once(path, result, images, ddim_steps, device, errors=True):
@@ -325,10 +354,30 @@ def summarise(plan, results):
                             "curves": {key: [t_interval(column) for column in np.array([r["curves"][key] for r in runs]).T]
                                        for key in runs[0]["curves"]}}
         differences = {f"{a} - {b}": compare(arms[a], arms[b]) for a, b in spec["compare"] if arms[a] and arms[b]}
-        summary_["studies"][study] = {"arms": summary, "differences": differences,
+        shares = {}
+        for arm, runs in spec["arms"].items():  # per t, at the last checkpoint, of the runs that kept it
+            last = [scored[max(scored)] for run in runs if (scored := load_run(results, run))]
+            last = [s for s in last if "moving_loss_share" in s]
+            if last:
+                shares[arm] = {"seeds": len(last), "timesteps": last[0]["share_timesteps"],
+                               "share": [t_interval(c) for c in np.array([s["moving_loss_share"] for s in last]).T],
+                               "moving_area": float(np.mean([s["moving_area_share"] for s in last]))}
+        summary_["studies"][study] = {"arms": summary, "differences": differences, "loss_shares": shares,
                                       "runs": {arm: {str(k): v for k, v in per_seed.items()}
                                                for arm, per_seed in arms.items()}}
     return summary_
+
+
+def difference_of_differences(summary, first, second, arms=("MotiF", "no MotiF")):
+    """Is arms[0] - arms[1] larger in study `first` than in `second`? Per measure, over the seeds all four runs
+    have: the paired differences' difference, its interval and verdict ("better": a larger advantage of arms[0]
+    in `first`)."""
+    def per_seed(study):
+        runs = summary["studies"][study]["runs"]
+        a, b = runs.get(arms[0], {}), runs.get(arms[1], {})
+        return {k: {"measures": {name: a[k]["measures"][name] - b[k]["measures"][name] for name, _ in MEASURES}}
+                for k in set(a) & set(b)}
+    return compare(per_seed(first), per_seed(second))
 
 
 def agreement(plan, results):
@@ -358,6 +407,8 @@ def markdown(results, settings):
              f"{settings['ddim_steps']} DDIM steps. Mean ± 95 % t-interval over seeds.", ""]
     names = [name for name, _ in MEASURES]
     for study, summary in results["studies"].items():
+        if not summary["arms"]:
+            continue
         lines += [f"### {study}", "", "| arm | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
         for arm, row in summary["arms"].items():
             cells = [fmt(*row["measures"][n], digits=0 if n == STEPS_TO else 2 if n == "shape PSNR" else 3)
@@ -371,7 +422,27 @@ def markdown(results, settings):
                 lines.append(f"| {name} | " + " | ".join(
                     f"{fmt(d['mean'], d['half_width'], 0 if n == STEPS_TO else 3, '+')}, "
                     f"{d['wins']}/{d['seeds']}, **{d['verdict']}**" for n, d in ((n, keys[n]) for n in names)) + " |")
+        shares = summary.get("loss_shares", {})
+        if shares:
+            steps = next(iter(shares.values()))["timesteps"]
+            lines += ["", f"Share of the squared v-error inside the moving regions, per t, at step {settings['steps']} "
+                      "(mean ± 95 % interval over seeds; the paper's first finding: lower with MotiF)", "",
+                      "| arm | seeds | moving area | " + " | ".join(f"t = {t}" for t in steps) + " |",
+                      "|---" * (len(steps) + 3) + "|"]
+            for arm, row in shares.items():
+                lines.append(f"| {arm} | {row['seeds']} | {row['moving_area']:.3f} | "
+                             + " | ".join(fmt(m, h) for m, h in row["share"]) + " |")
         lines.append("")
+    if results.get("difference of differences"):
+        names = [name for name, _ in MEASURES]
+        lines += ["### MotiF − no MotiF at the paper's 3 % of moving pixels, against the demo's size", "",
+                  "The paired difference of the two studies' paired differences (per seed); **better**: MotiF's "
+                  "advantage is larger where fewer pixels move.", "",
+                  "| difference of differences | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+                  "| paper regime − losses | " + " | ".join(
+                      f"{fmt(d['mean'], d['half_width'], 0 if n == STEPS_TO else 3, '+')}, {d['seeds']} seeds, "
+                      f"**{d['verdict']}**" for n, d in ((n, results['difference of differences'][n]) for n in names))
+                  + " |", ""]
     if results.get("agreement"):
         keys = ("direction_accuracy", "text_contrast_accuracy", "shape_integrity", "shape_psnr")
         lines += [f"### the cheap scorer ({settings['images']} frames, {settings['ddim_steps']} DDIM steps) against "
@@ -493,6 +564,8 @@ def main(argv=None):
     p.add_argument("--agreement", nargs="?", const="all", default=None, metavar="STEPS",
                    help="also score seed 0 of the losses study with the full scorer: every checkpoint, or the steps "
                    "given (comma-separated, e.g. 200,300,400)")
+    p.add_argument("--shares", action="store_true", help="add the per-t moving-region loss shares to the files of "
+                   "runs finished before they were kept (their last checkpoint must be in --out), then report")
     p.add_argument("--report", action="store_true", help="train and score nothing: write the tables and curves of "
                    "the run files in --results")
     p.add_argument("--jobs", type=int, default=1, help="runs trained and scored at once, each on --threads threads")
@@ -504,7 +577,7 @@ def main(argv=None):
     settings = {"overrides": args.set, "steps": args.steps, "every": args.every, "images": args.images,
                 "ddim_steps": args.ddim_steps, "threads": args.threads, "device": args.device,
                 "results": str(results), "agreement": None}
-    if args.report and (results / "study.json").is_file():  # the study's own settings
+    if (args.report or args.shares) and (results / "study.json").is_file():  # the study's own settings
         settings.update(json.loads((results / "study.json").read_text()))
     kept = kept_settings(settings)
     try:
@@ -532,14 +605,14 @@ def main(argv=None):
         runs.sort(key=lambda run: run.seed)  # seed 0 of every arm first: a study cut short is still paired
         train.check_config(run_config(runs[0], out, settings), world_size=1)
         check_folder(results, "study.json", kept)
-        if not args.report:
+        if not (args.report or args.shares):
             check_folder(out, "plan.json", kept)
     except (ValueError, OSError) as e:
         fail(e)
     pending = [run for run in runs if not run_file(results, run).is_file()]
     todo = pending[:args.max_runs]
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes is not None else float("inf")
-    if not args.report:
+    if not (args.report or args.shares):
         print(f"{len(runs)} runs of {args.steps} steps, {len(runs) - len(pending)} done ({results / 'runs'}); "
               f"{len(todo)} to do now in {out / 'runs'}, each scored every {args.every} steps on {args.images} "
               f"held-out frames with {args.ddim_steps} DDIM steps")
@@ -552,9 +625,17 @@ def main(argv=None):
             fail(f"{e}; run the same command again to resume")
         if done < len(todo):
             print(f"stopped after {done} runs (--max-minutes); {len(todo) - done} left: run it again to go on")
-    summary = summarise(plan, results)
-    if "losses" in plan:
-        summary["agreement"] = agreement(plan, results)
+    if args.shares:
+        try:
+            run_all(backfill_shares, [run for run in runs if run_file(results, run).is_file()], out, settings, args.jobs,
+                    float("inf"))
+        except Stopped as e:
+            fail(e)
+    everything = studies(args.seeds)  # the report covers every study with run files, whichever this command ran
+    summary = summarise(everything, results)
+    summary["agreement"] = agreement(everything, results)
+    if all(summary["studies"][s]["runs"].get(arm) for s in ("losses", "paper regime") for arm in ("MotiF", "no MotiF")):
+        summary["difference of differences"] = difference_of_differences(summary, "paper regime", "losses")
     summary["settings"] = {**kept, "seeds": args.seeds}
     write_atomically(results / "results.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     tables = markdown(summary, kept)
