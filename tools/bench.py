@@ -271,7 +271,7 @@ def call_diffusers(model, x):
 
 
 CONTENDERS = {
-    "ours": (build_ours, call_ours, "unet.UNet"),
+    "ours": (build_ours, call_ours, "model.build_unet"),
     "videocrafter": (build_videocrafter, call_videocrafter, "VideoCrafter lvdm UNetModel (einsum attention)"),
     "diffusers": (build_diffusers, call_diffusers, "diffusers UNet3DConditionModel, same heads; no fps embedding"),
 }
