@@ -265,7 +265,7 @@ def train(cfg: Config):
 
         # ---- evaluate: samples of held-out pairs (or the folder's first videos) with the EMA weights, scored
         if validation and step % cfg.sample_every == 0:
-            log.validation(step, *validate(state, validation, step, monitor))
+            log.write_validation(step, *validate(state, validation, step, monitor))
 
         # ---- save (and stop, together, if any rank got a stop signal)
         stopping = any_rank(bool(stop_signals), state.world, state.device)
@@ -445,6 +445,7 @@ def save(state, step):
 # ----------------------------------------------------------------------------- validation samples
 
 VALIDATION_IMAGES = 4  # shapes: the first held-out first frames, each with all its prompts (13 pairs)
+VALIDATION_VIDEOS = 8  # a video folder: its first videos' first frames
 
 
 VALIDATION_STEPS = 25  # DDIM steps of a validation sample
@@ -463,7 +464,7 @@ def validation_set(cfg, dataset):
         return [{**e, "fps": 8.0} for e in held_out_pairs(VALIDATION_IMAGES, size=cfg.height,
                                                           shape_scale=cfg.shape_scale, max_shapes=cfg.max_shapes)]
     entries = []
-    for video in dataset.videos[:2 * VALIDATION_IMAGES]:
+    for video in dataset.videos[:VALIDATION_VIDEOS]:
         file = VideoFile(dataset.root / video["path"])
         fps = video["fps"] or file.fps or FALLBACK_FPS
         stride = max(1, min(round(fps / VALIDATION_FPS), cfg.max_stride, (file.num_frames - 1) // (cfg.frames - 1)))
@@ -668,7 +669,7 @@ class Log:
             self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         self.reset()
 
-    def validation(self, step, figures, warning=None):
+    def write_validation(self, step, figures, warning=None):
         """Where the validation samples are, and their figures (ShapesBench's, or the motion monitor's) and warning in
         log.jsonl (rank 0 calls it)."""
         if figures:
