@@ -1,9 +1,10 @@
 """Not MotiF: what makes a 3 M-parameter U-Net read its prompt at 32x32, for the CPU demo (`--preset shapes`).
 
-Where it sits: model.py builds this U-Net for the `demo` size instead of VideoCrafter2's (unet.py), which it
-subclasses; nothing on the recipe's path uses it. At the demo's size, cross-attention alone let the text in too
-weakly for a model trained for minutes to learn which way the prompt says the shape moves (docs/demo-study.md has
-the measurements that chose each piece). Three additions, each starting at zero so that the network begins as the
+Where it sits: model.py builds this file's U-Net for the `demo` size instead of VideoCrafter2's (unet.py), which it
+subclasses, and shifts the noise schedule, and train.py draws the timesteps, as config/shapes.toml asks; nothing on
+the recipe's path uses them. At the demo's size, cross-attention alone let the text in too weakly for a model
+trained for minutes to learn which way the prompt says the shape moves (docs/demo-study.md has the measurements
+that chose each piece). Three additions to the U-Net, each starting at zero so that the network begins as the
 plain U-Net:
 - the pooled text: the text tokens, attention-pooled by POOL_QUERIES learned queries, through an MLP, added to the
   embedding every ResBlock reads (with the config's scale_shift_norm, VideoCrafter's ADM option, the embedding
@@ -12,6 +13,8 @@ plain U-Net:
   way the text says, at which frame;
 - the input skip: for t below input_skip_below, v_hat += a * z_t + b * z_img per channel and frame, a and b from the
   embedding (detached): a blend of z_t and the image is all the v of a pixel that stays as in frame 0.
+And two changes to what it trains on: the noise schedule shifted so that z_t hides where a shape went at high t
+(demo_alphas_cumprod), and more of the timesteps drawn there (high_t_floor).
 """
 from dataclasses import dataclass
 
@@ -21,6 +24,33 @@ import torch.nn as nn
 from unet import UNet, UNetConfig, timestep_embedding, zero
 
 POOL_QUERIES = 4  # learned queries that pool the text
+
+
+# ----------------------------------------------------------------------------- what the demo trains on
+
+def demo_alphas_cumprod(abar, shift=1.0, zero_terminal_snr=False):
+    """The schedule's abar (float64) changed for small frames, where VideoCrafter2's leaves the content visible even
+    at t = 999 (model.py applies it when the config asks: config/shapes.toml's noise_shift = 2):
+    - zero_terminal_snr (Lin et al. 2024): sqrt(abar) rescaled linearly so that t = 0 keeps its value and the last
+      step is pure noise, which is what sampling starts from;
+    - shift: the signal-to-noise ratio abar / (1 - abar) divided by shift^2 at every t (as SD3 and "simple
+      diffusion" shift a schedule for another resolution): shift > 1 hides coarse content, such as where a shape
+      goes, over more of the timesteps, where only the text can then tell it."""
+    if zero_terminal_snr:
+        root = abar.sqrt()
+        abar = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
+    if shift != 1:
+        abar = abar / (abar + shift ** 2 * (1 - abar))
+    return abar
+
+
+def high_t_floor(generator, share, num_timesteps):
+    """The lowest timestep of a sample's draw: the top tenth of the range for `share` of the samples, where the
+    motion is decided and z_t holds little of the clip (config/shapes.toml's high_t_share = 0.3), else 0."""
+    return num_timesteps * 9 // 10 if torch.rand(1, generator=generator).item() < share else 0
+
+
+# ----------------------------------------------------------------------------- the demo's U-Net
 
 
 @dataclass(frozen=True)

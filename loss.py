@@ -15,27 +15,19 @@ import torch
 import torch.nn.functional as F
 
 
+def linear_alphas_cumprod(num_steps=1000, beta_start=0.00085, beta_end=0.012):
+    """VideoCrafter2's linear schedule: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2 -> abar (1000,) float64."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64, device="cpu") ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
 class Schedule:
-    """VideoCrafter2's linear schedule: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2 (float64 maths).
+    """The noise schedule of training and sampling: alphas_cumprod (abar_t, float64), VideoCrafter2's by default (the
+    CPU demo shifts it: demo.py), and the float32 coefficients of z_t and v."""
 
-    Two options for small frames, where that schedule leaves the content visible even at t = 999 (off for the recipe):
-    - zero_terminal_snr (Lin et al. 2024): sqrt(abar) rescaled linearly so that t = 0 keeps its value and the last
-      step is pure noise, which is what sampling starts from;
-    - shift: the signal-to-noise ratio abar / (1 - abar) divided by shift^2 at every t (as SD3 and "simple diffusion"
-      shift a schedule for another resolution): shift > 1 hides coarse content, such as where a shape goes, over
-      more of the timesteps."""
-
-    def __init__(self, num_steps=1000, beta_start=0.00085, beta_end=0.012, shift=1.0, zero_terminal_snr=False,
-                 device="cpu"):
-        self.num_steps = num_steps
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64, device="cpu") ** 2
-        abar = torch.cumprod(1 - betas, dim=0)  # (1000,) float64
-        if zero_terminal_snr:
-            root = abar.sqrt()
-            abar = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
-        if shift != 1:
-            abar = abar / (abar + shift ** 2 * (1 - abar))
-        self.alphas_cumprod = abar
+    def __init__(self, alphas_cumprod=None, device="cpu"):
+        self.alphas_cumprod = linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+        self.num_steps = len(self.alphas_cumprod)
         self.sqrt_abar = self.alphas_cumprod.sqrt().float().to(device)
         self.sqrt_one_minus_abar = (1 - self.alphas_cumprod).sqrt().float().to(device)
 

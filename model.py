@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from demo import DemoUNet, DemoUNetConfig
+from demo import DemoUNet, DemoUNetConfig, demo_alphas_cumprod
 from encoders import KL_SIZES, BytesTextEncoder, KLAutoencoder, OpenCLIPTextEncoder, PixelAutoencoder
-from loss import Schedule
+from loss import Schedule, linear_alphas_cumprod
 from unet import UNet, UNetConfig
 
 SIZES = {
@@ -59,8 +59,8 @@ class ModelConfig:
     max_text_len: int = 64  # of the bytes text encoder
     temporal_dropout: float = 0.1
     gradient_checkpointing: bool = False
-    noise_shift: float = 1.0  # the noise schedule's (loss.Schedule): signal-to-noise ratio / noise_shift^2 at every t
-    zero_terminal_snr: bool = False  # the noise schedule's: t = 999 is pure noise
+    noise_shift: float = 1.0  # the demo's schedule (demo.demo_alphas_cumprod): signal-to-noise ratio / noise_shift^2
+    zero_terminal_snr: bool = False  # the demo's schedule option: t = 999 is pure noise
 
     @classmethod
     def from_run_config(cls, config: dict) -> "ModelConfig":
@@ -93,7 +93,10 @@ class MotifModel(nn.Module):
             self.text_encoder = BytesTextEncoder(unet_cfg.context_dim, cfg.max_text_len)
         else:
             self.text_encoder = OpenCLIPTextEncoder(cfg.openclip_model)
-        self.schedule = Schedule(shift=cfg.noise_shift, zero_terminal_snr=cfg.zero_terminal_snr)  # for training and sampling
+        abar = linear_alphas_cumprod()  # VideoCrafter2's; the demo's shifted (demo.py)
+        if cfg.noise_shift != 1 or cfg.zero_terminal_snr:
+            abar = demo_alphas_cumprod(abar, cfg.noise_shift, cfg.zero_terminal_snr)
+        self.schedule = Schedule(abar)  # for training and sampling
         c = self.autoencoder.latent_channels
         self.unet = build_unet(replace(unet_cfg, context_dim=self.text_encoder.width, in_channels=2 * c, out_channels=c,
                                        temporal_dropout=cfg.temporal_dropout,

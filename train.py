@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
 from data import VideoFolderDataset, heatmap_size
+from demo import high_t_floor
 from eval import score
 from flow import RAFT, clip_heatmaps
 from loss import latent_heatmap, motif_loss, q_sample, v_target
@@ -86,8 +87,8 @@ class Config:
     # objective (loss.py)
     motif_lambda: float = 1.0  # lambda; 0 = plain diffusion loss
     loss_mode: str = "motif"  # motif | inverse (weights static regions: Inv-MotiF)
-    # not MotiF: what made the 32x32 demo read its prompt (config/shapes.toml; docs/demo-study.md); off in the recipe
-    noise_shift: float = 1.0  # noise schedule (loss.Schedule): signal-to-noise ratio / noise_shift^2 at every t
+    # not MotiF: what made the 32x32 demo read its prompt (demo.py, config/shapes.toml); off in the recipe
+    noise_shift: float = 1.0  # noise schedule (demo.demo_alphas_cumprod): signal-to-noise ratio / noise_shift^2 at every t
     high_t_share: float = 0.0  # share of samples whose timestep is drawn from the top tenth of the range
     zero_terminal_snr: bool = False  # noise schedule: rescaled so that t = 999 is pure noise (Lin et al. 2024)
     # the objective's other settings
@@ -376,9 +377,7 @@ def draw_randomness(cfg, step, indices, latent_shape, num_timesteps):
     t, noise, drop = [], [], []
     for index in indices:
         g = torch.Generator().manual_seed(sample_seed(cfg.seed, step, index))
-        low = 0
-        if cfg.high_t_share and torch.rand(1, generator=g).item() < cfg.high_t_share:  # the demo's (0 in the recipe)
-            low = num_timesteps * 9 // 10  # where the motion is decided: z_t holds little of the clip
+        low = high_t_floor(g, cfg.high_t_share, num_timesteps) if cfg.high_t_share else 0  # the demo's (demo.py)
         t.append(torch.randint(low, num_timesteps, (1,), generator=g))
         drop.append(torch.rand(1, generator=g).item() < cfg.text_dropout)
         noise.append(torch.randn(latent_shape, generator=g))
