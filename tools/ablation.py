@@ -469,7 +469,8 @@ def plot(results, path):
             for arm, summary in results["studies"][study]["arms"].items():
                 mean, half = np.array(summary["curves"][key]).T  # (steps,) each
                 ax.plot(summary["steps"], mean, marker="o", markersize=3, label=f"{arm} ({summary['seeds']})")
-                ax.fill_between(summary["steps"], mean - half, mean + half, alpha=0.2)
+                if summary["seeds"] >= 3:  # a 95 % band over 2 seeds (t = 12.7) would only hide the curves
+                    ax.fill_between(summary["steps"], mean - half, mean + half, alpha=0.2)
             ax.set_title(f"{study}: {label}", fontsize=9)
             ax.set_xlabel("training step", fontsize=8)
             if key == "direction_accuracy":
