@@ -3,6 +3,7 @@
     python eval.py --ckpt out/shapes                        # sample the held-out pairs and score them
     python eval.py --ckpt out/motif/ckpt_*.pt --loss-shares  # a curve over checkpoints, + loss shares
     python eval.py --ckpt out/shapes --text-sensitivity     # does v_hat change when only the direction word does?
+    python eval.py --ckpt out/shapes --probe                # one-step denoise: how well the clip is drawn at each t
     python eval.py --baselines                              # ground truth and copy-the-first-frame
 
 The held-out set is shapes.held_out_pairs(): test-split first frames, never seen in training, each
@@ -37,6 +38,11 @@ heatmap m'), next to the share of the area that moves. MotiF should hold it lowe
 --text-sensitivity asks whether the model reads the prompt or only notices it: at t = 999, 900 and 500, how
 much v_hat changes when only the direction words change ("moves up" -> "moves left"), and for the empty prompt.
 
+--probe asks where a blurred or ghosted sample comes from without sampling: the held-out clips the prompts describe,
+noised to fixed timesteps and denoised in one step (x_hat0 from v_hat, guided as sampling guides), scored with shape
+PSNR, ghost and first-frame PSNR. A figure that is poor already at small t is the network's; one that is good there
+and poor after sampling is the sampler's. On a short run's checkpoint it ranks a lever before any full run.
+
 Writes out/results.json and, per checkpoint, a gif grid (conditioning image | heatmap | sample);
 --strip K also writes a PNG per checkpoint: held-out first frame K, one row per prompt "the <first shape>
 moves up / left / down / right / stays still", the frames side by side.
@@ -68,6 +74,7 @@ STATIC_CHANGE = 2.0  # mean absolute change (0..255) between first and last fram
 INTACT_AREA = (0.5, 1.5)  # a shape's area in every frame, relative to the conditioning image, for shape integrity
 FOREIGN_PIXELS = 4  # pixels of a palette colour that make it present in a frame (shape integrity)
 SHARE_TIMESTEPS = (50, 150, 250, 350, 450, 550, 650, 750, 850, 950)
+PROBE_TIMESTEPS = (20, 100, 250, 500, 750)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -322,6 +329,39 @@ def text_sensitivity(model, cfg, images=16, seed=0):
     return result
 
 
+@torch.no_grad()
+def denoise_probe(model, cfg, cfg_scale, images=16, seed=0):
+    """The one-step denoise probe. On the held-out pairs of the first `images` first frames whose prompt asks for
+    motion: the clip the prompt describes, noised to each of PROBE_TIMESTEPS (one draw of noise per t), its clean
+    clip predicted in one step, x_hat0 = sqrt(abar_t) z_t - sqrt(1 - abar_t) v_hat, with v_hat guided at cfg_scale as
+    sampling guides it; then shape PSNR, ghost and first-frame PSNR of the decoded x_hat0, each the mean over clips.
+    Returns {"timesteps": [...], "shape_psnr": [...], "ghost": [...], "first_frame_psnr": [...]}, one value per t."""
+    device = next(model.parameters()).device
+    entries = [e for e in held_out(cfg, images) if set(e["motions"].values()) != {"still"}]
+    video = torch.stack([frames_to_tensor(v).transpose(0, 1)
+                         for v in ground_truth(entries, cfg["frames"])]).to(device)  # (N, 3, T, H, W)
+    z0 = model.encode_video(video)  # (N, C, T, h, w)
+    n = len(entries)
+    z_img = model.image_latent(z0).repeat(2, 1, 1, 1, 1)  # (2N, C, T, h, w): text, then the empty prompt
+    context = model.text_encoder([e["caption"] for e in entries] + [""] * n)  # (2N, L, D)
+    fps = torch.full((2 * n,), 8.0, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    result = {"timesteps": list(PROBE_TIMESTEPS), "shape_psnr": [], "ghost": [], "first_frame_psnr": []}
+    for t in PROBE_TIMESTEPS:
+        timesteps = torch.full((n,), t, device=device)
+        z_t = q_sample(model.schedule, z0, timesteps, torch.randn(z0.shape, generator=generator).to(device))
+        v_text, v_null = model.denoise(z_t.repeat(2, 1, 1, 1, 1), z_img, timesteps.repeat(2), context,
+                                       fps).float().chunk(2)  # (N, C, T, h, w) each
+        v_hat = v_null + cfg_scale * (v_text - v_null)
+        abar = model.schedule.alphas_cumprod[t].item()
+        x0 = abar ** 0.5 * z_t - (1 - abar) ** 0.5 * v_hat  # (N, C, T, h, w)
+        clips = [to_uint8_frames(v) for v in model.autoencoder.decode(x0).clamp(-1, 1)]  # (T, H, W, 3) each
+        result["shape_psnr"].append(float(np.mean([shape_psnr(c, e) for c, e in zip(clips, entries)])))
+        result["ghost"].append(float(np.nanmean([ghost(c, e) for c, e in zip(clips, entries)])))
+        result["first_frame_psnr"].append(float(np.mean([psnr(c[0], e["image"]) for c, e in zip(clips, entries)])))
+    return result
+
+
 def write_grid(entries, videos, path, count=12, scale=4):
     """A gif: one row per pair, conditioning image | exact heatmap of the intended motion | sample."""
     rows = []
@@ -389,6 +429,8 @@ def main(argv=None):
     p.add_argument("--loss-shares", action="store_true", help="also measure the moving-region loss share per timestep")
     p.add_argument("--text-sensitivity", action="store_true",
                    help="also measure how much v_hat changes when the direction words change, and for the empty prompt")
+    p.add_argument("--probe", action="store_true",
+                   help="also denoise the described clips in one step at fixed t and score them (see the docstring)")
     p.add_argument("--images", type=int, default=64, help="held-out first frames (3-5 prompts each)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--cfg", type=float, default=None,
@@ -427,6 +469,8 @@ def main(argv=None):
                 row["loss_shares"] = loss_shares(model, cfg, seed=args.seed)
             if args.text_sensitivity:
                 row["text_sensitivity"] = text_sensitivity(model, cfg, seed=args.seed)
+            if args.probe:
+                row["probe"] = denoise_probe(model, cfg, scale, seed=args.seed)
             if args.strip is not None:
                 entry = next(e for e in held_out(cfg, args.strip + 1) if e["image_id"] == args.strip)
                 write_strip(model, cfg, entry, out / f"strip_{index}_step{step}.png", args.steps, scale, args.seed)
@@ -450,6 +494,11 @@ def main(argv=None):
             print(f"{row['ckpt']}: relative change of v_hat, other direction words / empty prompt: from pure noise "
                   f"{s['from_noise']['direction_words']:.4f} / {s['from_noise']['empty_prompt']:.4f}; noised clip " + " ".join(
                 f"t{t}: {a:.4f} / {b:.4f}" for t, a, b in zip(s["timesteps"], s["direction_words"], s["empty_prompt"])))
+        if "probe" in row:
+            probe = row["probe"]
+            print(f"{row['ckpt']}: one-step denoise of the described clips, shape PSNR / ghost / first-frame PSNR: "
+                  + " ".join(f"t{t}: {a:.1f} dB / {b:.1f} / {c:.1f} dB" for t, a, b, c in zip(
+                      probe["timesteps"], probe["shape_psnr"], probe["ghost"], probe["first_frame_psnr"])))
         if "loss_shares" in row:
             shares = row["loss_shares"]
             print(f"{row['ckpt']}: moving-region loss share by timestep "

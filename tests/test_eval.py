@@ -131,3 +131,37 @@ def test_text_sensitivity_sees_whether_the_model_reads_the_direction():
             torch.nn.init.normal_(p, std=0.05)
     reading = text_sensitivity(model, cfg, images=3)
     assert min(reading["direction_words"]) > 1e-4 and min(reading["empty_prompt"]) > 1e-4
+
+
+def test_denoise_probe_scores_what_the_network_draws_in_one_step():
+    """An oracle whose v_hat gives back the described clip scores as the truth at every t; one whose v_hat gives
+    back the first frame held still scores as a copy of the first frame (the whole shape left behind)."""
+    import torch
+    from dataclasses import asdict
+
+    import train
+    from eval import PROBE_TIMESTEPS, denoise_probe, held_out
+    from model import ModelConfig, MotifModel
+    from video_io import frames_to_tensor
+
+    class Oracle(MotifModel):
+        def denoise(self, z_t, z_img, t, context, fps):
+            abar = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+            x0 = self.answer.repeat(2, 1, 1, 1, 1)  # (2N, C, T, h, w): the guided and the unguided half
+            return (abar.sqrt() * z_t - x0) / (1 - abar).sqrt()  # the v that gives back x0 exactly
+
+    cfg = asdict(train.load_config(["--preset", "shapes"]))
+    model = Oracle(ModelConfig.from_run_config(cfg)).eval()
+    entries = [e for e in held_out(cfg, 4) if set(e["motions"].values()) != {"still"}]
+    truth = ground_truth(entries, cfg["frames"])
+    model.answer = model.encode_video(torch.stack([frames_to_tensor(v).transpose(0, 1) for v in truth]))
+    exact = denoise_probe(model, cfg, cfg_scale=2.0, images=4)
+    assert exact["timesteps"] == list(PROBE_TIMESTEPS)
+    assert min(exact["shape_psnr"]) > 50 and max(exact["ghost"]) < 1 and min(exact["first_frame_psnr"]) > 50
+    copies = copy_first_frame(entries, cfg["frames"])
+    model.answer = model.encode_video(torch.stack([frames_to_tensor(v).transpose(0, 1) for v in copies]))
+    copied = denoise_probe(model, cfg, cfg_scale=2.0, images=4)
+    baseline = score(entries, copies)
+    assert copied["shape_psnr"] == pytest.approx([baseline["shape_psnr"]] * len(PROBE_TIMESTEPS), abs=0.5)
+    assert copied["ghost"] == pytest.approx([baseline["ghost"]] * len(PROBE_TIMESTEPS), abs=1.0)
+    assert min(copied["first_frame_psnr"]) > 50
