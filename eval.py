@@ -470,7 +470,7 @@ def main(argv=None):
             if args.text_sensitivity:
                 row["text_sensitivity"] = text_sensitivity(model, cfg, seed=args.seed)
             if args.probe:
-                row["probe"] = denoise_probe(model, cfg, scale, seed=args.seed)
+                row["probe"] = denoise_probe(model, cfg, scale, args.images, args.seed)
             if args.strip is not None:
                 entry = next(e for e in held_out(cfg, args.strip + 1) if e["image_id"] == args.strip)
                 write_strip(model, cfg, entry, out / f"strip_{index}_step{step}.png", args.steps, scale, args.seed)
