@@ -23,7 +23,8 @@ Three studies, every arm with --seeds (5) seeds; seed k of every arm sees the sa
 timesteps and noise (train.py draws them from the seed and the sample index), and every checkpoint is scored on
 the same pairs with the same sampling noise, so differences between arms are paired:
 - losses: MotiF (lambda = 1), no MotiF (lambda = 0), Inv-MotiF;
-- lambda: lambda = 0, 0.5, 1, 2, 4 (its 0 and 1 are the losses study's runs);
+- lambda: lambda = 0, 0.5, 1, 2, 4 (its 0 and 1 are the losses study's runs), each against 0 and against the
+  paper's 1;
 - paper regime: the three losses on shapes PAPER_SCALE as large, about 3 % of the pixels moving as the paper
   reports for real videos, where focal weighting should matter most.
 Per comparison and measure: the mean of the per-seed differences, its 95 % Student-t interval and the seeds in
@@ -106,7 +107,8 @@ def studies(seeds):
     return {"losses": {"arms": losses(1.0), "compare": [("MotiF", "no MotiF"), ("MotiF", "Inv-MotiF")]},
             "lambda": {"arms": {f"lambda {lam:g}": [Run(lam, "motif", 1.0, k) for k in range(seeds)]
                                 for lam in LAMBDAS},
-                       "compare": [(f"lambda {lam:g}", "lambda 0") for lam in LAMBDAS[1:]]},
+                       "compare": [(f"lambda {lam:g}", "lambda 0") for lam in LAMBDAS[1:]]  # MotiF at all
+                                  + [(f"lambda {lam:g}", "lambda 1") for lam in LAMBDAS[1:] if lam != 1]},  # the paper's λ
             "paper regime": {"arms": losses(PAPER_SCALE), "compare": [("MotiF", "no MotiF"), ("MotiF", "Inv-MotiF")]}}
 
 
