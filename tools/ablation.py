@@ -201,7 +201,8 @@ def commit():
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     head = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    code = (":(top)*.py", ":(top)config", ":(top)requirements.txt")  # what a run computes with: the docs a report rewrites do not count
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", *code) else "")
 
 
 def run_file(results, run):
