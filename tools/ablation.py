@@ -77,7 +77,7 @@ STEPS_TO = f"steps to direction {THRESHOLD:g}"
 MEASURES = ((STEPS_TO, False), ("text-contrast AUC", True), ("direction AUC", True), ("shape PSNR", True),
             ("moving error", False), ("static error", False), ("text sensitivity", True))
 CURVES = {"direction_accuracy": "direction", "text_contrast_accuracy": "text-contrast", "shape_psnr": "shape PSNR (dB)",
-          "moving_error": "moving-region v-error"}
+          "moving_error": "moving-region v-error", "static_error": "static-region v-error"}
 RESULTS_START, RESULTS_END = "<!-- tables of tools/ablation.py: start -->", "<!-- tables of tools/ablation.py: end -->"
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086)  # Student's t quantile 0.975 for 1..20 degrees of freedom
