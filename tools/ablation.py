@@ -195,7 +195,7 @@ def score_once(path, result, images, ddim_steps, device, errors=True):
 
 @functools.cache
 def commit():
-    """The commit this process's code came from (with "+changes" when the work tree differed from it), for a run
+    """The commit this process's code came from (with "+changes" when its code, config or requirements differed), for a run
     file: read once, when the process starts (main, or a --jobs worker's start), and kept, since a later commit may
     land while it trains."""
     def git(*args):
