@@ -20,7 +20,9 @@ row() {  # row NAME SECONDS COMMAND...: run it with a timeout (times scale), log
   local name=$1 limit=$(($2 * scale)); shift 2
   local start=$SECONDS
   timeout "$limit" "$@" >"$logs/$name.log" 2>&1
-  echo "== $name: exit $? in $((SECONDS - start)) s"
+  local code=$?
+  echo "== $name: exit $code in $((SECONDS - start)) s"
+  if [ "$code" != 0 ]; then grep -m1 -A40 "Traceback" "$logs/$name.log"; fi  # the cause, before torchrun's summary
   tail -n 25 "$logs/$name.log"
 }
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
