@@ -165,3 +165,28 @@ def test_data_measures_a_folder_today_and_now(tmp_path, fixtures, monkeypatch):
         raw = v["cache_raw_bytes_per_video_s"]
         assert raw["today"] == pytest.approx(64 * raw["now"]) and v["cache_bytes_per_video_s"]["now"] < raw["now"]
         assert v["m_mean_abs_difference"] < 0.05 and v["m_iou"] > 0.5
+
+
+def test_channels_last_variant_is_ours_in_another_layout():
+    cfg = SIZES["tiny"]
+    opts = bench.resolve(bench.Options(size="tiny", batch=1, frames=2, latent="8x8", compare="channels-last"))
+    inputs = bench.make_inputs(opts, cfg, torch.device("cpu"), 0)
+    torch.manual_seed(0)
+    ours = bench.build_ours(opts, cfg).eval()
+    torch.manual_seed(0)
+    variant = bench.build_channels_last(opts, cfg).eval()
+    convs = [m for m in variant.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not ours.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.call_ours(variant, inputs), bench.call_ours(ours, inputs))
+    run = {"name": "channels-last", "model": variant, "call": bench.call_ours, "state": state_of(variant)}
+    ours_run = {"name": "ours", "model": ours, "call": bench.call_ours, "state": state_of(ours)}
+    assert (bench.step_flops(opts, run, cfg, inputs, bench.nullcontext())
+            == bench.step_flops(opts, ours_run, cfg, inputs, bench.nullcontext()) > 0)
+
+
+def test_roof_times_a_square_matmul(tmp_path):
+    (result,) = run_bench(tmp_path, "--what", "roof", "--steps", "1", "--warmup", "0")
+    assert result["name"] == "matmul 2048x2048" and result["flops"] == 2 * 2048 ** 3
+    assert result["flop_per_s"] == pytest.approx(result["flops"] / result["step_s"])

@@ -7,6 +7,7 @@ imports it; run it from the repository's root.
     python -m tools.bench --what sample --size vc2 --frames 16 --latent 40x64 --dtype bf16
     python -m tools.bench --what heatmap --size 320x512 --frames 16 --raft tests/fixtures/raft_small.pth
     python -m tools.bench --what data --data videos --frames 16 --max-stride 8 --threads 1   # a video folder's costs
+    python -m tools.bench --what roof --threads 2                        # the machine's matmul FLOP/s, for a step's share
 
 --what train times one training step: forward + backward + AdamW step of the U-Net on random inputs of the
 size asked (x-cat latents, timesteps, fps, and a random text context of 77 tokens: the text encoder is not
@@ -39,6 +40,8 @@ RSS of a fresh process running that contender alone. The baselines are imported 
   videocrafter   github.com/AILab-CVC/VideoCrafter's UNetModel (lvdm), from the checkout --videocrafter
                  names (pip install einops); without xformers its attention is the einsum path.
   diffusers      diffusers' UNet3DConditionModel (pip install diffusers), built with our size's head width.
+  compiled       ours under torch.compile (inductor fuses the norms, activations and residual adds).
+  channels-last  ours with its convolution weights channels-last, so its 2-D convolutions run NHWC.
 """
 import argparse
 import dataclasses
@@ -84,7 +87,7 @@ SIZES = {
 
 @dataclass
 class Options:
-    what: str = "train"  # train | sample | heatmap | data
+    what: str = "train"  # train | sample | heatmap | data | roof
     size: str = ""  # a model.SIZES name (train, sample; default bench) or the frame size HxW (heatmap, data; 320x512)
     batch: int = 2  # clips per step (train)
     frames: int = 8
@@ -124,8 +127,8 @@ def parse_hw(text, what):
 
 def resolve(opts: Options) -> Options:
     """Fill the per-mode defaults and check the options; a ValueError says what is wrong."""
-    if opts.what not in ("train", "sample", "heatmap", "data"):
-        raise ValueError(f"--what takes train, sample, heatmap or data, not {opts.what!r}")
+    if opts.what not in ("train", "sample", "heatmap", "data", "roof"):
+        raise ValueError(f"--what takes train, sample, heatmap, data or roof, not {opts.what!r}")
     if opts.what in ("heatmap", "data"):
         parse_hw(opts.size or "320x512", f"--size (the frame size, for {opts.what})")
     elif (opts.size or "bench") not in SIZES:
@@ -157,7 +160,7 @@ def resolve(opts: Options) -> Options:
     default_size = "320x512" if opts.what in ("heatmap", "data") else "bench"
     return replace(opts, size=opts.size or default_size,
                    warmup=opts.warmup if opts.warmup >= 0 else (2 if opts.what == "train" else 1),
-                   steps=opts.steps or {"train": 10, "sample": 3, "heatmap": 5, "data": 10}[opts.what])
+                   steps=opts.steps or {"train": 10, "sample": 3, "heatmap": 5, "data": 10, "roof": 10}[opts.what])
 
 
 def synchronize(device):
@@ -270,8 +273,22 @@ def call_diffusers(model, x):
     return model(x["x"], x["t"], x["context"], return_dict=False)[0]
 
 
+def build_compiled(opts, cfg):
+    return torch.compile(build_unet(cfg))
+
+
+def build_channels_last(opts, cfg):
+    model = build_unet(cfg)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):  # the 4-D weights; Conv3d's 5-D ones have no channels-last
+            module.to(memory_format=torch.channels_last)
+    return model
+
+
 CONTENDERS = {
     "ours": (build_ours, call_ours, "model.build_unet"),
+    "compiled": (build_compiled, call_ours, "ours under torch.compile (inductor's fused kernels; compiled in warm-up)"),
+    "channels-last": (build_channels_last, call_ours, "ours with the conv weights channels-last (NHWC convolutions)"),
     "videocrafter": (build_videocrafter, call_videocrafter, "VideoCrafter lvdm UNetModel (einsum attention)"),
     "diffusers": (build_diffusers, call_diffusers, "diffusers UNet3DConditionModel, same heads; no fps embedding"),
 }
@@ -304,14 +321,17 @@ def forward_backward(model, call, inputs):
     call(model, inputs).float().square().mean().backward()
 
 
+OUR_VARIANTS = ("compiled", "channels-last")
+
+
 def step_flops(opts, run, cfg, inputs, precision):
     """FLOPs of one forward + backward of a contender: model FLOPs (a copy built on the meta device, no gradient
     checkpointing) or, with --flops device, what the run's own model executes."""
     if opts.flops == "none":
         return None
     model, call = run["model"], run["call"]
-    if opts.flops == "meta":
-        build = CONTENDERS[run["name"]][0]
+    if opts.flops == "meta":  # ours' variants count as ours: the same network, other kernels
+        build = build_ours if run["name"] in OUR_VARIANTS else CONTENDERS[run["name"]][0]
         with torch.device("meta"):
             model = build(opts, replace(cfg, gradient_checkpointing=False)).train()
         inputs, precision = {k: v.to("meta") for k, v in inputs.items()}, nullcontext()
@@ -470,6 +490,18 @@ def bench_sample(opts, device):
     note = (f"{opts.ddim_steps} DDIM steps, CFG {opts.cfg_scale} (U-Net batch 2), {autoencoder} autoencoder, "
             f"{opts.text_encoder} text encoder, random weights")
     return [summary(f"sample {opts.size}", note, times, flops, device, opts.dtype)]
+
+
+def bench_roof(opts, device):
+    """The matmul roof: a square matrix product big enough to run at the device's best, in the step's precision. A
+    step's FLOP/s over this is its share of what the machine's matrix units give (docs/performance.md)."""
+    n = 4096 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(opts.seed)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    times = timed_runs(opts, device, lambda: a @ b)
+    return [summary(f"matmul {n}x{n}", f"{opts.dtype} matrix product, random data", times, 2 * n ** 3, device,
+                    opts.dtype)]
 
 
 def bench_heatmap(opts, device):
@@ -692,6 +724,8 @@ def print_table(opts, device, results):
                 + (", gradient checkpointing" if opts.checkpointing else ""))
     elif opts.what == "sample":
         head = f"sampling one clip: size {opts.size}, {opts.frames} frames, latent {opts.latent}, {opts.dtype}"
+    elif opts.what == "roof":
+        head = "the matmul roof"
     else:
         head = f"motion heatmap of one clip: {opts.frames} frames of {opts.size}"
     print(f"{head}; {device_name(device)}, {torch.get_num_threads()} threads; median of {opts.steps} runs after "
@@ -718,6 +752,8 @@ def print_table(opts, device, results):
             print("  speed-up: their step time / ours, median (min-max) over the interleaved rounds")
     if opts.what == "heatmap":
         print("  GFLOP: per clip, counted by FlopCounterMode where RAFT runs (convolutions, correlation matmuls)")
+    elif opts.what == "roof":
+        print("  GFLOP: 2 n^3 per product")
     elif opts.flops == "meta":
         print("  GFLOP: model FLOPs of " + ("the forward + backward" if opts.what == "train" else "the whole run") +
               ", by FlopCounterMode on the meta device (attention as its matmuls, no recomputation)")
@@ -750,7 +786,7 @@ def main(argv=None):
         if opts.threads and device.type == "cpu":
             torch.set_num_threads(opts.threads)
         results = {"train": bench_train, "sample": bench_sample, "heatmap": bench_heatmap,
-                   "data": bench_data}[opts.what](opts, device)
+                   "data": bench_data, "roof": bench_roof}[opts.what](opts, device)
     except ValueError as e:
         fail(e)
     print_table(opts, device, results)
