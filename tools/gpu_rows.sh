@@ -2,9 +2,10 @@
 # The README's GPU rows in one run, for a lent GPU machine (a tool: nothing in the method runs it).
 #   bash tools/gpu_rows.sh OUT_DIR [RAFT_LARGE_PTH]
 # Each row is one command of docs/performance.md, bounded by its own timeout so that a slow or failing row leaves
-# the others' results; the JSONs land in OUT_DIR, each row's log in a temporary folder (its tail is printed). SMALL=1 runs the same commands at toy sizes on any
-# machine (a check that they start, before device time is spent). Sampling counts no FLOPs here (a meta-device count
-# of 100 U-Net calls is slow on the host and the same on any machine): `--flops meta` on the CPU gives them.
+# the others' results; the JSONs land in OUT_DIR, each row's log in a temporary folder (its tail is printed).
+# SMALL=1 runs the same commands at toy sizes on any machine (a check that they start, before device time is spent).
+# Sampling counts no FLOPs here (a meta-device count of 100 U-Net calls is slow on the host and the same on any
+# machine): `--flops meta` on the CPU gives them.
 set -u
 out=${1:?usage: bash tools/gpu_rows.sh OUT_DIR [RAFT_LARGE_PTH]}
 raft=${2:-tests/fixtures/raft_small.pth}
