@@ -190,20 +190,21 @@ def heatmap_size(size):
 
 def cache_path(root, relpath, size):
     """Where `python prepare.py heatmaps` stores a video's pair heatmaps for frames of size (H, W):
-    {"num_frames": N, "heatmap_size": (h, w), "stride_s": uint8 (N-s, h, w) for s = 1..max stride}."""
+    {"num_frames": N, "heatmap_size": (h, w), and for s = 1..max stride "stride_s": uint8 (N-s, h, w), the pairs
+    (j, j+s) laid on frame j, and "back_s": uint8 (N-s, h, w), the pairs (j+s, j) laid on frame j+s}."""
     return Path(root) / ".motion_cache" / f"{relpath}.{size[0]}x{size[1]}.npz"
 
 
 def heatmap_cache_is_complete(path, size, max_stride, frames=2):
     """Whether the cache file at path holds, at heatmap_size(size), every stride up to max_stride that a clip of
     `frames` frames of its video can have (False for a missing or damaged file, one written with a smaller
-    --max-stride, or one written by an older prepare.py, which stored full-size heatmaps)."""
+    --max-stride, or one written by an older prepare.py, which stored full-size heatmaps or no backward pairs)."""
     try:
         with np.load(path) as cache:
             if "heatmap_size" not in cache.files or tuple(cache["heatmap_size"]) != heatmap_size(size):
                 return False
             needed = min(max_stride, (int(cache["num_frames"]) - 1) // (frames - 1))
-            return all(f"stride_{stride}" in cache.files for stride in range(1, needed + 1))
+            return all(f"{kind}_{stride}" in cache.files for stride in range(1, needed + 1) for kind in ("stride", "back"))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return False
 
@@ -235,8 +236,8 @@ class VideoFolderDataset(torch.utils.data.Dataset):
     (seed, i). Frames a, a+s, ..., are decoded alone (VideoFile: from the key frame before frame a,
     N from the packets), resized and center-cropped to size; fps = (the row's fps, else the
     container's, else 30) / s. The heatmap (T, h, w) is frame_heatmaps of the cached stride-s pair
-    heatmaps (a, a+s), (a+s, a+2s), ... at 1/8 of size (`prepare.py heatmaps`), and videos with no
-    cache are left out (with a warning); with cached_heatmaps=False items carry no heatmap and
+    heatmaps (a, a+s), (a+s, a+2s), ... and the backward pair into the last frame, at 1/8 of size
+    (`prepare.py heatmaps`), and videos with no cache are left out (with a warning); with cached_heatmaps=False items carry no heatmap and
     train.py computes it inside the step (flow.clip_heatmaps). Unusable rows and videos are skipped
     and counted in warnings on stderr naming the first few: a video that turns out unusable is
     replaced by the next one in the permutation. A folder where no video can give a clip, or whose
@@ -269,7 +270,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         first_cache = cache_path(self.root, self.videos[0]["path"], self.size)  # one file: a check that costs nothing
         if cached_heatmaps and not heatmap_cache_is_complete(first_cache, self.size, max_stride, frames):
             raise ValueError(f"stale heatmap cache {first_cache} (written by an older prepare.py, which stored full-size "
-                             f"heatmaps, or with a smaller --max-stride, or damaged); run: {self.heatmaps_command}")
+                             f"heatmaps or no backward pairs, or with a smaller --max-stride, or damaged); run: {self.heatmaps_command}")
         self.epoch_order = (-1, None)  # (epoch, its permutation of the videos)
         self.unusable = []             # [(reason, path)] found while reading, in this process
         for video in self.videos:      # fail now, not in the middle of training, if no video is readable
@@ -333,7 +334,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         fps = video["fps"] or container_fps or FALLBACK_FPS
         item = {"caption": video["caption"], "fps": torch.tensor(fps / stride, dtype=torch.float32)}
         if self.cached_heatmaps:
-            item["heatmap"] = self.cached_heatmap(video["path"], num_frames, picked[:-1], stride)  # (T, h, w)
+            item["heatmap"] = self.cached_heatmap(video["path"], num_frames, picked, stride)  # (T, h, w)
             if item["heatmap"] is None:
                 raise UnusableVideo("stale heatmap cache", f"re-run {self.heatmaps_command}")
         if self.latents:
@@ -354,17 +355,18 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             raise UnusableVideo("stale latent cache", f"made with the {kind} autoencoder, not {self.latents}")
         return latents, (fps if fps > 0 else None)
 
-    def cached_heatmap(self, relpath, num_frames, pair_starts, stride):
-        """frame_heatmaps (T, h, w) of the cached pairs (j, j+stride) for j in pair_starts, or None if the cache is
-        missing or damaged, or was made from a different video, by an older prepare.py or with a smaller max stride."""
+    def cached_heatmap(self, relpath, num_frames, picked, stride):
+        """frame_heatmaps (T, h, w) of the clip of frames `picked` (T,) from the cache: the pairs (j, j+stride) for
+        all but the last frame and the backward pair into the last (flow.clip_pairs), or None if the cache is missing
+        or damaged, or was made from a different video, by an older prepare.py or with a smaller max stride."""
         path = cache_path(self.root, relpath, self.size)
-        key = f"stride_{stride}"
+        forward, backward = f"stride_{stride}", f"back_{stride}"
         try:
             with np.load(path) as cache:
                 if ("heatmap_size" not in cache.files or tuple(cache["heatmap_size"]) != heatmap_size(self.size)
-                        or key not in cache.files or len(cache[key]) != num_frames - stride):
+                        or {forward, backward} - set(cache.files) or len(cache[forward]) != num_frames - stride):
                     return None
-                pairs = torch.from_numpy(cache[key][pair_starts]).float() / 255        # (T-1, H, W)
+                motion = np.concatenate([cache[forward][picked[:-1]], cache[backward][picked[-1:] - stride]])  # (T, H, W)
         except (OSError, ValueError, zipfile.BadZipFile):
             return None
-        return frame_heatmaps(pairs)                                                   # (T, H, W)
+        return frame_heatmaps(torch.from_numpy(motion).float() / 255)                  # (T, H, W)

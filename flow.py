@@ -5,11 +5,14 @@ they do not, by one of three roads through this file: shapes.py's synthetic clip
 folder's clips from RAFT, once into a cache (prepare.py heatmaps, read back by data.py) or inside the training step
 (train.py, clip_heatmaps). loss.py area-downsamples m to the latent size and weights the diffusion loss with it.
 
-    frames (T, 3, H, W) --RAFT--> flow (T-1, 2, H, W), pixels
+    frames (T, 3, H, W) --RAFT--> flow (T, 2, H, W), pixels: the motion of each frame's own pixels, where they
+          are in that frame: to the next frame, and for the last frame to the one before (backward flow)
           --> x = |flow| / width            relative motion, independent of the resolution
-          --> sigma(x) = 1 / (1 + exp(100 (0.05 - x)))      pair heatmaps (T-1, H, W)
-          --> frame i: max of the pair into it and the pair out of it       (T, H, W)
+          --> sigma(x) = 1 / (1 + exp(100 (0.05 - x)))      per-frame motion heatmaps (T, H, W)
+          --> frame i: max of its own and frame i-1's (the pixels frame i-1's content leaves)      m (T, H, W)
 
+The last frame's backward flow is what puts its heatmap where the object is in it: the forward flow into it lies on
+frame T-2, where the object was a frame earlier. It costs one RAFT pair more per clip (T pairs instead of T-1).
 Real videos take the cheap road to the same place (RAFT.heatmaps): RAFT runs on the frames resized
 to a short side of 128 px, the smallest it takes (a 320x512 pair costs 6x fewer FLOPs than at full
 size), and the pair heatmaps are area-averaged at once to 1/8 of the frame size (the kl-f8 latent's),
@@ -44,19 +47,28 @@ def pair_heatmaps(flow, width=None):
     return sigma(flow.norm(dim=-3) / width)                        # (..., H, W)
 
 
-def frame_heatmaps(pair_heatmap):
-    """Pair heatmaps (..., T-1, H, W) -> frame heatmaps (..., T, H, W).
+def frame_heatmaps(motion):
+    """Per-frame motion heatmaps (..., T, H, W) -> the frame heatmaps m (..., T, H, W).
 
-    Frame i gets the max of pair i-1 (into it) and pair i (out of it); the first and last frames
-    have one side only. sigma is monotonic, so this is sigma of the larger motion."""
-    out_of = torch.cat([pair_heatmap, pair_heatmap[..., -1:, :, :]], dim=-3)   # (..., T, H, W)
-    into = torch.cat([pair_heatmap[..., :1, :, :], pair_heatmap], dim=-3)      # (..., T, H, W)
-    return torch.maximum(out_of, into)
+    motion[i] is sigma of the motion of frame i's pixels, laid where they are in frame i (flow out of it; for the
+    last frame the backward flow into it). Frame i takes the max of motion[i] and motion[i-1]: where its content
+    moves and where frame i-1's content moved away from, since the pixels it vacates change too. sigma is monotonic,
+    so this is sigma of the larger motion."""
+    previous = torch.cat([motion[..., :1, :, :], motion[..., :-1, :, :]], dim=-3)   # (..., T, H, W)
+    return torch.maximum(motion, previous)
 
 
 def heatmap_from_flow(flow, width=None):
-    """flow (T-1, 2, H, W) in pixels -> heatmap (T, H, W) in [0, 1]."""
+    """flow (T, 2, H, W) in pixels, each frame's own motion (clip_pairs) -> heatmap m (T, H, W) in [0, 1]."""
     return frame_heatmaps(pair_heatmaps(flow, width))
+
+
+def clip_pairs(frames):
+    """frames (..., T, C, H, W) -> the frame pairs (first, second), each (..., T, C, H, W), whose flow is each frame's
+    own motion: (i, i+1) for i < T-1, and (T-1, T-2) for the last frame."""
+    first = torch.cat([frames[..., :-1, :, :, :], frames[..., -1:, :, :, :]], dim=-4)
+    second = torch.cat([frames[..., 1:, :, :, :], frames[..., -2:-1, :, :, :]], dim=-4)
+    return first, second
 
 
 # ---- RAFT ----
@@ -147,18 +159,17 @@ class RAFT:
         return F.interpolate(pairs[:, None], size=tuple(size), mode="area")[:, 0]  # (N, h, w)
 
     def __call__(self, frames):
-        """frames (T, 3, H, W) in [-1, 1] -> flow (T-1, 2, H, W) between consecutive frames."""
-        return self.pairs(frames[:-1], frames[1:])
+        """frames (T, 3, H, W) in [-1, 1] -> flow (T, 2, H, W), each frame's own motion (clip_pairs)."""
+        return self.pairs(*clip_pairs(frames))
 
 
 def clip_heatmaps(raft, videos, size):
     """A batch of clips (B, 3, T, H, W) in [-1, 1] -> their motion heatmaps (B, T, h, w) at size, through
     RAFT.heatmaps: what train.py computes inside the step for video folders without a heatmap cache."""
     b, _, t, height, width = videos.shape
-    frames = videos.transpose(1, 2)                                            # (B, T, 3, H, W)
-    pairs = raft.heatmaps(frames[:, :-1].reshape(-1, 3, height, width), frames[:, 1:].reshape(-1, 3, height, width),
-                          size)                                                # (B (T-1), h, w)
-    return frame_heatmaps(pairs.view(b, t - 1, *size))                         # (B, T, h, w)
+    first, second = clip_pairs(videos.transpose(1, 2))                         # (B, T, 3, H, W) each
+    motion = raft.heatmaps(first.reshape(-1, 3, height, width), second.reshape(-1, 3, height, width), size)  # (B T, h, w)
+    return frame_heatmaps(motion.view(b, t, *size))                            # (B, T, h, w)
 
 
 def video_heatmap(frames, raft):

@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from flow import RAFT, frame_heatmaps, pair_heatmaps
+from flow import RAFT, clip_pairs, frame_heatmaps, pair_heatmaps
 
 STATIC_FRACTION = 0.25  # a sample with under a quarter of its real clip's motion is a static sample
 WARN_RATIO = 0.5        # warn when the samples move less than half as much as their real clips
@@ -40,11 +40,11 @@ def clip_motion(raft, videos, fps):
     "flow", the mean |flow| per frame pair as a fraction of the width (flow.py's x, before sigma);
     "moving_area", the mean of its heatmap m; "dynamic", VBench's dynamic-degree decision (1.0 or 0.0)."""
     n, _, t, height, width = videos.shape
-    frames = videos.transpose(1, 2)                                                   # (N, T, 3, H, W)
-    flow = raft.pairs(frames[:, :-1].reshape(-1, 3, height, width),
-                      frames[:, 1:].reshape(-1, 3, height, width)).view(n, t - 1, 2, height, width)
-    magnitude = flow.norm(dim=2)                                                      # (N, T-1, H, W) pixels
+    first, second = clip_pairs(videos.transpose(1, 2))                                # (N, T, 3, H, W) each
+    flow = raft.pairs(first.reshape(-1, 3, height, width),
+                      second.reshape(-1, 3, height, width)).view(n, t, 2, height, width)
     heatmap = frame_heatmaps(pair_heatmaps(flow, width))                              # (N, T, H, W)
+    magnitude = flow[:, :-1].norm(dim=2)                       # (N, T-1, H, W) pixels: VBench's forward pairs
     top = magnitude.flatten(2).topk(max(1, int(height * width * VBENCH_TOP)), dim=-1).values.mean(-1)  # (N, T-1)
     factor = torch.clamp(8.0 / torch.as_tensor(fps, dtype=torch.float32), min=1.0)    # (N,)
     threshold = factor * 6.0 * min(height, width) / 256                               # (N,) pixels

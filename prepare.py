@@ -88,11 +88,12 @@ def check_folder(root, frames):
 
 def cache_heatmaps(root, weights, size, max_stride, device):
     """Store, for every listed video, the pair heatmaps of frames (j, j+s) for all j and each stride s <= max_stride,
-    computed by RAFT.heatmaps (flow at a short side of 128 px, area-averaged to data.heatmap_size(size), 1/8 of the
-    frames), as uint8 (round(255 h)) under "stride_s", with the video's frame count under "num_frames" and the
-    heatmaps' size under "heatmap_size", in data.cache_path(root, video, size). Complete caches are kept; missing,
-    damaged, too-few-strides and older (full-size) ones are (re)computed. Unusable videos are skipped and counted;
-    a folder where nothing is usable is a ValueError."""
+    laid on frame j, under "stride_s", and of the backward pairs (j+s, j), laid on frame j+s, under "back_s" (a clip's
+    last frame takes its heatmap from these: flow.clip_pairs), computed by RAFT.heatmaps (flow at a short side of
+    128 px, area-averaged to data.heatmap_size(size), 1/8 of the frames), as uint8 (round(255 h)), with the video's
+    frame count under "num_frames" and the heatmaps' size under "heatmap_size", in data.cache_path(root, video,
+    size). Complete caches are kept; missing, damaged, too-few-strides and older ones are (re)computed. Unusable
+    videos are skipped and counted; a folder where nothing is usable is a ValueError."""
     videos, skipped = read_captions(root)
     root = video_root(root)  # a captions file given by name: its folder
     todo = [video for video in videos
@@ -110,17 +111,18 @@ def cache_heatmaps(root, weights, size, max_stride, device):
         frames = resize_center_crop(frames, size)                               # (N, H, W, 3)
         strides = range(1, min(max_stride, len(frames) - 1) + 1)
         heatmaps = {"num_frames": np.array(len(frames)), "heatmap_size": np.array(heatmap_size(size))}
-        with tqdm(total=sum(len(frames) - s for s in strides), desc=video["path"], unit="pair", leave=False,
+        with tqdm(total=sum(2 * (len(frames) - s) for s in strides), desc=video["path"], unit="pair", leave=False,
                   disable=None) as bar:
             for stride in strides:
-                chunks = []
-                for start in range(0, len(frames) - stride, raft.chunk):
-                    end = min(start + raft.chunk, len(frames) - stride)
-                    chunks.append(raft.heatmaps(frames_to_tensor(frames[start:end]),
-                                                frames_to_tensor(frames[start + stride:end + stride]),
-                                                heatmap_size(size)))                   # (n, h, w)
-                    bar.update(end - start)
-                heatmaps[f"stride_{stride}"] = (torch.cat(chunks) * 255).round().to(torch.uint8).numpy()  # (N-s, h, w)
+                for key, (first, second) in ((f"stride_{stride}", (0, stride)), (f"back_{stride}", (stride, 0))):
+                    chunks = []
+                    for start in range(0, len(frames) - stride, raft.chunk):
+                        end = min(start + raft.chunk, len(frames) - stride)
+                        chunks.append(raft.heatmaps(frames_to_tensor(frames[start + first:end + first]),
+                                                    frames_to_tensor(frames[start + second:end + second]),
+                                                    heatmap_size(size)))               # (n, h, w)
+                        bar.update(end - start)
+                    heatmaps[key] = (torch.cat(chunks) * 255).round().to(torch.uint8).numpy()  # (N-s, h, w)
         save_npz(cache_path(root, video["path"], size), **heatmaps)
         done, pairs = done + 1, pairs + bar.total
     seconds = time.perf_counter() - started
@@ -170,9 +172,9 @@ def show(video_path, weights, size, num_frames, stride, out, device):
     except UnusableVideo as error:
         raise ValueError(f"{video_path}: {error}") from None
     clip = resize_center_crop(frames[:(num_frames - 1) * stride + 1:stride], size)   # (T, H, W, 3)
-    flow = RAFT(weights, device)(frames_to_tensor(clip))                        # (T-1, 2, H, W)
+    flow = RAFT(weights, device)(frames_to_tensor(clip))                        # (T, 2, H, W)
     heatmap = heatmap_from_flow(flow)                                           # (T, H, W)
-    flow_colours = flow_to_image(torch.cat([flow, torch.zeros_like(flow[:1])]))  # (T, 3, H, W), last: none
+    flow_colours = flow_to_image(torch.cat([flow[:-1], -flow[-1:]]))  # (T, 3, H, W): the last's backward flow turned
     heatmap_grey = (heatmap * 255).round().to(torch.uint8)[:, None].expand(-1, 3, -1, -1)  # (T, 3, H, W)
     panels = torch.cat([torch.from_numpy(clip).permute(0, 3, 1, 2), flow_colours, heatmap_grey], dim=3)
     write_video(out, panels.permute(0, 2, 3, 1).numpy(), (fps or FALLBACK_FPS) / stride)  # (T, H, 3W, 3)

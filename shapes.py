@@ -107,9 +107,10 @@ def render_clip(scene, motions, frames=8, stride=1, speed=SPEED):
     """Draw the clip in which each shape makes its motion, and its exact optical flow.
 
     A moving shape travels speed * stride * width pixels per frame and stops at the frame's edge.
-    Returns (video uint8 (T, H, W, 3), flow float32 tensor (T-1, 2, H, W)): flow[i] is, on every
+    Returns (video uint8 (T, H, W, 3), flow float32 tensor (T, 2, H, W)): flow[i] is, on every
     pixel of frame i, the displacement (x, y) in pixels to frame i+1 of the shape drawn there
-    (later shapes are drawn on top), and 0 on the background."""
+    (later shapes are drawn on top), and 0 on the background; the last frame's is its displacement
+    to the frame before (backward), so that every frame's flow lies where its shapes are (flow.clip_pairs)."""
     size, objects = scene["size"], scene["objects"]
     step = speed * stride * size                                         # pixels per frame
     pixel_centres = np.arange(size) + 0.5                                # (W,)
@@ -127,10 +128,11 @@ def render_clip(scene, motions, frames=8, stride=1, speed=SPEED):
         video[inside] = np.array(PALETTE[obj["colour"]]) / 255
         owner[inside] = index
         centres.append(np.stack([cx, cy], axis=1))                       # (T, 2)
-    flow = np.zeros((frames - 1, 2, size, size), dtype=np.float32)       # (T-1, 2, H, W)
+    flow = np.zeros((frames, 2, size, size), dtype=np.float32)           # (T, 2, H, W)
     for index, centre in enumerate(centres):
-        displacement = (centre[1:] - centre[:-1])[:, :, None, None]      # (T-1, 2, 1, 1)
-        flow = np.where(owner[:-1, None] == index, displacement, flow)   # (T-1, 2, H, W)
+        target = np.concatenate([centre[1:], centre[-2:-1]]) if frames > 1 else centre  # (T, 2): frame i's partner
+        displacement = (target - centre)[:, :, None, None]               # (T, 2, 1, 1)
+        flow = np.where(owner[:, None] == index, displacement, flow)     # (T, 2, H, W)
     video = (video * 255).round().astype(np.uint8)                       # (T, H, W, 3)
     return video, torch.from_numpy(flow.astype(np.float32))
 
@@ -160,7 +162,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, split, CLIP_STREAM, index])
         caption, motions = make_caption_and_motions(rng, scene)
         stride = int(rng.integers(1, self.max_stride + 1))
-        video, flow = render_clip(scene, motions, self.frames, stride, self.speed)  # (T,H,W,3), (T-1,2,H,W)
+        video, flow = render_clip(scene, motions, self.frames, stride, self.speed)  # (T,H,W,3), (T,2,H,W)
         return {"video": frames_to_clip(video),                                    # (3, T, H, W) uint8
                 "heatmap": heatmap_from_flow(flow),                               # (T, H, W)
                 "caption": caption,

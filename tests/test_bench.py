@@ -159,7 +159,7 @@ def test_data_measures_a_folder_today_and_now(tmp_path, fixtures, monkeypatch):
     assert [v["name"] for v in videos] == ["a.mp4", "b.gif"] and {"cache", "in the step"} <= set(loader)
     for v in videos:
         n = v["frames"]                     # 6, or fewer in the gif: Pillow merges a shape's repeated last frames
-        assert n >= 4 and v["pairs_per_video"] == (n - 1) + (n - 2) and v["seconds"] == pytest.approx(0.6)
+        assert n >= 4 and v["pairs_per_video"] == 2 * ((n - 1) + (n - 2)) and v["seconds"] == pytest.approx(0.6)
         assert all(v["decode_s"][w]["median"] > 0 and v["cache_read_s"][w] > 0 for w in ("today", "now"))
         assert v["raft_pair_gflop"]["today"] > 3 * v["raft_pair_gflop"]["now"]            # 256 px against 128 px
         raw = v["cache_raw_bytes_per_video_s"]

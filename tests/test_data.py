@@ -195,10 +195,11 @@ def test_a_folder_with_no_usable_video_stops_before_training(tmp_path):
 
 
 def cached_pairs(num_frames, size, max_stride=MAX_STRIDE):
-    """A heatmap cache's arrays in prepare.py's layout for frames of size (H, W): every pair of stride s is 40 s / 255."""
+    """A heatmap cache's arrays in prepare.py's layout for frames of size (H, W): every forward pair of stride s is
+    40 s / 255, every backward pair (40 s + 20) / 255."""
     return {"num_frames": np.array(num_frames), "heatmap_size": np.array(data.heatmap_size(size)),
-            **{f"stride_{s}": np.full((num_frames - s, *data.heatmap_size(size)), 40 * s, np.uint8)
-               for s in range(1, max_stride + 1)}}
+            **{f"{kind}_{s}": np.full((num_frames - s, *data.heatmap_size(size)), 40 * s + extra, np.uint8)
+               for s in range(1, max_stride + 1) for kind, extra in (("stride", 0), ("back", 20))}}
 
 
 def test_cached_heatmaps_are_used_and_uncached_or_stale_videos_skipped(tmp_path, capsys):
@@ -211,10 +212,13 @@ def test_cached_heatmaps_are_used_and_uncached_or_stale_videos_skipped(tmp_path,
     for index in range(6):
         item = dataset[index]
         stride = round(24 / item["fps"].item())
-        assert torch.allclose(item["heatmap"], torch.full((FRAMES, *data.heatmap_size(SIZE)), 40 * stride / 255))
+        expected = torch.full((FRAMES, *data.heatmap_size(SIZE)), 40 * stride / 255)
+        expected[-1] = (40 * stride + 20) / 255                          # the last frame's: the backward pair into it
+        assert torch.allclose(item["heatmap"], expected)
     full_size = {f"stride_{s}": np.full((12 - s, *SIZE), 40 * s, np.uint8) for s in range(1, MAX_STRIDE + 1)}
     stale = {"made by the older prepare.py (full-size heatmaps)": {"num_frames": np.array(12), **full_size},
              "made with --max-stride 1": {**cached_pairs(12, SIZE, max_stride=1)},
+             "made before the backward pairs": {k: v for k, v in cached_pairs(12, SIZE).items() if "back" not in k},
              "damaged": None}
     for why, arrays in stale.items():
         if arrays is None:

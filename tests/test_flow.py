@@ -56,13 +56,61 @@ def test_sigma_by_hand_and_heatmaps_use_motion_relative_to_the_width():
     assert small.mean() > 0.05 and (small - pooled).abs().mean() < 0.03
 
 
-def test_frame_heatmaps_take_the_max_of_the_pair_into_and_out_of_each_frame():
-    pairs = torch.tensor([[[0.1, 0.9]], [[0.5, 0.2]], [[0.3, 0.4]]])       # (T-1=3, H=1, W=2)
-    expected = torch.tensor([[[0.1, 0.9]], [[0.5, 0.9]], [[0.5, 0.4]], [[0.3, 0.4]]])  # (T=4, 1, 2)
-    assert torch.equal(flow.frame_heatmaps(pairs), expected)
-    batch = torch.stack([pairs, pairs.flip(0)])                             # (B=2, T-1, H, W)
+def test_frame_heatmaps_take_the_max_of_each_frame_and_the_one_before():
+    motion = torch.tensor([[[0.1, 0.9]], [[0.5, 0.2]], [[0.3, 0.4]], [[0.0, 0.6]]])   # (T=4, H=1, W=2)
+    expected = torch.tensor([[[0.1, 0.9]], [[0.5, 0.9]], [[0.5, 0.4]], [[0.3, 0.6]]])  # (T=4, 1, 2)
+    assert torch.equal(flow.frame_heatmaps(motion), expected)
+    batch = torch.stack([motion, motion.flip(0)])                            # (B=2, T, H, W)
     assert torch.equal(flow.frame_heatmaps(batch)[0], expected)
-    assert torch.equal(flow.frame_heatmaps(batch)[1], flow.frame_heatmaps(pairs.flip(0)))
+    assert torch.equal(flow.frame_heatmaps(batch)[1], flow.frame_heatmaps(motion.flip(0)))
+
+
+def coverage(heatmap, owner, moving):
+    """Per frame, the share of the moving shapes' pixels (owner in moving) where the heatmap is above 0.5."""
+    inside = np.isin(owner, list(moving))                                   # (T, H, W)
+    return [(heatmap[i][torch.from_numpy(inside[i])] > 0.5).float().mean().item() for i in range(len(owner))]
+
+
+def owners(video, scene):
+    """(T, H, W): which object's colour each pixel has (-1 for the background); the demo's scenes colour each object
+    differently from the background and from each other."""
+    owner = np.full(video.shape[:3], -1)
+    for index, obj in enumerate(scene["objects"]):
+        owner[(video == np.array(shapes.PALETTE[obj["colour"]])).all(-1)] = index
+    return owner
+
+
+def test_every_frame_heatmap_covers_the_moving_shape_where_it_is_in_that_frame():
+    """On the demo's exact flow (its preset's 4 frames at 32 px, one shape), the last frame too: the backward flow
+    puts its heatmap where the shape is, not where it was a frame earlier."""
+    shares = []
+    for index in range(200):
+        rng = np.random.default_rng([0, index])
+        scene = shapes.make_scene(rng, 32, max_objects=1)
+        motion = str(rng.choice(shapes.allowed_motions(scene["objects"][0], 32)[1:]))
+        video, exact = shapes.render_clip(scene, {0: motion}, frames=4)
+        owner = owners(video, scene)                                       # (T, H, W)
+        if any((owner[i] == owner[i + 1]).all() for i in range(3)):       # stopped at the frame's edge: not moving
+            continue
+        shares.append(coverage(flow.heatmap_from_flow(exact), owner, {0}))
+    per_frame = np.min(shares, axis=0)
+    print(f"\n{len(shares)} clips, least covered share per frame: {per_frame.round(3).tolist()}")
+    assert len(shares) > 100 and per_frame.min() >= 0.99
+
+
+def test_raft_heatmap_covers_the_moving_shape_in_every_frame(rafts):
+    """Shapes clips drawn at 128 px (RAFT's own size: no resizing), through RAFT-large: every frame's heatmap covers
+    the moving shape where it is in that frame (measured: 0.977-0.998 in every frame of these three clips)."""
+    shares = []
+    for k in range(3):
+        rng = np.random.default_rng([5, k])
+        scene = shapes.make_scene(rng, 128, max_objects=1)
+        motion = str(rng.choice(shapes.allowed_motions(scene["objects"][0], 128)[1:]))
+        video, _ = shapes.render_clip(scene, {0: motion}, frames=4)
+        heatmap = flow.video_heatmap(video_io.frames_to_tensor(video), rafts("large"))  # (T, H, W)
+        shares.append(coverage(heatmap, owners(video, scene), {0}))
+    print(f"\nRAFT-large coverage per frame: {np.round(shares, 3).tolist()}")
+    assert np.min(shares) >= 0.95
 
 
 # ---- RAFT with the real weights ----

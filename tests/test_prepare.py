@@ -38,7 +38,7 @@ def write_folder(root, frames=4):
 
 
 def test_heatmaps_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raft(tmp_path, fixtures, capsys):
-    """1/8-size pair heatmaps of every stride, from RAFT at a short side of 128; an older full-size cache is redone."""
+    """1/8-size pair heatmaps of every stride, forward and backward, from RAFT at a short side of 128; an older full-size cache is redone."""
     write_folder(tmp_path)
     command = ["heatmaps", str(tmp_path), "--size", "32x32", "--max-stride", "2", "--device", "cpu",
                "--weights", str(fixtures / "raft_small.pth")]
@@ -48,7 +48,8 @@ def test_heatmaps_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raf
     caches = {name: data.cache_path(tmp_path, name, (32, 32)) for name in ("a.mp4", "b.gif")}
     for path in caches.values():
         with np.load(path) as cache:
-            assert sorted(cache.files) == ["heatmap_size", "num_frames", "stride_1", "stride_2"]
+            assert sorted(cache.files) == ["back_1", "back_2", "heatmap_size", "num_frames", "stride_1", "stride_2"]
+            assert cache["back_1"].shape == (3, 4, 4) and cache["back_2"].shape == (2, 4, 4)
             assert int(cache["num_frames"]) == 4 and cache["heatmap_size"].tolist() == [4, 4]
             assert cache["stride_1"].shape == (3, 4, 4) and cache["stride_2"].shape == (2, 4, 4)
             assert cache["stride_1"].dtype == np.uint8 and cache["stride_1"].max() > 100  # a shape moves
@@ -74,6 +75,12 @@ def test_heatmaps_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raf
     third = capsys.readouterr().out
     assert "1 already cached" in third and "cached 1 videos" in third
     assert data.heatmap_cache_is_complete(path, (32, 32), 2)
+
+    with np.load(path) as cache:                                       # made before the backward pairs: redone
+        data.save_npz(path, **{k: cache[k] for k in cache.files if not k.startswith("back_")})
+    assert not data.heatmap_cache_is_complete(path, (32, 32), 2)
+    prepare.main(command)
+    assert "cached 1 videos" in capsys.readouterr().out
 
 
 def test_show_cli_writes_frame_flow_and_heatmap_side_by_side(tmp_path, fixtures):

@@ -323,7 +323,7 @@ def test_training_on_a_video_folder_with_validation_samples(tmp_path):
     (tmp_path / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n},clip {n}\n" for n in GOOD))
     size = data.heatmap_size((16, 16))
     for name in GOOD:
-        pairs = {f"stride_{s}": np.full((12 - s, *size), 200, np.uint8) for s in (1, 2)}
+        pairs = {f"{kind}_{s}": np.full((12 - s, *size), 200, np.uint8) for s in (1, 2) for kind in ("stride", "back")}
         data.save_npz(data.cache_path(tmp_path / "videos", name, (16, 16)), num_frames=np.array(12),
                       heatmap_size=np.array(size), **pairs)
     torch.set_num_threads(1)

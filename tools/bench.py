@@ -65,7 +65,7 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
 
 from data import VideoFolderDataset, cache_path, heatmap_cache_is_complete, heatmap_size, read_captions
 from encoders import KL_SIZES, KLAutoencoder
-from flow import RAFT, frame_heatmaps, pair_heatmaps, video_heatmap
+from flow import RAFT, clip_pairs, frame_heatmaps, pair_heatmaps, video_heatmap
 from loss import latent_heatmap
 from model import SIZES as MODEL_SIZES
 from model import ModelConfig, MotifModel, build_unet, training_flops
@@ -517,7 +517,7 @@ def bench_heatmap(opts, device):
     flops = None
     if opts.flops != "none":  # RAFT's convs and correlation matmuls, counted where they run
         flops = count_flops(run)
-    note = f"RAFT {Path(opts.raft).stem}, {opts.frames - 1} frame pairs, chunks of {raft.chunk}"
+    note = f"RAFT {Path(opts.raft).stem}, {opts.frames} frame pairs, chunks of {raft.chunk}"
     return [summary(f"heatmap {h}x{w}", note, times, flops, device, "fp32")]
 
 
@@ -556,17 +556,20 @@ def dataset_draws(num_frames, opts, rng):
 
 
 def cache_read_time(pairs, num_frames, stride, picked, small):
-    """Seconds the loader spends on one item's heatmap (np.load of the stride's array, its pairs, frame_heatmaps)
-    from a cache whose stride array is the clip's real uint8 pairs (T-1, h, w) tiled to the video's N - s pairs."""
+    """Seconds the loader spends on one item's heatmap (np.load of the stride's arrays, its pairs, frame_heatmaps)
+    from a cache whose forward and backward arrays are the clip's real uint8 pairs (T, h, w) tiled to the video's
+    N - s pairs."""
     tiled = np.resize(pairs, (num_frames - stride, *pairs.shape[1:]))                    # (N-s, h, w)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "cache.npz"
         path.write_bytes(npz_bytes(num_frames=np.array(num_frames), heatmap_size=np.array(small),
-                                   **{f"stride_{stride}": tiled}))
+                                   **{f"stride_{stride}": tiled, f"back_{stride}": tiled}))
 
         def read():
             with np.load(path) as cache:
-                return frame_heatmaps(torch.from_numpy(cache[f"stride_{stride}"][picked[:-1]]).float() / 255)
+                motion = np.concatenate([cache[f"stride_{stride}"][picked[:-1]],
+                                         cache[f"back_{stride}"][picked[-1:] - stride]])  # (T, h, w)
+                return frame_heatmaps(torch.from_numpy(motion).float() / 255)
         read()
         return statistics.median(timed(read)[0] for _ in range(3))
 
@@ -601,10 +604,10 @@ def bench_data(opts, device):
         for stride, picked in draws[:opts.flow_clips]:
             clip = frames_to_tensor(resize_center_crop(file.read(picked), size)).to(device)   # (T, 3, H, W)
             for which in ("today", "now"):
-                compute = ((lambda: pair_heatmaps(raft.pairs(clip[:-1], clip[1:]))) if which == "today" else
-                           (lambda: raft.heatmaps(clip[:-1], clip[1:], small)))
+                compute = ((lambda: pair_heatmaps(raft.pairs(*clip_pairs(clip)))) if which == "today" else
+                           (lambda: raft.heatmaps(*clip_pairs(clip), small)))
                 seconds, pairs = timed(compute)
-                pairs = (pairs.cpu() * 255).round().to(torch.uint8).numpy()                   # (T-1, h, w)
+                pairs = (pairs.cpu() * 255).round().to(torch.uint8).numpy()                   # (T, h, w)
                 raft_time[which].append(seconds)
                 cache_bytes[which].append((len(npz_bytes(pairs=pairs)) - len(npz_bytes(pairs=pairs[:0]))) / len(pairs))
                 cache_read[which].append(cache_read_time(pairs, num_frames, stride, picked, small))
@@ -614,13 +617,13 @@ def bench_data(opts, device):
             difference.append((m - m_today).abs().mean().item())
             intersection += ((m > 0.5) & (m_today > 0.5)).sum().item()
             union += ((m > 0.5) | (m_today > 0.5)).sum().item()
-        pairs_per_video = sum(num_frames - s for s in range(1, min(opts.max_stride, num_frames - 1) + 1))
+        pairs_per_video = sum(2 * (num_frames - s) for s in range(1, min(opts.max_stride, num_frames - 1) + 1))
         seconds_of_video = num_frames / (fps or 30.0)
         result = {"name": video["path"], "frames": num_frames, "seconds": seconds_of_video, "fps": fps,
                   "decode_s": {w: spread(t) for w, t in decode.items()},
                   "raft_clip_s": {w: statistics.median(t) for w, t in raft_time.items()},
                   "raft_pair_gflop": {w: f / 1e9 for w, f in flops_per_pair.items()},
-                  "pairs_per_video": pairs_per_video, "pairs_per_clip": opts.frames - 1,
+                  "pairs_per_video": pairs_per_video, "pairs_per_clip": opts.frames,
                   "cache_bytes_per_video_s": {w: statistics.mean(b) * pairs_per_video / seconds_of_video
                                               for w, b in cache_bytes.items()},
                   "cache_raw_bytes_per_video_s": {"today": pairs_per_video * size[0] * size[1] / seconds_of_video,
