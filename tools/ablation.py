@@ -114,14 +114,18 @@ def studies(seeds):
 
 def run_config(run, out, settings):
     """train.py's config of a run: the first settings["steps"] steps of the shapes preset (with the study's --set
-    overrides), its lr schedule kept, a checkpoint every settings["every"] steps, then the run's own keys."""
+    overrides), its lr schedule kept (the cool-down only when the run is the preset's whole run), a checkpoint every
+    settings["every"] steps, then the run's own keys."""
     preset = ["--preset", "shapes", *(f"--{o}" for o in settings["overrides"])]
     base = train.load_config(preset)
     steps, every = settings["steps"], settings["every"]
-    if steps > base.steps - min(base.cooldown_steps, base.steps):
+    whole = steps == base.steps  # the preset's whole run, its cool-down included
+    if not whole and steps > base.steps - min(base.cooldown_steps, base.steps):
         raise ValueError(f"--steps {steps} reaches into the preset's cool-down (its last {base.cooldown_steps} of "
-                         f"{base.steps} steps): a shorter run would not be the preset's first steps")
-    return train.load_config([*preset, f"--steps={steps}", "--cooldown_steps=0", f"--ckpt_every={every}",
+                         f"{base.steps} steps): a shorter run would not be the preset's first steps; "
+                         f"--steps {base.steps} is its whole run")
+    cooldown = [] if whole else ["--cooldown_steps=0"]
+    return train.load_config([*preset, f"--steps={steps}", *cooldown, f"--ckpt_every={every}",
                               f"--keep_checkpoints={steps // every + 1}", "--sample_every=0", "--resume=latest",
                               f"--motif_lambda={run.motif_lambda}", f"--loss_mode={run.loss_mode}",
                               f"--shape_scale={run.shape_scale}", f"--seed={run.seed}",
@@ -205,6 +209,11 @@ def commit():
     return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", *code) else "")
 
 
+def scored_steps(settings):
+    """The checkpoints the cheap scorer scores: settings["score_at"], or every settings["every"] steps."""
+    return settings.get("score_at") or list(range(settings["every"], settings["steps"] + 1, settings["every"]))
+
+
 def run_file(results, run):
     return Path(results) / "runs" / f"{run.name}.json"
 
@@ -229,22 +238,29 @@ def train_and_score(run, out, settings):
     start, code = time.time(), commit()
     cfg = run_config(run, out, settings)
     scores = out / "evals" / run.name
-    wanted = range(cfg.ckpt_every, cfg.steps + 1, cfg.ckpt_every)
-    if not all((scores / f"step_{s:07d}.json").is_file() for s in wanted):  # else its checkpoints may be gone
+    wanted = scored_steps(settings)
+    final = out / "final" / run.name / f"step_{cfg.steps:07d}.json"
+    if not (all((scores / f"step_{s:07d}.json").is_file() for s in wanted)  # else its checkpoints may be gone
+            and (final.is_file() or not settings["final"])):
         done = checkpoints(cfg.out_dir)
         if cfg.steps not in done:
             train.train(cfg)
             done = checkpoints(cfg.out_dir)
             if cfg.steps not in done:
                 raise Stopped(f"{run.name} stopped at step {max(done, default=0)}")
-        for step, path in done.items():
-            score_once(path, scores / f"step_{step:07d}.json", settings["images"],
+        for step in wanted:
+            score_once(done[step], scores / f"step_{step:07d}.json", settings["images"],
                        settings["ddim_steps"], settings["device"])
+        if settings["final"]:
+            score_once(done[cfg.steps], final, FULL_SCORER["images"], FULL_SCORER["ddim_steps"], settings["device"],
+                       errors=False)
     scored = load_scores(scores)
     record = {"run": {"name": run.name, **asdict(run)}, "settings": kept_settings(settings), "commit": code,
               "seconds": round(time.time() - start), "threads": settings["threads"],
               "config": {k: v for k, v in vars(cfg).items() if k not in ("out_dir", "resume")},
               "scores": [scored[s] for s in wanted]}
+    if settings["final"]:
+        record["final"] = {"scorer": FULL_SCORER, **json.loads(final.read_text())}
     write_atomically(run_file(settings["results"], run), lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
@@ -490,7 +506,9 @@ def plot(results, path):
 
 def kept_settings(settings):
     """The settings every run of one results folder must share."""
-    return {k: settings[k] for k in ("overrides", "steps", "every", "images", "ddim_steps")}
+    kept = {k: settings[k] for k in ("overrides", "steps", "every", "images", "ddim_steps")}
+    kept.update({k: settings[k] for k in ("score_at", "final") if settings.get(k)})  # a study of 500 steps has neither
+    return kept
 
 
 def stop_with_parent():
@@ -562,6 +580,10 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=100, help="a checkpoint scored every EVERY steps")
     p.add_argument("--images", type=int, default=32, help="held-out first frames of the cheap scorer")
     p.add_argument("--ddim-steps", type=int, default=5, help="DDIM steps of the cheap scorer")
+    p.add_argument("--score-at", default=None, metavar="STEPS", help="score only these checkpoints (comma-separated "
+                   "multiples of --every, ending at --steps), e.g. 100,200,300,500,800,1100,1400")
+    p.add_argument("--final", action="store_true", help="also score every run's last checkpoint with the full scorer "
+                   f"({FULL_SCORER['images']} held-out frames, all their pairs, {FULL_SCORER['ddim_steps']} DDIM steps)")
     p.add_argument("--max-runs", type=int, default=None, help="do at most N runs not yet finished, then stop")
     p.add_argument("--max-minutes", type=float, default=None, help="start no run after M minutes (the runs in "
                    "progress finish: a run takes about 15 minutes on 2 cores)")
@@ -580,7 +602,7 @@ def main(argv=None):
     out, results = Path(args.out), Path(args.results)
     settings = {"overrides": args.set, "steps": args.steps, "every": args.every, "images": args.images,
                 "ddim_steps": args.ddim_steps, "threads": args.threads, "device": args.device,
-                "results": str(results), "agreement": None}
+                "results": str(results), "agreement": None, "final": args.final, "score_at": None}
     if (args.report or args.shares) and (results / "study.json").is_file():  # the study's own settings
         settings.update(json.loads((results / "study.json").read_text()))
     kept = kept_settings(settings)
@@ -597,6 +619,14 @@ def main(argv=None):
             raise ValueError("--max-runs and --max-minutes must be 0 or more")
         if args.every < 1 or args.steps % args.every or args.steps // args.every < 2:
             raise ValueError(f"--steps ({args.steps}) must be a multiple of --every ({args.every}), at least twice it")
+        if args.score_at is not None:
+            try:
+                settings["score_at"] = sorted({int(step) for step in args.score_at.split(",")})
+            except ValueError:
+                raise ValueError(f"--score-at takes steps like 100,200,500, not {args.score_at!r}") from None
+            if any(s % args.every or s < 1 for s in settings["score_at"]) or settings["score_at"][-1] != args.steps:
+                raise ValueError(f"--score-at's steps must be multiples of --every ({args.every}) ending at --steps "
+                                 f"({args.steps})")
         if args.agreement not in (None, "all"):
             try:
                 settings["agreement"] = {int(step) for step in args.agreement.split(",")}
