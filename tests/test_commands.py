@@ -204,7 +204,7 @@ def test_the_recipe_under_torchrun(workspace, monkeypatch):
     launcher, args = split_launcher(argv, "train.py")
     launcher[launcher.index("--nproc_per_node") + 1] = "2"
     from conftest import free_port
-    command = ["torchrun", *launcher, f"--master_port={free_port()}", __file__, *args, *SHRINK_TRAIN]
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--master_port={free_port()}", __file__, *args, *SHRINK_TRAIN]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) on cpu" in result.stdout and (workspace / "out/motif/latest").is_file(), result.stdout
