@@ -137,7 +137,8 @@ def parse_value(key, text, kind):
 
 
 def load_config(argv):
-    """Defaults <- --preset NAME (config/NAME.toml) <- --key=value flags, each type-checked."""
+    """Defaults <- --preset NAME (config/NAME.toml) <- --key=value flags, each type-checked; a flag wins over a preset
+    wherever it stands. --resume, --resume=true: "latest"; --resume=false: a fresh start."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     values = {}
 
@@ -154,27 +155,36 @@ def load_config(argv):
             raise ValueError(f"{key} takes a {kind.__name__}, not {value!r} (in {source})")
         values[key] = value
 
+    presets, flags = [], []  # presets first, then flags: a flag wins wherever it stands
     args = list(argv)
     while args:
         arg = args.pop(0)
         if arg == "--preset" or arg.startswith("--preset="):
-            name = arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else "")
-            path = PRESET_DIR / f"{name}.toml"
-            if not path.is_file():
-                presets = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-                raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
-            for key, value in tomllib.loads(path.read_text()).items():
-                set_value(key, value, path.name)
+            presets.append(arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else ""))
         elif arg == "--resume":
-            values["resume"] = "latest"
+            flags.append(("resume", "latest"))
         elif arg.startswith("--") and "=" in arg:
             key, text = arg[2:].split("=", 1)
-            set_value(key.replace("-", "_"), text, "the command line")
+            flags.append((key.replace("-", "_"), text))
         elif arg.startswith("--") and args and not args[0].startswith("--"):
-            set_value(arg[2:].replace("-", "_"), args.pop(0), "the command line")
+            flags.append((arg[2:].replace("-", "_"), args.pop(0)))
         else:
             raise ValueError(f"cannot read argument {arg!r}: use --key=value (see the Config class in train.py)")
+    for name in presets:
+        path = PRESET_DIR / f"{name}.toml"
+        if not path.is_file():
+            names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(names)}")
+        for key, value in tomllib.loads(path.read_text()).items():
+            set_value(key, value, path.name)
+    for key, text in flags:
+        if key == "resume" and text.lower() in RESUME_WORDS:  # --resume=true is the bare --resume, not a file "true"
+            text = RESUME_WORDS[text.lower()]
+        set_value(key, text, "the command line")
     return Config(**values)
+
+
+RESUME_WORDS = {"1": "latest", "true": "latest", "yes": "latest", "0": "", "false": "", "no": ""}
 
 
 POSITIVE = ("height", "width", "max_stride", "max_shapes", "pixel_patch", "batch_size", "micro_batch", "steps",

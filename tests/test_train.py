@@ -45,6 +45,17 @@ def test_config_layers_defaults_preset_and_flags():
     assert "--init" in user_error(train.main, ["--data=videos"])  # frozen encoders: from VideoCrafter2's model.ckpt
 
 
+def test_flags_win_over_presets_wherever_they_stand():
+    assert train.load_config(["--steps=3", "--preset", "shapes"]).steps == 3
+    assert train.load_config(["--max_shapes", "2", "--preset=shapes", "--lr=1e-3"]).max_shapes == 2
+
+
+@pytest.mark.parametrize("text, resume", [("true", "latest"), ("yes", "latest"), ("1", "latest"), ("latest", "latest"),
+                                          ("false", ""), ("run/ckpt_0000002.pt", "run/ckpt_0000002.pt")])
+def test_resume_true_means_latest(text, resume):
+    assert train.load_config([f"--resume={text}"]).resume == resume
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--lerning_rate=1"], "unknown config key 'lerning_rate'"),
     (["--lr=fast"], "--lr takes a float"),
