@@ -101,7 +101,7 @@ class Config:
     warmup_steps: int = 500
     cooldown_steps: int = 0  # the last N steps (or all, if fewer) take the lr linearly to 0 (warmup-stable-decay); 0: off
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the gradients' global norm is clipped to this; 0: no clipping
     ema_decay: float = 0.9999
     steps: int = 32000
     # memory (shard.py; README "Memory per GPU")
@@ -411,7 +411,8 @@ def update(state, losses, step):
     a float or a 0-d tensor) or gradient, skip the step on every rank. Returns (stepped, gradient norm)."""
     cfg = state.cfg
     trainable = [p for p in state.model.parameters() if p.requires_grad]
-    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)).item()  # the global norm, all ranks
+    max_norm = cfg.grad_clip or math.inf  # 0: no clipping, the norm still measured for the log
+    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, max_norm)).item()  # the global norm, all ranks
     finite = math.isfinite(losses["loss"]) and math.isfinite(grad_norm)
     stepped = not any_rank(not finite, state.world, state.device)
     if stepped:

@@ -130,6 +130,15 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(v, final_part["ema"][k]) for k, v in final_full["ema"].items())
 
 
+def test_grad_clip_0_means_no_clipping(tmp_path):
+    torch.set_num_threads(1)
+    model = train.train(train.load_config(TINY + ["--steps=1", "--grad_clip=0", "--lr=1e-2", f"--out_dir={tmp_path}"]))
+    torch.manual_seed(0)  # the run's --seed: its initial weights
+    initial = MotifModel(model.cfg).state_dict()
+    assert any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items())  # the step moved the weights
+    assert losses(tmp_path)[0]["grad_norm"] > 0
+
+
 # ----------------------------------------------------------------------------- sampling
 
 @pytest.fixture(scope="module")
