@@ -139,6 +139,30 @@ def test_grad_clip_0_means_no_clipping(tmp_path):
     assert losses(tmp_path)[0]["grad_norm"] > 0
 
 
+def test_pruning_removes_only_this_runs_older_checkpoints(tmp_path):
+    """Another run's higher-numbered checkpoints stay, and this run's newest is never pruned (keep 1 included)."""
+    import checkpoint
+    other = tmp_path / "ckpt_0000010.pt"
+    other.write_bytes(b"another run's")
+    for step in (1, 2):
+        checkpoint.save_checkpoint(tmp_path, {"step": step}, keep=1)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000002.pt", "ckpt_0000010.pt"]
+    assert resolve_checkpoint(tmp_path).is_file() and resolve_checkpoint(tmp_path).name == "ckpt_0000002.pt"
+
+
+def test_pruning_spares_the_checkpoint_latest_names(tmp_path, monkeypatch):
+    """A run killed while it writes must leave `latest` naming a file, whichever files lie beside it."""
+    import checkpoint
+    for step in (2, 3, 4):
+        (tmp_path / f"ckpt_{step:07d}.pt").write_bytes(b"x")
+    (tmp_path / "latest").write_text("ckpt_0000002.pt\n")
+    seen = []
+    monkeypatch.setattr(checkpoint.torch, "save", lambda obj, f: seen.append(resolve_checkpoint(tmp_path).is_file()))
+    checkpoint.save_checkpoint(tmp_path, {"step": 5}, keep=1)
+    assert seen == [True]
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000005.pt"]
+
+
 # ----------------------------------------------------------------------------- sampling
 
 @pytest.fixture(scope="module")
