@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
+from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, resolve_checkpoint, save_checkpoint
 from data import VideoFolderDataset, heatmap_size
 from demo import high_t_floor
 from eval import score
@@ -304,7 +304,7 @@ def setup(cfg):
     use_bf16 = wants_bf16(cfg.dtype, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # the same shapes every step: cuDNN times its algorithms once
     torch.backends.cuda.matmul.allow_tf32 = use_bf16  # what stays fp32 in a bf16 run (RAFT in the step and the monitor): TF32
-    model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master), world, use_bf16)
+    model, optimizer, ema, step = setup_model(cfg, device, master, *resume_checkpoint(cfg, rank, world), world, use_bf16)
     dataset = build_dataset(cfg, model)
     raft = RAFT(cfg.flow_weights, device=device) if cfg.flow_weights and cfg.data != "shapes" else None
     if world > 1 and not cfg.shard:  # the gradients are views of DDP's all-reduce buckets, not a second copy of them
@@ -535,13 +535,12 @@ def motion_monitor(cfg, state):
 
 # ----------------------------------------------------------------------------- what setup builds: the model, the data, the log
 
-def setup_model(cfg, device, master, resume, world, bf16):
+def setup_model(cfg, device, master, resume, ckpt, world, bf16):
     """The model, its AdamW and its EMA (fp32 shadow weights of the trainable parameters): from --init, or fresh
-    (the same initial weights on every rank), or the checkpoint's when resuming; then sharded with --shard (shard.py:
-    the optimizer and the EMA hold this rank's shards). Returns them and the step."""
+    (the same initial weights on every rank), or those of `ckpt`, read from the file `resume`, when resuming; then
+    sharded with --shard (shard.py: the optimizer and the EMA hold this rank's shards). Returns them and the step."""
     torch.manual_seed(cfg.seed)
     model = MotifModel(ModelConfig.from_run_config(asdict(cfg))).to(device)
-    ckpt = load_checkpoint(resume) if resume else None
     if ckpt:  # it holds every weight, --init's included
         try:
             model.load_state_dict(ckpt["model"])
@@ -570,6 +569,12 @@ def setup_model(cfg, device, master, resume, world, bf16):
         load_optimizer_state(model, optimizer, ckpt["optimizer"])
     else:
         optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the flags' (the lr is set every step), not the saved state's
+        group["weight_decay"] = cfg.weight_decay
+    changed = [f"{key} {getattr(cfg, key)} (the checkpoint's run: {ckpt['config'][key]})" for key in OPTIMIZATION
+               if ckpt["config"].get(key, getattr(cfg, key)) != getattr(cfg, key)]
+    if master and changed:
+        print("resuming with the flags' " + ", ".join(changed))
     for name, shadow in ema.items():
         shadow.copy_(local_part(ckpt["ema"][name], shadow))
     if master:
@@ -577,14 +582,49 @@ def setup_model(cfg, device, master, resume, world, bf16):
     return model, optimizer, ema, ckpt["step"]
 
 
-def resume_path(cfg, master):
-    """What --resume names: a checkpoint or run folder; "latest" is out_dir if it has one, else a fresh start ("")."""
+OPTIMIZATION = ("lr", "warmup_steps", "cooldown_steps", "weight_decay", "grad_clip", "ema_decay")  # flags win on resume
+
+
+def resume_checkpoint(cfg, rank, world):
+    """(the file, the checkpoint) to resume from, or ("", None) for a fresh start. Rank 0 decides which file (what
+    --resume names; "latest": out_dir's, if it has one) and so the step; every rank loads that file and checks its
+    step, so that ranks without a shared file system cannot start at different steps. Any rank's error is every
+    rank's, and a fresh run into an out_dir that holds a run (its log would mix with this one's) is refused."""
+    path, ckpt, error = "", None, None
+    if rank == 0:
+        try:
+            path = str(resume_file(cfg))
+            ckpt = load_checkpoint(path) if path else None
+        except ValueError as failure:
+            error = str(failure)
+    path, step, error = from_rank_0((path, ckpt["step"] if ckpt else None, error), world)
+    if rank and path and not error:
+        try:
+            ckpt = load_checkpoint(path)
+            if ckpt["step"] != step:
+                error = (f"rank {rank}'s {path} holds step {ckpt['step']}, rank 0's step {step}: every node needs "
+                         "rank 0's file")
+        except ValueError as failure:
+            error = f"rank {rank} cannot resume at rank 0's step {step}: {failure}; every node needs that file"
+    error = first_error(error, world)
+    if error:
+        raise ValueError(error)
+    return path, ckpt
+
+
+def resume_file(cfg):
+    """What --resume names, as a checkpoint file; "latest" is out_dir's if it has one, else a fresh start ("")."""
+    out_dir = Path(cfg.out_dir)
+    if not cfg.resume:
+        if (out_dir / "log.jsonl").exists() or (out_dir / "latest").exists() or any(out_dir.glob("ckpt_*.pt")):
+            raise ValueError(f"{out_dir} holds a run already: continue it with --resume, or start a new run with a "
+                             "new --out_dir")
+        return ""
     if cfg.resume != "latest":
-        return cfg.resume
-    if (Path(cfg.out_dir) / "latest").is_file():
-        return cfg.out_dir
-    if master:
-        print(f"no checkpoint in {cfg.out_dir} yet: starting from step 0")
+        return resolve_checkpoint(cfg.resume)
+    if (out_dir / "latest").is_file():
+        return resolve_checkpoint(out_dir)
+    print(f"no checkpoint in {out_dir} yet: starting from step 0")
     return ""
 
 
@@ -706,6 +746,24 @@ def any_rank(flag, world, device):
     flag = torch.tensor([float(flag)], device=device)
     dist.all_reduce(flag)
     return flag.item() > 0
+
+
+def from_rank_0(value, world):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def first_error(message, world):
+    """Each rank's error message (or None) -> the lowest rank's, on every rank: they fail together, none waits."""
+    if world == 1:
+        return message
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), None)
 
 
 def ignore_stop_signals(worker_id):

@@ -163,6 +163,26 @@ def test_pruning_spares_the_checkpoint_latest_names(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000005.pt"]
 
 
+def test_a_fresh_run_into_a_used_out_dir_is_refused(tmp_path):
+    torch.set_num_threads(1)
+    train.train(train.load_config(TINY + ["--steps=1", f"--out_dir={tmp_path}"]))
+    message = user_error(train.main, TINY + ["--steps=2", f"--out_dir={tmp_path}"])
+    assert "--resume" in message and "new --out_dir" in message
+    assert [r["step"] for r in losses(tmp_path)] == [1]  # the old log, untouched
+    train.train(train.load_config(TINY + ["--steps=2", f"--out_dir={tmp_path}", "--resume"]))
+    assert [r["step"] for r in losses(tmp_path)] == [1, 2]
+
+
+def test_on_resume_the_flags_optimizer_settings_apply_and_are_said(tmp_path, capsys):
+    torch.set_num_threads(1)
+    train.train(train.load_config(TINY + ["--steps=1", "--weight_decay=0", f"--out_dir={tmp_path}"]))
+    train.train(train.load_config(TINY + ["--steps=2", "--weight_decay=0.5", f"--out_dir={tmp_path}", "--resume"]))
+    ckpt = torch.load(resolve_checkpoint(tmp_path), weights_only=True)
+    assert ckpt["step"] == 2 and all(g["weight_decay"] == 0.5 for g in ckpt["optimizer"]["param_groups"])
+    said = [line for line in capsys.readouterr().out.splitlines() if "weight_decay" in line]
+    assert said == ["resuming with the flags' weight_decay 0.5 (the checkpoint's run: 0.0)"]
+
+
 # ----------------------------------------------------------------------------- sampling
 
 @pytest.fixture(scope="module")
