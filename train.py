@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, resolve_checkpoint, save_checkpoint
-from data import VideoFolderDataset, heatmap_size
+from data import VideoFolderDataset, heatmap_size, summarise
 from demo import high_t_floor
 from eval import score
 from flow import RAFT, clip_heatmaps
@@ -52,7 +52,7 @@ from sample import ddim_sample, to_uint8_frames
 from shapes import ShapesDataset, held_out_pairs
 from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
 from utils import autocast, fail, peak_bf16_flops, peak_memory_gb, setup_distributed, wants_bf16
-from video_io import FALLBACK_FPS, VideoFile, frames_to_tensor, resize_center_crop, to_unit_range, write_video
+from video_io import FALLBACK_FPS, UnusableVideo, frames_to_tensor, resize_center_crop, to_unit_range, write_video
 
 
 class TrainingStopped(Exception):
@@ -467,19 +467,29 @@ VALIDATION_FPS = 8  # a video folder's real clips are taken at the stride neares
 def validation_set(cfg, dataset):
     """What the validation samples show, as held_out_pairs-style entries with "image" (H, W, 3) uint8, "caption" and
     "fps" (what the sample is told): on shapes, the first held-out first frames with all their prompts (scored: they
-    carry their scenes and motions); on a video folder, the first frames of its first videos with their captions, and
+    carry their scenes and motions); on a video folder, the first frames of its first usable videos (the others skipped
+    and counted as the training clips skip them) with their captions, and
     "clip" (T, H, W, 3) uint8, the real clip from that frame at the stride nearest VALIDATION_FPS, for the motion
     monitor."""
     if cfg.data == "shapes":
         return [{**e, "fps": 8.0} for e in held_out_pairs(VALIDATION_IMAGES, size=cfg.height,
                                                           shape_scale=cfg.shape_scale, max_shapes=cfg.max_shapes)]
     entries = []
-    for video in dataset.videos[:VALIDATION_VIDEOS]:
-        file = VideoFile(dataset.root / video["path"])
-        fps = video["fps"] or file.fps or FALLBACK_FPS
-        stride = max(1, min(round(fps / VALIDATION_FPS), cfg.max_stride, (file.num_frames - 1) // (cfg.frames - 1)))
-        clip = resize_center_crop(file.read(range(0, stride * cfg.frames, stride)), (cfg.height, cfg.width))
+    bad_paths = {path for _, path in dataset.unusable}
+    for video in (v for v in dataset.videos if v["path"] not in bad_paths):
+        if len(entries) == VALIDATION_VIDEOS:
+            break
+        try:  # an unusable video is skipped and counted, as the training clips do
+            file = dataset.open_video(video["path"])
+            fps = video["fps"] or file.fps or FALLBACK_FPS
+            stride = max(1, min(round(fps / VALIDATION_FPS), cfg.max_stride, (file.num_frames - 1) // (cfg.frames - 1)))
+            clip = resize_center_crop(file.read(range(0, stride * cfg.frames, stride)), (cfg.height, cfg.width))
+        except UnusableVideo as error:
+            dataset.skip(video, error)
+            continue
         entries.append({"image": clip[0], "clip": clip, "caption": video["caption"], "fps": fps / stride})
+    if not entries:
+        raise ValueError(f"no usable video in {dataset.root} for the validation samples: {summarise(dataset.unusable)}")
     return entries
 
 

@@ -404,6 +404,30 @@ def test_training_on_a_video_folder_with_validation_samples(tmp_path):
     assert not any("validation" in r for r in records)  # no figures: no RAFT for the motion monitor
 
 
+def test_a_validation_set_skips_unusable_videos_as_the_training_set_does(tmp_path, capsys):
+    from test_data import GOOD, write_videos
+    import data
+    write_videos(tmp_path / "videos")
+    good = list(GOOD)
+    names = ["truncated.mp4", good[0], "short.mp4", *good[1:]]  # the dataset finds the first bad one, not the second
+    (tmp_path / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n},clip {n}\n" for n in names))
+    size = data.heatmap_size((16, 16))
+    for name in names:
+        pairs = {f"stride_{s}": np.full((12 - s, *size), 200, np.uint8) for s in (1, 2)}
+        data.save_npz(data.cache_path(tmp_path / "videos", name, (16, 16)), num_frames=np.array(12),
+                      heatmap_size=np.array(size), **pairs)
+    cfg = train.load_config([f"--data={tmp_path / 'videos'}", "--height=16", "--width=16", "--frames=4", "--max_stride=2"])
+    dataset = data.VideoFolderDataset(cfg.data, frames=4, size=(16, 16), max_stride=2)
+    assert "1 unusable videos skipped so far: 1 unreadable: truncated.mp4" in capsys.readouterr().err
+    entries = train.validation_set(cfg, dataset)
+    assert [e["caption"] for e in entries] == [f"clip {n}" for n in GOOD]
+    assert "skipping short.mp4: too short" in capsys.readouterr().err
+    assert dataset.unusable == [("unreadable", "truncated.mp4"), ("too short", "short.mp4")]
+    dataset.unusable += [("unreadable", name) for name in GOOD]
+    with pytest.raises(ValueError, match="no usable video .* for the validation samples"):
+        train.validation_set(cfg, dataset)
+
+
 def test_the_process_group_waits_an_hour_for_rank_0(monkeypatch):
     """Rank 0 saves and samples while the others wait at their next collective: longer than NCCL's default 10
     minutes. A sharded run alone has a process group, so this process can look at its timeout."""
