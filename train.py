@@ -7,11 +7,12 @@
 
 One process or many (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE): each step draws the global
 batch's sample indices step*B .. step*B+B-1; each rank takes a disjoint slice, and every sample's
-noise, timestep and text dropout come from a generator seeded by (seed, step, sample index), so the
-maths of a run does not depend on how many processes share it. Gradients are averaged over the
-global batch: under DDP every rank holds the whole model and gradients are synced on the last
-micro-step; with --shard=true (shard.py, FSDP2) each rank holds 1 / world of the weights, gradients,
-AdamW state and EMA, and gradients are reduce-scattered after every micro-step. Rank 0 writes logs
+noise, timestep and text dropout come from a generator seeded by (seed, step, sample index), and a
+micro-batch's dropout masks from one seeded by its first sample, so for a given micro_batch the maths
+of a run does not depend on how many processes share it. Gradients are averaged over the global
+batch: under DDP every rank holds the whole model and gradients are synced on the last micro-step;
+with --shard=true (shard.py, FSDP2) each rank holds 1 / world of the weights, gradients, AdamW state
+and EMA, and gradients are reduce-scattered after every micro-step. Rank 0 writes logs
 and checkpoints; a checkpoint is the same plain file whichever way it was trained.
 
 Data flow of a step (DESIGN.md): clip + heatmap (shapes.py or data.py / flow.py) -> z0 = encode(clip), image
@@ -335,8 +336,6 @@ def train_step(state, batches, step):
     gradients are reduce-scattered after each, shard.py). Then one update: clipping, AdamW, EMA. Returns (the loss
     terms averaged over the micro-batches, stepped, gradient norm, lr)."""
     cfg, model, device = state.cfg, state.model, state.device
-    # the global RNG drives only dropout: seeded per step and rank (a negative index, never a sample's): resume is exact
-    torch.manual_seed(sample_seed(cfg.seed, step, -1 - state.rank))
     lr = learning_rate(cfg, step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -344,6 +343,9 @@ def train_step(state, batches, step):
     losses = dict.fromkeys(LOSS_TERMS, 0.0)
     for micro in range(accum):
         batch = next(batches)
+        # the global RNG drives only dropout: seeded by the micro-batch's first sample (a negative index, never a
+        # sample's), so that its masks do not depend on the rank or the world size for a given micro_batch
+        torch.manual_seed(sample_seed(cfg.seed, step, -1 - batch["index"][0].item()))
         # the clips -> z0, from the latent cache of `prepare.py latents` or through the (frozen) autoencoder
         if "latent" in batch:
             z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
