@@ -28,18 +28,28 @@ CHECKPOINT_KIND = "motif-ti2v"
 # ----------------------------------------------------------------------------- ours
 
 def save_checkpoint(out_dir, state, keep):
-    """Write ckpt_STEP.pt, point `latest` at it, then delete all but the newest `keep`. The oldest go before the write,
-    so that the disk holds `keep` files at once, not keep + 1 (a vc2 checkpoint is about 24 GB); the newest stays
-    until the new one is in, whatever `keep`."""
+    """Write ckpt_STEP.pt, point `latest` at it, then delete all but the newest `keep`. Only checkpoints of lower steps
+    than this one are pruned (a higher-numbered file is another run's, or a branch this run resumed before), and never
+    the one `latest` names. The oldest go before the write, so that the disk holds `keep` files at once, not keep + 1
+    (a vc2 checkpoint is about 24 GB); the newest stays until the new one is in, whatever `keep`."""
     out_dir = Path(out_dir)
     path = out_dir / f"ckpt_{state['step']:07d}.pt"
-    for old in sorted(p for p in out_dir.glob("ckpt_*.pt") if p != path)[:-max(keep - 1, 1)]:
-        old.unlink()
+    prune(out_dir, state["step"], max(keep - 1, 1))
     write_atomically(path, lambda f: torch.save(state, f))
     write_atomically(out_dir / "latest", lambda f: f.write(path.name.encode() + b"\n"))
-    for old in sorted(out_dir.glob("ckpt_*.pt"))[:-keep]:
-        old.unlink()
+    prune(out_dir, state["step"], keep - 1)
     return path
+
+
+def prune(out_dir, step, keep):
+    """Delete out_dir's checkpoints of steps below `step` but the newest `keep` of them; never the one `latest` names."""
+    pointer = out_dir / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    steps = {p: int(p.stem[5:]) for p in out_dir.glob("ckpt_*.pt") if p.stem[5:].isdigit()}
+    older = sorted((n, p) for p, n in steps.items() if n < step)
+    for _, old in older[:max(len(older) - keep, 0)]:
+        if old.name != named:
+            old.unlink()
 
 
 def resolve_checkpoint(path):

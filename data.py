@@ -298,10 +298,14 @@ class VideoFolderDataset(torch.utils.data.Dataset):
             try:   # a fresh RNG per try: the clip does not depend on which failures were seen before
                 return {**self.clip(video, np.random.default_rng([self.seed, PICK_STREAM, index])), "index": index}
             except UnusableVideo as error:
-                self.unusable.append((error.reason, video["path"]))
-                warn(f"skipping {video['path']}: {error}; {len(self.unusable)} unusable so far: "
-                     f"{summarise(self.unusable)}")
+                self.skip(video, error)
         raise ValueError(f"no usable clip of {self.frames} frames left in {self.root}: {summarise(self.unusable)}")
+
+    def skip(self, video, error):
+        """Count a listed video unusable (UnusableVideo `error`), in a warning naming the first few; train.py's
+        validation set skips its videos here too."""
+        self.unusable.append((error.reason, video["path"]))
+        warn(f"skipping {video['path']}: {error}; {len(self.unusable)} unusable so far: {summarise(self.unusable)}")
 
     def order(self, epoch):
         """The videos' order in an epoch: a permutation drawn once per epoch (and per loader worker), not per item."""

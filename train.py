@@ -7,11 +7,12 @@
 
 One process or many (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE): each step draws the global
 batch's sample indices step*B .. step*B+B-1; each rank takes a disjoint slice, and every sample's
-noise, timestep and text dropout come from a generator seeded by (seed, step, sample index), so the
-maths of a run does not depend on how many processes share it. Gradients are averaged over the
-global batch: under DDP every rank holds the whole model and gradients are synced on the last
-micro-step; with --shard=true (shard.py, FSDP2) each rank holds 1 / world of the weights, gradients,
-AdamW state and EMA, and gradients are reduce-scattered after every micro-step. Rank 0 writes logs
+noise, timestep and text dropout come from a generator seeded by (seed, step, sample index), and a
+micro-batch's dropout masks from one seeded by its first sample, so for a given micro_batch the maths
+of a run does not depend on how many processes share it. Gradients are averaged over the global
+batch: under DDP every rank holds the whole model and gradients are synced on the last micro-step;
+with --shard=true (shard.py, FSDP2) each rank holds 1 / world of the weights, gradients, AdamW state
+and EMA, and gradients are reduce-scattered after every micro-step. Rank 0 writes logs
 and checkpoints; a checkpoint is the same plain file whichever way it was trained.
 
 Data flow of a step (DESIGN.md): clip + heatmap (shapes.py or data.py / flow.py) -> z0 = encode(clip), image
@@ -40,8 +41,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, save_checkpoint
-from data import VideoFolderDataset, heatmap_size
+from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, resolve_checkpoint, save_checkpoint
+from data import VideoFolderDataset, heatmap_size, summarise
 from demo import high_t_floor
 from eval import score
 from flow import RAFT, clip_heatmaps
@@ -52,7 +53,7 @@ from sample import ddim_sample, to_uint8_frames
 from shapes import ShapesDataset, held_out_pairs
 from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
 from utils import autocast, fail, peak_bf16_flops, peak_memory_gb, setup_distributed, wants_bf16
-from video_io import FALLBACK_FPS, VideoFile, frames_to_tensor, resize_center_crop, to_unit_range, write_video
+from video_io import FALLBACK_FPS, UnusableVideo, frames_to_tensor, resize_center_crop, to_unit_range, write_video
 
 
 class TrainingStopped(Exception):
@@ -101,7 +102,7 @@ class Config:
     warmup_steps: int = 500
     cooldown_steps: int = 0  # the last N steps (or all, if fewer) take the lr linearly to 0 (warmup-stable-decay); 0: off
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the gradients' global norm is clipped to this; 0: no clipping
     ema_decay: float = 0.9999
     steps: int = 32000
     # memory (shard.py; README "Memory per GPU")
@@ -137,7 +138,8 @@ def parse_value(key, text, kind):
 
 
 def load_config(argv):
-    """Defaults <- --preset NAME (config/NAME.toml) <- --key=value flags, each type-checked."""
+    """Defaults <- --preset NAME (config/NAME.toml) <- --key=value flags, each type-checked; a flag wins over a preset
+    wherever it stands. --resume, --resume=true: "latest"; --resume=false: a fresh start."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     values = {}
 
@@ -154,27 +156,36 @@ def load_config(argv):
             raise ValueError(f"{key} takes a {kind.__name__}, not {value!r} (in {source})")
         values[key] = value
 
+    presets, flags = [], []  # presets first, then flags: a flag wins wherever it stands
     args = list(argv)
     while args:
         arg = args.pop(0)
         if arg == "--preset" or arg.startswith("--preset="):
-            name = arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else "")
-            path = PRESET_DIR / f"{name}.toml"
-            if not path.is_file():
-                presets = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-                raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
-            for key, value in tomllib.loads(path.read_text()).items():
-                set_value(key, value, path.name)
+            presets.append(arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else ""))
         elif arg == "--resume":
-            values["resume"] = "latest"
+            flags.append(("resume", "latest"))
         elif arg.startswith("--") and "=" in arg:
             key, text = arg[2:].split("=", 1)
-            set_value(key.replace("-", "_"), text, "the command line")
+            flags.append((key.replace("-", "_"), text))
         elif arg.startswith("--") and args and not args[0].startswith("--"):
-            set_value(arg[2:].replace("-", "_"), args.pop(0), "the command line")
+            flags.append((arg[2:].replace("-", "_"), args.pop(0)))
         else:
             raise ValueError(f"cannot read argument {arg!r}: use --key=value (see the Config class in train.py)")
+    for name in presets:
+        path = PRESET_DIR / f"{name}.toml"
+        if not path.is_file():
+            names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(names)}")
+        for key, value in tomllib.loads(path.read_text()).items():
+            set_value(key, value, path.name)
+    for key, text in flags:
+        if key == "resume" and text.lower() in RESUME_WORDS:  # --resume=true is the bare --resume, not a file "true"
+            text = RESUME_WORDS[text.lower()]
+        set_value(key, text, "the command line")
     return Config(**values)
+
+
+RESUME_WORDS = {"1": "latest", "true": "latest", "yes": "latest", "0": "", "false": "", "no": ""}
 
 
 POSITIVE = ("height", "width", "max_stride", "max_shapes", "pixel_patch", "batch_size", "micro_batch", "steps",
@@ -294,7 +305,7 @@ def setup(cfg):
     use_bf16 = wants_bf16(cfg.dtype, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # the same shapes every step: cuDNN times its algorithms once
     torch.backends.cuda.matmul.allow_tf32 = use_bf16  # what stays fp32 in a bf16 run (RAFT in the step and the monitor): TF32
-    model, optimizer, ema, step = setup_model(cfg, device, master, resume_path(cfg, master), world, use_bf16)
+    model, optimizer, ema, step = setup_model(cfg, device, master, *resume_checkpoint(cfg, rank, world), world, use_bf16)
     dataset = build_dataset(cfg, model)
     raft = RAFT(cfg.flow_weights, device=device) if cfg.flow_weights and cfg.data != "shapes" else None
     if world > 1 and not cfg.shard:  # the gradients are views of DDP's all-reduce buckets, not a second copy of them
@@ -325,8 +336,6 @@ def train_step(state, batches, step):
     gradients are reduce-scattered after each, shard.py). Then one update: clipping, AdamW, EMA. Returns (the loss
     terms averaged over the micro-batches, stepped, gradient norm, lr)."""
     cfg, model, device = state.cfg, state.model, state.device
-    # the global RNG drives only dropout: seeded per step and rank (a negative index, never a sample's): resume is exact
-    torch.manual_seed(sample_seed(cfg.seed, step, -1 - state.rank))
     lr = learning_rate(cfg, step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -334,6 +343,9 @@ def train_step(state, batches, step):
     losses = dict.fromkeys(LOSS_TERMS, 0.0)
     for micro in range(accum):
         batch = next(batches)
+        # the global RNG drives only dropout: seeded by the micro-batch's first sample (a negative index, never a
+        # sample's), so that its masks do not depend on the rank or the world size for a given micro_batch
+        torch.manual_seed(sample_seed(cfg.seed, step, -1 - batch["index"][0].item()))
         # the clips -> z0, from the latent cache of `prepare.py latents` or through the (frozen) autoencoder
         if "latent" in batch:
             z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
@@ -401,7 +413,8 @@ def update(state, losses, step):
     a float or a 0-d tensor) or gradient, skip the step on every rank. Returns (stepped, gradient norm)."""
     cfg = state.cfg
     trainable = [p for p in state.model.parameters() if p.requires_grad]
-    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)).item()  # the global norm, all ranks
+    max_norm = cfg.grad_clip or math.inf  # 0: no clipping, the norm still measured for the log
+    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, max_norm)).item()  # the global norm, all ranks
     finite = math.isfinite(losses["loss"]) and math.isfinite(grad_norm)
     stepped = not any_rank(not finite, state.world, state.device)
     if stepped:
@@ -456,19 +469,29 @@ VALIDATION_FPS = 8  # a video folder's real clips are taken at the stride neares
 def validation_set(cfg, dataset):
     """What the validation samples show, as held_out_pairs-style entries with "image" (H, W, 3) uint8, "caption" and
     "fps" (what the sample is told): on shapes, the first held-out first frames with all their prompts (scored: they
-    carry their scenes and motions); on a video folder, the first frames of its first videos with their captions, and
+    carry their scenes and motions); on a video folder, the first frames of its first usable videos (the others skipped
+    and counted as the training clips skip them) with their captions, and
     "clip" (T, H, W, 3) uint8, the real clip from that frame at the stride nearest VALIDATION_FPS, for the motion
     monitor."""
     if cfg.data == "shapes":
         return [{**e, "fps": 8.0} for e in held_out_pairs(VALIDATION_IMAGES, size=cfg.height,
                                                           shape_scale=cfg.shape_scale, max_shapes=cfg.max_shapes)]
     entries = []
-    for video in dataset.videos[:VALIDATION_VIDEOS]:
-        file = VideoFile(dataset.root / video["path"])
-        fps = video["fps"] or file.fps or FALLBACK_FPS
-        stride = max(1, min(round(fps / VALIDATION_FPS), cfg.max_stride, (file.num_frames - 1) // (cfg.frames - 1)))
-        clip = resize_center_crop(file.read(range(0, stride * cfg.frames, stride)), (cfg.height, cfg.width))
+    bad_paths = {path for _, path in dataset.unusable}
+    for video in (v for v in dataset.videos if v["path"] not in bad_paths):
+        if len(entries) == VALIDATION_VIDEOS:
+            break
+        try:  # an unusable video is skipped and counted, as the training clips do
+            file = dataset.open_video(video["path"])
+            fps = video["fps"] or file.fps or FALLBACK_FPS
+            stride = max(1, min(round(fps / VALIDATION_FPS), cfg.max_stride, (file.num_frames - 1) // (cfg.frames - 1)))
+            clip = resize_center_crop(file.read(range(0, stride * cfg.frames, stride)), (cfg.height, cfg.width))
+        except UnusableVideo as error:
+            dataset.skip(video, error)
+            continue
         entries.append({"image": clip[0], "clip": clip, "caption": video["caption"], "fps": fps / stride})
+    if not entries:
+        raise ValueError(f"no usable video in {dataset.root} for the validation samples: {summarise(dataset.unusable)}")
     return entries
 
 
@@ -524,13 +547,12 @@ def motion_monitor(cfg, state):
 
 # ----------------------------------------------------------------------------- what setup builds: the model, the data, the log
 
-def setup_model(cfg, device, master, resume, world, bf16):
+def setup_model(cfg, device, master, resume, ckpt, world, bf16):
     """The model, its AdamW and its EMA (fp32 shadow weights of the trainable parameters): from --init, or fresh
-    (the same initial weights on every rank), or the checkpoint's when resuming; then sharded with --shard (shard.py:
-    the optimizer and the EMA hold this rank's shards). Returns them and the step."""
+    (the same initial weights on every rank), or those of `ckpt`, read from the file `resume`, when resuming; then
+    sharded with --shard (shard.py: the optimizer and the EMA hold this rank's shards). Returns them and the step."""
     torch.manual_seed(cfg.seed)
     model = MotifModel(ModelConfig.from_run_config(asdict(cfg))).to(device)
-    ckpt = load_checkpoint(resume) if resume else None
     if ckpt:  # it holds every weight, --init's included
         try:
             model.load_state_dict(ckpt["model"])
@@ -559,6 +581,12 @@ def setup_model(cfg, device, master, resume, world, bf16):
         load_optimizer_state(model, optimizer, ckpt["optimizer"])
     else:
         optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the flags' (the lr is set every step), not the saved state's
+        group["weight_decay"] = cfg.weight_decay
+    changed = [f"{key} {getattr(cfg, key)} (the checkpoint's run: {ckpt['config'][key]})" for key in OPTIMIZATION
+               if ckpt["config"].get(key, getattr(cfg, key)) != getattr(cfg, key)]
+    if master and changed:
+        print("resuming with the flags' " + ", ".join(changed))
     for name, shadow in ema.items():
         shadow.copy_(local_part(ckpt["ema"][name], shadow))
     if master:
@@ -566,14 +594,49 @@ def setup_model(cfg, device, master, resume, world, bf16):
     return model, optimizer, ema, ckpt["step"]
 
 
-def resume_path(cfg, master):
-    """What --resume names: a checkpoint or run folder; "latest" is out_dir if it has one, else a fresh start ("")."""
+OPTIMIZATION = ("lr", "warmup_steps", "cooldown_steps", "weight_decay", "grad_clip", "ema_decay")  # flags win on resume
+
+
+def resume_checkpoint(cfg, rank, world):
+    """(the file, the checkpoint) to resume from, or ("", None) for a fresh start. Rank 0 decides which file (what
+    --resume names; "latest": out_dir's, if it has one) and so the step; every rank loads that file and checks its
+    step, so that ranks without a shared file system cannot start at different steps. Any rank's error is every
+    rank's, and a fresh run into an out_dir that holds a run (its log would mix with this one's) is refused."""
+    path, ckpt, error = "", None, None
+    if rank == 0:
+        try:
+            path = str(resume_file(cfg))
+            ckpt = load_checkpoint(path) if path else None
+        except ValueError as failure:
+            error = str(failure)
+    path, step, error = from_rank_0((path, ckpt["step"] if ckpt else None, error), world)
+    if rank and path and not error:
+        try:
+            ckpt = load_checkpoint(path)
+            if ckpt["step"] != step:
+                error = (f"rank {rank}'s {path} holds step {ckpt['step']}, rank 0's step {step}: every node needs "
+                         "rank 0's file")
+        except ValueError as failure:
+            error = f"rank {rank} cannot resume at rank 0's step {step}: {failure}; every node needs that file"
+    error = first_error(error, world)
+    if error:
+        raise ValueError(error)
+    return path, ckpt
+
+
+def resume_file(cfg):
+    """What --resume names, as a checkpoint file; "latest" is out_dir's if it has one, else a fresh start ("")."""
+    out_dir = Path(cfg.out_dir)
+    if not cfg.resume:
+        if (out_dir / "log.jsonl").exists() or (out_dir / "latest").exists() or any(out_dir.glob("ckpt_*.pt")):
+            raise ValueError(f"{out_dir} holds a run already: continue it with --resume, or start a new run with a "
+                             "new --out_dir")
+        return ""
     if cfg.resume != "latest":
-        return cfg.resume
-    if (Path(cfg.out_dir) / "latest").is_file():
-        return cfg.out_dir
-    if master:
-        print(f"no checkpoint in {cfg.out_dir} yet: starting from step 0")
+        return resolve_checkpoint(cfg.resume)
+    if (out_dir / "latest").is_file():
+        return resolve_checkpoint(out_dir)
+    print(f"no checkpoint in {out_dir} yet: starting from step 0")
     return ""
 
 
@@ -695,6 +758,24 @@ def any_rank(flag, world, device):
     flag = torch.tensor([float(flag)], device=device)
     dist.all_reduce(flag)
     return flag.item() > 0
+
+
+def from_rank_0(value, world):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def first_error(message, world):
+    """Each rank's error message (or None) -> the lowest rank's, on every rank: they fail together, none waits."""
+    if world == 1:
+        return message
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), None)
 
 
 def ignore_stop_signals(worker_id):

@@ -14,6 +14,7 @@ and runs train.py's main with ARGS.
 """
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -185,6 +186,7 @@ def test_every_documented_training_command_starts(workspace, monkeypatch):
         key = repr({k: v for k, v in asdict(cfg).items() if k != "out_dir"})
         if key in ran:  # the same run as a command before it (only its out_dir differs)
             continue
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)  # commands that share an out_dir are separate runs: each fresh
         train.main(args + SHRINK_TRAIN)
         assert (Path(cfg.out_dir) / "latest").is_file(), where
         ran[key] = where
@@ -204,7 +206,9 @@ def test_the_recipe_under_torchrun(workspace, monkeypatch):
     launcher, args = split_launcher(argv, "train.py")
     launcher[launcher.index("--nproc_per_node") + 1] = "2"
     from conftest import free_port
-    command = ["torchrun", *launcher, f"--master_port={free_port()}", __file__, *args, *SHRINK_TRAIN]
+    shutil.rmtree(train.load_config(args).out_dir, ignore_errors=True)  # the run of the test before: this one is fresh
+    command = [sys.executable, "-m", "torch.distributed.run",  # torchrun, whether or not its script is on PATH
+               *launcher, f"--master_port={free_port()}", __file__, *args, *SHRINK_TRAIN]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) on cpu" in result.stdout and (workspace / "out/motif/latest").is_file(), result.stdout

@@ -110,6 +110,32 @@ def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path):
     assert load_checkpoint(tmp_path)["step"] >= 2
 
 
+def test_rank_0_decides_the_resume_step_and_a_rank_without_its_file_stops_in_one_line(tmp_path):
+    """Nodes without a shared file system, here a working folder per rank: rank 1 lacks rank 0's checkpoint, and
+    every rank stops with one line that names it, rather than training from another step."""
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    first = start(["--steps=2", f"--out_dir={tmp_path / 'node0' / 'run'}"])
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    script = tmp_path / "node.py"
+    script.write_text("import os, sys\nimport train\nos.chdir(sys.argv[1 + int(os.environ['RANK'])])\n"
+                      "train.main(sys.argv[3:])\n")
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                f"--master_port={free_port()}", str(script), str(tmp_path / "node0"),
+                                str(tmp_path / "node1"), *TINY, "--steps=4", "--out_dir=run", "--resume"],
+                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"the ranks did not stop: {process.communicate()[1][-2000:]}") from None
+    assert process.returncode != 0
+    expected = "error: rank 1 cannot resume at rank 0's step 2: checkpoint run/ckpt_0000002.pt does not exist"
+    assert expected in err, err[-3000:]
+    assert not (tmp_path / "node1" / "run").exists() and load_checkpoint(tmp_path / "node0" / "run")["step"] == 2
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     real = train.motif_loss

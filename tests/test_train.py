@@ -45,6 +45,17 @@ def test_config_layers_defaults_preset_and_flags():
     assert "--init" in user_error(train.main, ["--data=videos"])  # frozen encoders: from VideoCrafter2's model.ckpt
 
 
+def test_flags_win_over_presets_wherever_they_stand():
+    assert train.load_config(["--steps=3", "--preset", "shapes"]).steps == 3
+    assert train.load_config(["--max_shapes", "2", "--preset=shapes", "--lr=1e-3"]).max_shapes == 2
+
+
+@pytest.mark.parametrize("text, resume", [("true", "latest"), ("yes", "latest"), ("1", "latest"), ("latest", "latest"),
+                                          ("false", ""), ("run/ckpt_0000002.pt", "run/ckpt_0000002.pt")])
+def test_resume_true_means_latest(text, resume):
+    assert train.load_config([f"--resume={text}"]).resume == resume
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--lerning_rate=1"], "unknown config key 'lerning_rate'"),
     (["--lr=fast"], "--lr takes a float"),
@@ -117,6 +128,59 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
         assert torch.equal(v, final_part["model"][k]), k
     assert final_full["ema"].keys() == final_part["ema"].keys()
     assert all(torch.equal(v, final_part["ema"][k]) for k, v in final_full["ema"].items())
+
+
+def test_grad_clip_0_means_no_clipping(tmp_path):
+    torch.set_num_threads(1)
+    model = train.train(train.load_config(TINY + ["--steps=1", "--grad_clip=0", "--lr=1e-2", f"--out_dir={tmp_path}"]))
+    torch.manual_seed(0)  # the run's --seed: its initial weights
+    initial = MotifModel(model.cfg).state_dict()
+    assert any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items())  # the step moved the weights
+    assert losses(tmp_path)[0]["grad_norm"] > 0
+
+
+def test_pruning_removes_only_this_runs_older_checkpoints(tmp_path):
+    """Another run's higher-numbered checkpoints stay, and this run's newest is never pruned (keep 1 included)."""
+    import checkpoint
+    other = tmp_path / "ckpt_0000010.pt"
+    other.write_bytes(b"another run's")
+    for step in (1, 2):
+        checkpoint.save_checkpoint(tmp_path, {"step": step}, keep=1)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000002.pt", "ckpt_0000010.pt"]
+    assert resolve_checkpoint(tmp_path).is_file() and resolve_checkpoint(tmp_path).name == "ckpt_0000002.pt"
+
+
+def test_pruning_spares_the_checkpoint_latest_names(tmp_path, monkeypatch):
+    """A run killed while it writes must leave `latest` naming a file, whichever files lie beside it."""
+    import checkpoint
+    for step in (2, 3, 4):
+        (tmp_path / f"ckpt_{step:07d}.pt").write_bytes(b"x")
+    (tmp_path / "latest").write_text("ckpt_0000002.pt\n")
+    seen = []
+    monkeypatch.setattr(checkpoint.torch, "save", lambda obj, f: seen.append(resolve_checkpoint(tmp_path).is_file()))
+    checkpoint.save_checkpoint(tmp_path, {"step": 5}, keep=1)
+    assert seen == [True]
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000005.pt"]
+
+
+def test_a_fresh_run_into_a_used_out_dir_is_refused(tmp_path):
+    torch.set_num_threads(1)
+    train.train(train.load_config(TINY + ["--steps=1", f"--out_dir={tmp_path}"]))
+    message = user_error(train.main, TINY + ["--steps=2", f"--out_dir={tmp_path}"])
+    assert "--resume" in message and "new --out_dir" in message
+    assert [r["step"] for r in losses(tmp_path)] == [1]  # the old log, untouched
+    train.train(train.load_config(TINY + ["--steps=2", f"--out_dir={tmp_path}", "--resume"]))
+    assert [r["step"] for r in losses(tmp_path)] == [1, 2]
+
+
+def test_on_resume_the_flags_optimizer_settings_apply_and_are_said(tmp_path, capsys):
+    torch.set_num_threads(1)
+    train.train(train.load_config(TINY + ["--steps=1", "--weight_decay=0", f"--out_dir={tmp_path}"]))
+    train.train(train.load_config(TINY + ["--steps=2", "--weight_decay=0.5", f"--out_dir={tmp_path}", "--resume"]))
+    ckpt = torch.load(resolve_checkpoint(tmp_path), weights_only=True)
+    assert ckpt["step"] == 2 and all(g["weight_decay"] == 0.5 for g in ckpt["optimizer"]["param_groups"])
+    said = [line for line in capsys.readouterr().out.splitlines() if "weight_decay" in line]
+    assert said == ["resuming with the flags' weight_decay 0.5 (the checkpoint's run: 0.0)"]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -338,6 +402,30 @@ def test_training_on_a_video_folder_with_validation_samples(tmp_path):
     gif = iio.imread(out / "samples" / "step_0000002.gif")
     assert gif.shape == (4, len(GOOD) * 16 * 8, 2 * 16 * 8, 3)
     assert not any("validation" in r for r in records)  # no figures: no RAFT for the motion monitor
+
+
+def test_a_validation_set_skips_unusable_videos_as_the_training_set_does(tmp_path, capsys):
+    from test_data import GOOD, write_videos
+    import data
+    write_videos(tmp_path / "videos")
+    good = list(GOOD)
+    names = ["truncated.mp4", good[0], "short.mp4", *good[1:]]  # the dataset finds the first bad one, not the second
+    (tmp_path / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n},clip {n}\n" for n in names))
+    size = data.heatmap_size((16, 16))
+    for name in names:
+        pairs = {f"stride_{s}": np.full((12 - s, *size), 200, np.uint8) for s in (1, 2)}
+        data.save_npz(data.cache_path(tmp_path / "videos", name, (16, 16)), num_frames=np.array(12),
+                      heatmap_size=np.array(size), **pairs)
+    cfg = train.load_config([f"--data={tmp_path / 'videos'}", "--height=16", "--width=16", "--frames=4", "--max_stride=2"])
+    dataset = data.VideoFolderDataset(cfg.data, frames=4, size=(16, 16), max_stride=2)
+    assert "1 unusable videos skipped so far: 1 unreadable: truncated.mp4" in capsys.readouterr().err
+    entries = train.validation_set(cfg, dataset)
+    assert [e["caption"] for e in entries] == [f"clip {n}" for n in GOOD]
+    assert "skipping short.mp4: too short" in capsys.readouterr().err
+    assert dataset.unusable == [("unreadable", "truncated.mp4"), ("too short", "short.mp4")]
+    dataset.unusable += [("unreadable", name) for name in GOOD]
+    with pytest.raises(ValueError, match="no usable video .* for the validation samples"):
+        train.validation_set(cfg, dataset)
 
 
 def test_the_process_group_waits_an_hour_for_rank_0(monkeypatch):
