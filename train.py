@@ -46,7 +46,7 @@ from demo import high_t_floor
 from eval import score
 from flow import RAFT, clip_heatmaps
 from loss import latent_heatmap, motif_loss, q_sample, v_target
-from model import SIZES, ModelConfig, MotifModel, training_flops
+from model import SIZES, ModelConfig, MotifModel, resolve_rescale, training_flops
 from monitor import MotionMonitor, first_logged_ratio, load_monitor_raft
 from sample import ddim_sample, to_uint8_frames
 from shapes import ShapesDataset, held_out_pairs
@@ -84,13 +84,15 @@ class Config:
     temporal_dropout: float = 0.1
     gradient_checkpointing: bool = True
     init: str = ""  # a text-to-video U-Net checkpoint to start from (new input channels start at zero)
+    # z0 times VideoCrafter2's s_t (1 -> 0.7, loss.input_scale), which its checkpoint learned: auto (on with --init)
+    rescale: str = "auto"  # auto | true | false
+    zero_terminal_snr: bool = False  # DynamiCrafter's option: betas rescaled so that t = 999 is pure noise (Lin et al.)
     # objective (loss.py)
     motif_lambda: float = 1.0  # lambda; 0 = plain diffusion loss
     loss_mode: str = "motif"  # motif | inverse (weights static regions: Inv-MotiF)
     # not MotiF: what made the 32x32 demo read its prompt (demo.py, config/shapes.toml); off in the recipe
     noise_shift: float = 1.0  # noise schedule (demo.demo_alphas_cumprod): signal-to-noise ratio / noise_shift^2 at every t
     high_t_share: float = 0.0  # share of samples whose timestep is drawn from the top tenth of the range
-    zero_terminal_snr: bool = False  # noise schedule: rescaled so that t = 999 is pure noise (Lin et al. 2024)
     # the objective's other settings
     text_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
     cfg_scale: float = 7.5  # classifier-free guidance of this model's samples (validation, sample.py, eval.py)
@@ -197,6 +199,7 @@ def check_config(cfg, world_size):
                          f"x {world_size} processes; pick a batch_size that is a multiple of {per_step}")
     if cfg.model not in SIZES:
         raise ValueError(f"unknown model size {cfg.model!r}; sizes: {', '.join(SIZES)}")
+    resolve_rescale(cfg.rescale, cfg.init)
     if cfg.loss_mode not in ("motif", "inverse"):
         raise ValueError(f"loss_mode must be motif or inverse, not {cfg.loss_mode!r}")
     if cfg.frames < 2:
