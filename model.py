@@ -120,9 +120,16 @@ class MotifModel(nn.Module):
         """Frame sides must be multiples of this: the autoencoder's factor times the U-Net's downsamplings."""
         return self.autoencoder.factor * 2 ** (len(self.unet.cfg.channel_mult) - 1)
 
-    def encode_video(self, video, sample=False, generator=None):
-        """video (B, 3, T, H, W) in [-1, 1] -> z0 (B, C, T, h, w); `sample`: a posterior draw (kl-f8), not its mean."""
-        return self.autoencoder.encode(video, sample, generator)  # (B, C, T, h, w)
+    def latent_shape(self, clip_shape):
+        """A clip's (T, H, W) -> its latent's (C, T, h, w), known before encoding (for the posterior's draws)."""
+        frames, height, width = clip_shape
+        f = self.autoencoder.factor
+        return torch.Size((self.autoencoder.latent_channels, frames, height // f, width // f))
+
+    def encode_video(self, video, noise=None):
+        """video (B, 3, T, H, W) in [-1, 1] -> z0 (B, C, T, h, w); with N(0, 1) noise of z0's shape, a posterior
+        sample (kl-f8; the pixel autoencoder has none), not its mean."""
+        return self.autoencoder.encode(video, noise)  # (B, C, T, h, w)
 
     @staticmethod
     def image_latent(z0):

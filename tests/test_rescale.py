@@ -4,6 +4,7 @@ and 10- and 50-step DDIM runs of both repositories on a stub denoiser; our loss.
 import pytest
 import torch
 
+import train
 from loss import Schedule, input_scale, linear_alphas_cumprod, q_sample, v_target, zero_terminal_snr
 from model import ModelConfig, resolve_rescale
 from sample import ddim, ddim_timesteps
@@ -122,3 +123,16 @@ def test_ddim_with_rescaling_returns_the_unscaled_clean_latent():
     for steps in (1, 10, 50):
         _, x0 = ddim(predict, torch.randn(2, 4, 3, 5, 6), schedule, steps, 7.5)
         torch.testing.assert_close(x0, z0, rtol=0, atol=1e-4)
+
+
+def test_posterior_draws_are_per_sample_and_leave_the_other_draws_alone():
+    """Training's kl-f8 posterior sample: its N(0, 1) draws come from each sample's own generator, after t, the text
+    dropout and the noise, so a run that samples the posterior draws the same t and noise as one that does not."""
+    cfg, shape = train.Config(data="videos"), torch.Size((4, 2, 3, 3))
+    t, noise, drop, none = train.draw_randomness(cfg, 3, [0, 5], shape, 1000)
+    t2, noise2, drop2, eps_z0 = train.draw_randomness(cfg, 3, [0, 5], shape, 1000, posterior=True)
+    assert none is None and eps_z0.shape == (2, *shape)
+    assert torch.equal(t, t2) and torch.equal(noise, noise2) and drop == drop2
+    alone = train.draw_randomness(cfg, 3, [5], shape, 1000, posterior=True)[3]
+    assert torch.equal(alone[0], eps_z0[1])  # sample 5's draw whatever batch it is in
+    assert not torch.equal(eps_z0, noise)
