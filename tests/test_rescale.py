@@ -136,3 +136,29 @@ def test_posterior_draws_are_per_sample_and_leave_the_other_draws_alone():
     alone = train.draw_randomness(cfg, 3, [5], shape, 1000, posterior=True)[3]
     assert torch.equal(alone[0], eps_z0[1])  # sample 5's draw whatever batch it is in
     assert not torch.equal(eps_z0, noise)
+
+
+def test_the_denoise_probe_unscales_a_rescaled_models_prediction():
+    """eval.py's one-step probe: an oracle that gives back s_t x0, as a rescaled model learned, must score as the
+    truth (shape PSNR > 50 dB at every probed t), so the probe divides by s_t."""
+    from dataclasses import asdict
+
+    from eval import denoise_probe, ground_truth, held_out
+    from model import MotifModel
+    from video_io import frames_to_tensor
+
+    class Oracle(MotifModel):
+        def denoise(self, z_t, z_img, t, context, fps):
+            abar = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1, 1).float()
+            scaled = self.schedule.scale[t].view(-1, 1, 1, 1, 1) * self.answer.repeat(2, 1, 1, 1, 1)  # (2N, C, T, h, w)
+            return (abar.sqrt() * z_t - scaled) / (1 - abar).sqrt()  # the v that gives back s_t x0 exactly
+
+    cfg = asdict(train.load_config(["--preset", "shapes", "--rescale=true"]))
+    model = Oracle(ModelConfig.from_run_config(cfg)).eval()
+    assert model.schedule.scale is not None
+    entries = [e for e in held_out(cfg, 4) if set(e["motions"].values()) != {"still"}]
+    truth = ground_truth(entries, cfg["frames"])
+    model.answer = model.encode_video(torch.stack([frames_to_tensor(v).transpose(0, 1) for v in truth]))
+    with torch.no_grad():
+        exact = denoise_probe(model, cfg, cfg_scale=2.0, images=4)
+    assert min(exact["shape_psnr"]) > 50 and min(exact["first_frame_psnr"]) > 50
