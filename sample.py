@@ -81,9 +81,9 @@ def ddim(predict, z, schedule, steps, cfg_scale, dynamicrafter_end=False, progre
 
     With the schedule's input rescaling s_t (loss.input_scale) the model saw s_t z0 at step t, so its clean
     prediction is divided by s_t and the next z_t is built from s_prev x0, as VideoCrafter2's and DynamiCrafter's
-    samplers do. They differ only at the last step, which renoises to abar_1's successor abar_0: VideoCrafter2 with
-    s_0 = 1 (an unscaled latent), DynamiCrafter (dynamicrafter_end) with that step's own s_1 = 0.99925. The returned
-    clean prediction, which sample.py decodes, is the unscaled one either way."""
+    samplers do. They differ only at the last step, from t = 1 to abar_0: VideoCrafter2 renoises s_0 x0 with s_0 = 1
+    (an unscaled latent), DynamiCrafter (dynamicrafter_end) s_1 x0 with that step's own s_1 = 0.99925. The returned
+    clean prediction, which sample.py decodes, is the unscaled x0 either way."""
     abar = schedule.alphas_cumprod
     timesteps = ddim_timesteps(steps, schedule.num_steps)
     for i, t in enumerate(tqdm(timesteps, desc="sample", disable=not progress)):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import train
+from conftest import user_error
 from loss import Schedule, input_scale, linear_alphas_cumprod, q_sample, v_target, zero_terminal_snr
 from model import ModelConfig, resolve_rescale
 from sample import ddim, ddim_timesteps
@@ -99,6 +100,10 @@ def test_without_rescaling_the_arithmetic_is_unchanged():
 
 
 def test_rescale_is_on_for_the_videocrafter2_init_and_off_from_scratch():
+    from dataclasses import asdict
+    demo = asdict(train.load_config(["--preset", "shapes"]))
+    assert train.Config().rescale == "auto" and not ModelConfig.from_run_config(demo).rescale  # the demo: off
+    assert "rescale must be auto, true or false" in user_error(train.main, ["--preset", "shapes", "--rescale=on"])
     assert resolve_rescale("auto", "model.ckpt") and not resolve_rescale("auto", "")
     assert resolve_rescale("true", "") and not resolve_rescale("false", "model.ckpt")
     with pytest.raises(ValueError, match="rescale must be auto, true or false"):
