@@ -28,20 +28,13 @@ POOL_QUERIES = 4  # learned queries that pool the text
 
 # ----------------------------------------------------------------------------- what the demo trains on
 
-def demo_alphas_cumprod(abar, shift=1.0, zero_terminal_snr=False):
+def demo_alphas_cumprod(abar, shift=1.0):
     """The schedule's abar (float64) changed for small frames, where VideoCrafter2's leaves the content visible even
-    at t = 999 (model.py applies it when the config asks: config/shapes.toml's noise_shift = 2):
-    - zero_terminal_snr (Lin et al. 2024): sqrt(abar) rescaled linearly so that t = 0 keeps its value and the last
-      step is pure noise, which is what sampling starts from;
-    - shift: the signal-to-noise ratio abar / (1 - abar) divided by shift^2 at every t (as SD3 and "simple
-      diffusion" shift a schedule for another resolution): shift > 1 hides coarse content, such as where a shape
-      goes, over more of the timesteps, where only the text can then tell it."""
-    if zero_terminal_snr:
-        root = abar.sqrt()
-        abar = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
-    if shift != 1:
-        abar = abar / (abar + shift ** 2 * (1 - abar))
-    return abar
+    at t = 999 (model.py applies it when the config asks: config/shapes.toml's noise_shift = 2): the signal-to-noise
+    ratio abar / (1 - abar) divided by shift^2 at every t (as SD3 and "simple diffusion" shift a schedule for another
+    resolution): shift > 1 hides coarse content, such as where a shape goes, over more of the timesteps, where only
+    the text can then tell it."""
+    return abar / (abar + shift ** 2 * (1 - abar))
 
 
 def high_t_floor(generator, share, num_timesteps):

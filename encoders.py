@@ -121,8 +121,8 @@ class PixelAutoencoder(nn.Module):
         self.latent_channels = 3 * patch * patch
         self.factor = patch
 
-    def encode(self, video, sample=False, generator=None):  # (B, 3, T, H, W) in [-1, 1]
-        """Deterministic: `sample` has nothing to draw (it is here for the interface the KL autoencoder shares)."""
+    def encode(self, video, noise=None):  # (B, 3, T, H, W) in [-1, 1]
+        """Deterministic: `noise` has no posterior to sample (it is here for the interface the KL autoencoder shares)."""
         b, c, t, h, w = video.shape
         frames = video.transpose(1, 2).reshape(b * t, c, h, w)
         z = F.pixel_unshuffle(frames, self.patch)  # (B*T, 3p^2, H/p, W/p)
@@ -309,16 +309,16 @@ class KLAutoencoder(nn.Module):
     def train(self, mode=True):
         return super().train(False)  # frozen: always in eval mode
 
-    def encode(self, video, sample=False, generator=None):
-        """video (B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H/8, W/8): the posterior mean (or, with sample, a draw
-        from the posterior, noise from `generator`) x 0.18215."""
-        def encode_frames(frames):
-            mean, logvar = self.quant_conv(self.encoder(frames)).chunk(2, dim=1)  # (N, 4, h, w) each
-            if sample:
-                noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-                mean = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise
-            return mean * self.scale_factor
-        return framewise(encode_frames, video.to(self.quant_conv.weight.dtype), self.frames_per_chunk)
+    def encode(self, video, noise=None):
+        """video (B, 3, T, H, W) in [-1, 1] -> (B, 4, T, H/8, W/8) x 0.18215: the posterior's mean, or, given noise
+        (B, 4, T, H/8, W/8) of N(0, 1) draws, the posterior sample mean + std * noise, which VideoCrafter2 and
+        DynamiCrafter train on (their get_first_stage_encoding samples DiagonalGaussianDistribution)."""
+        moments = framewise(lambda frames: self.quant_conv(self.encoder(frames)), video.to(self.quant_conv.weight.dtype),
+                            self.frames_per_chunk)  # (B, 8, T, h, w)
+        mean, logvar = moments.chunk(2, dim=1)  # (B, 4, T, h, w) each
+        if noise is not None:
+            mean = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise.to(mean)
+        return mean * self.scale_factor
 
     def decode(self, z):
         """(B, 4, T, h, w) -> video (B, 3, T, 8h, 8w), about [-1, 1] (not clamped)."""

@@ -355,6 +355,8 @@ def denoise_probe(model, cfg, cfg_scale, images=16, seed=0):
         v_hat = v_null + cfg_scale * (v_text - v_null)
         abar = model.schedule.alphas_cumprod[t].item()
         x0 = abar ** 0.5 * z_t - (1 - abar) ** 0.5 * v_hat  # (N, C, T, h, w)
+        if model.schedule.scale is not None:  # a rescaled model's clean prediction is s_t x0 (loss.input_scale)
+            x0 = x0 / model.schedule.scale[t].item()
         clips = [to_uint8_frames(v) for v in model.autoencoder.decode(x0).clamp(-1, 1)]  # (T, H, W, 3) each
         result["shape_psnr"].append(float(np.mean([shape_psnr(c, e) for c, e in zip(clips, entries)])))
         result["ghost"].append(float(np.nanmean([ghost(c, e) for c, e in zip(clips, entries)])))

@@ -1,7 +1,8 @@
 """Diffusion maths and the Motion Focal Loss.
 
 Data flow (DESIGN.md): z0 from the autoencoder, a timestep t ~ U{0..999} and noise eps give
-z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps and the v-target v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0.
+z_t = sqrt(abar_t) s_t z0 + sqrt(1 - abar_t) eps and the v-target v = sqrt(abar_t) eps - sqrt(1 - abar_t) s_t z0,
+where s_t is VideoCrafter2's input rescaling (1 -> 0.7 over t < 400, then 0.7) when the schedule has it, else 1.
 The U-Net predicts v_hat; the loss is
 
     L = mean((v - v_hat)^2) + lambda * mean((m' * (v - v_hat))^2)
@@ -21,15 +22,34 @@ def linear_alphas_cumprod(num_steps=1000, beta_start=0.00085, beta_end=0.012):
     return torch.cumprod(1 - betas, dim=0)
 
 
+def zero_terminal_snr(abar):
+    """DynamiCrafter's `rescale_zero_terminal_snr` (Lin et al. 2024, Algorithm 1) on abar (float64): sqrt(abar) shifted
+    so that the last step is pure noise and scaled so that t = 0 keeps its value. Without it VideoCrafter2's t = 999
+    keeps sqrt(abar) = 0.068 of the clip, which training never removes and sampling's pure-noise start lacks."""
+    root = abar.sqrt()
+    return ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
+
+
+def input_scale(num_steps=1000, base=0.7, turning_step=400):
+    """VideoCrafter2's `scale_arr` (use_scale, scale_b 0.7, mid_step 400), kept by DynamiCrafter as
+    `use_dynamic_rescale` (base_scale 0.7, turning_step 400): s_t = linspace(1, 0.7, 400)[t] for t < 400, then 0.7
+    (1000,) float32. z0 is multiplied by s_t before noising, so a checkpoint that learned this sees inputs up to
+    1 / 0.7 louder without it."""
+    ramp = torch.linspace(1.0, base, turning_step, dtype=torch.float64)
+    return torch.cat([ramp, torch.full((num_steps - turning_step,), base, dtype=torch.float64)]).float()
+
+
 class Schedule:
     """The noise schedule of training and sampling: alphas_cumprod (abar_t, float64), VideoCrafter2's by default (the
-    CPU demo shifts it: demo.py), and the float32 coefficients of z_t and v."""
+    CPU demo shifts it: demo.py), the float32 coefficients of z_t and v, and `scale`, VideoCrafter2's input rescaling
+    s_t (input_scale) with rescale, else None (s_t = 1: the arithmetic of a schedule without it)."""
 
-    def __init__(self, alphas_cumprod=None, device="cpu"):
+    def __init__(self, alphas_cumprod=None, device="cpu", rescale=False):
         self.alphas_cumprod = linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
         self.num_steps = len(self.alphas_cumprod)
         self.sqrt_abar = self.alphas_cumprod.sqrt().float().to(device)
         self.sqrt_one_minus_abar = (1 - self.alphas_cumprod).sqrt().float().to(device)
+        self.scale = input_scale(self.num_steps).to(device) if rescale else None
 
     def coefficients(self, t):
         """(B,) timesteps -> sqrt(abar_t), sqrt(1 - abar_t), each (B, 1, 1, 1, 1)."""
@@ -38,17 +58,26 @@ class Schedule:
             self.sqrt_abar, self.sqrt_one_minus_abar = self.sqrt_abar.to(t.device), self.sqrt_one_minus_abar.to(t.device)
         return self.sqrt_abar[t].view(shape), self.sqrt_one_minus_abar[t].view(shape)
 
+    def rescaled(self, z0, t):
+        """z0 (B, C, T, h, w) -> s_t z0, what both noising and the v-target see (DynamiCrafter's LatentDiffusion.forward
+        rescales before q_sample and get_v alike); z0 itself without rescaling."""
+        if self.scale is None:
+            return z0
+        if self.scale.device != t.device:
+            self.scale = self.scale.to(t.device)
+        return z0 * self.scale[t].view(-1, 1, 1, 1, 1)  # (B, C, T, h, w)
+
 
 def q_sample(schedule, z0, t, noise):
-    """Forward noising: z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps."""
+    """Forward noising: z_t = sqrt(abar_t) s_t z0 + sqrt(1 - abar_t) eps (s_t = 1 without rescaling)."""
     a, s = schedule.coefficients(t)
-    return a * z0 + s * noise  # (B, C, T, h, w)
+    return a * schedule.rescaled(z0, t) + s * noise  # (B, C, T, h, w)
 
 
 def v_target(schedule, z0, t, noise):
-    """The v-prediction target: v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0."""
+    """The v-prediction target of the rescaled clip: v = sqrt(abar_t) eps - sqrt(1 - abar_t) s_t z0."""
     a, s = schedule.coefficients(t)
-    return a * noise - s * z0  # (B, C, T, h, w)
+    return a * noise - s * schedule.rescaled(z0, t)  # (B, C, T, h, w)
 
 
 def latent_heatmap(heatmap, latent_size):

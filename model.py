@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from demo import DemoUNet, DemoUNetConfig, demo_alphas_cumprod
 from encoders import KL_SIZES, BytesTextEncoder, KLAutoencoder, OpenCLIPTextEncoder, PixelAutoencoder
-from loss import Schedule, linear_alphas_cumprod
+from loss import Schedule, linear_alphas_cumprod, zero_terminal_snr
 from unet import UNet, UNetConfig
 
 SIZES = {
@@ -48,6 +48,15 @@ def training_flops(cfg: UNetConfig, frames, latent_size, context_len):
     return counter.get_total_flops()
 
 
+def resolve_rescale(rescale, init):
+    """train.py's `rescale` (auto | true | false) -> whether z0 is rescaled: auto is on exactly when the U-Net starts
+    from --init (VideoCrafter2's checkpoint learned the rescaling; a model from scratch has nothing to match). A run
+    config without the key (checkpoints from before it) trained without rescaling."""
+    if rescale not in ("auto", "true", "false"):
+        raise ValueError(f"rescale must be auto, true or false, not {rescale!r}")
+    return bool(init) if rescale == "auto" else rescale == "true"
+
+
 @dataclass
 class ModelConfig:
     size: str = "demo"  # a key of SIZES
@@ -60,13 +69,15 @@ class ModelConfig:
     temporal_dropout: float = 0.1
     gradient_checkpointing: bool = False
     noise_shift: float = 1.0  # the demo's schedule (demo.demo_alphas_cumprod): signal-to-noise ratio / noise_shift^2
-    zero_terminal_snr: bool = False  # the demo's schedule option: t = 999 is pure noise
+    zero_terminal_snr: bool = False  # DynamiCrafter's betas rescaled to zero terminal SNR (loss.zero_terminal_snr)
+    rescale: bool = False  # VideoCrafter2's input rescaling s_t of z0 (loss.input_scale), which its checkpoint learned
 
     @classmethod
     def from_run_config(cls, config: dict) -> "ModelConfig":
         """The model a train.py config describes (a plain dict, as checkpoints store it): its `model` key names the
         size; its keys named like this class's fields are taken as they are, the rest are not the model's."""
         fields = {name: config[name] for name in cls.__dataclass_fields__ if name != "size" and name in config}
+        fields["rescale"] = resolve_rescale(config.get("rescale", "false"), config.get("init", ""))
         return cls(size=config["model"], **fields)
 
 
@@ -93,10 +104,12 @@ class MotifModel(nn.Module):
             self.text_encoder = BytesTextEncoder(unet_cfg.context_dim, cfg.max_text_len)
         else:
             self.text_encoder = OpenCLIPTextEncoder(cfg.openclip_model)
-        abar = linear_alphas_cumprod()  # VideoCrafter2's; the demo's shifted (demo.py)
-        if cfg.noise_shift != 1 or cfg.zero_terminal_snr:
-            abar = demo_alphas_cumprod(abar, cfg.noise_shift, cfg.zero_terminal_snr)
-        self.schedule = Schedule(abar)  # for training and sampling
+        abar = linear_alphas_cumprod()  # VideoCrafter2's; DynamiCrafter's zero-SNR option; the demo's shifted (demo.py)
+        if cfg.zero_terminal_snr:
+            abar = zero_terminal_snr(abar)
+        if cfg.noise_shift != 1:
+            abar = demo_alphas_cumprod(abar, cfg.noise_shift)
+        self.schedule = Schedule(abar, rescale=cfg.rescale)  # for training and sampling
         c = self.autoencoder.latent_channels
         self.unet = build_unet(replace(unet_cfg, context_dim=self.text_encoder.width, in_channels=2 * c, out_channels=c,
                                        temporal_dropout=cfg.temporal_dropout,
@@ -107,9 +120,16 @@ class MotifModel(nn.Module):
         """Frame sides must be multiples of this: the autoencoder's factor times the U-Net's downsamplings."""
         return self.autoencoder.factor * 2 ** (len(self.unet.cfg.channel_mult) - 1)
 
-    def encode_video(self, video, sample=False, generator=None):
-        """video (B, 3, T, H, W) in [-1, 1] -> z0 (B, C, T, h, w); `sample`: a posterior draw (kl-f8), not its mean."""
-        return self.autoencoder.encode(video, sample, generator)  # (B, C, T, h, w)
+    def latent_shape(self, clip_shape):
+        """A clip's (T, H, W) -> its latent's (C, T, h, w), known before encoding (for the posterior's draws)."""
+        frames, height, width = clip_shape
+        f = self.autoencoder.factor
+        return torch.Size((self.autoencoder.latent_channels, frames, height // f, width // f))
+
+    def encode_video(self, video, noise=None):
+        """video (B, 3, T, H, W) in [-1, 1] -> z0 (B, C, T, h, w); with N(0, 1) noise of z0's shape, a posterior
+        sample (kl-f8; the pixel autoencoder has none), not its mean."""
+        return self.autoencoder.encode(video, noise)  # (B, C, T, h, w)
 
     @staticmethod
     def image_latent(z0):

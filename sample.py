@@ -1,8 +1,9 @@
 """Animate an image from a prompt: python sample.py img.png "the red circle moves right".
 
 The end of the data flow: the image is resized / center-cropped to the model's resolution and
-encoded; its latent, repeated over T frames, is the x-cat condition. DDIM (eta = 0) walks a
-v-prediction model down from noise with classifier-free guidance,
+encoded; its latent, repeated over T frames, is the x-cat condition. DDIM (eta = 0; with the input rescaling of
+VideoCrafter2 and DynamiCrafter when the checkpoint trained with it) walks a v-prediction model down from noise
+with classifier-free guidance,
 v_hat = v(empty text) + s * (v(text) - v(empty text)), and the decoded frames go to an mp4 and a gif.
 The checkpoint's EMA weights are used (and the script says so).
 
@@ -74,29 +75,54 @@ def ddim_timesteps(steps, num_steps=1000):
     return [1 + i * stride for i in range(steps)][::-1]
 
 
+def ddim(predict, z, schedule, steps, cfg_scale, dynamicrafter_end=False, progress=False):
+    """DDIM, eta = 0, for a v-prediction model with classifier-free guidance: predict(z, t) -> (v(text), v(empty text)),
+    z (B, C, T, h, w) the starting noise. Returns (the sampler's final latent, the last step's clean prediction).
+
+    With the schedule's input rescaling s_t (loss.input_scale) the model saw s_t z0 at step t, so its clean
+    prediction is divided by s_t and the next z_t is built from s_prev x0, as VideoCrafter2's and DynamiCrafter's
+    samplers do. They differ only at the last step, from t = 1 to abar_0: VideoCrafter2 renoises s_0 x0 with s_0 = 1
+    (an unscaled latent), DynamiCrafter (dynamicrafter_end) s_1 x0 with that step's own s_1 = 0.99925. The returned
+    clean prediction, which sample.py decodes, is the unscaled x0 either way."""
+    abar = schedule.alphas_cumprod
+    timesteps = ddim_timesteps(steps, schedule.num_steps)
+    for i, t in enumerate(tqdm(timesteps, desc="sample", disable=not progress)):
+        last = i + 1 == len(timesteps)
+        t_prev = 0 if last else timesteps[i + 1]
+        a_t, a_prev = abar[t].item(), abar[t_prev].item()
+        v_text, v_null = predict(z, t)
+        v = v_null + cfg_scale * (v_text - v_null)  # classifier-free guidance
+        x0 = a_t ** 0.5 * z - (1 - a_t) ** 0.5 * v  # (B, C, T, h, w): s_t x0 with rescaling
+        eps = a_t ** 0.5 * v + (1 - a_t) ** 0.5 * z
+        scaled_x0 = x0
+        if schedule.scale is not None:
+            s_t = schedule.scale[t].item()
+            s_prev = s_t if last and dynamicrafter_end else schedule.scale[t_prev].item()
+            x0 = x0 / s_t
+            scaled_x0 = s_prev * x0
+        z = a_prev ** 0.5 * scaled_x0 + (1 - a_prev) ** 0.5 * eps
+    return z, x0
+
+
 @torch.no_grad()
 def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, seeds=(0,), progress=True):
     """image (B, 3, H, W) in [-1, 1], B captions, fps (one, or B), B seeds -> video (B, 3, T, H, W) in [-1, 1].
 
-    DDIM, eta = 0, v-prediction; each sample's starting noise comes from its own seed. The result is the last
-    step's prediction of the clean latent (VideoCrafter returns z at alphas_cumprod[0], which keeps 3 % of noise)."""
+    DDIM (ddim), each sample's starting noise from its own seed. The result is the last step's prediction of the
+    clean latent (VideoCrafter returns z at alphas_cumprod[0], which keeps 3 % of noise)."""
     device = next(model.parameters()).device
-    abar = model.schedule.alphas_cumprod
     b = image.shape[0]
     z_img = model.encode_video(image.to(device)[:, :, None]).expand(-1, -1, frames, -1, -1)  # (B, C, T, h, w): x-cat
     context = model.text_encoder(list(captions) + [""] * b)  # (2B, L, D): text, then the empty prompt
     z = torch.stack([torch.randn(z_img.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
     fps = torch.as_tensor(fps, dtype=torch.float32, device=device).expand(b).repeat(2)  # (2B,): one, or one each
-    timesteps = ddim_timesteps(steps)
-    for i, t in enumerate(tqdm(timesteps, desc="sample", disable=not progress)):
-        a_t = abar[t].item()
-        a_prev = abar[timesteps[i + 1]].item() if i + 1 < len(timesteps) else abar[0].item()
+
+    def predict(z, t):
         tt = torch.full((2 * b,), t, device=device, dtype=torch.long)
-        v_text, v_null = model.denoise(torch.cat([z, z]), torch.cat([z_img, z_img]), tt, context, fps).float().chunk(2)  # fp32 under bf16
-        v = v_null + cfg_scale * (v_text - v_null)  # classifier-free guidance
-        x0 = a_t ** 0.5 * z - (1 - a_t) ** 0.5 * v  # (B, C, T, h, w)
-        eps = a_t ** 0.5 * v + (1 - a_t) ** 0.5 * z
-        z = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        v = model.denoise(torch.cat([z, z]), torch.cat([z_img, z_img]), tt, context, fps)  # (2B, C, T, h, w)
+        return v.float().chunk(2)  # fp32 under bf16: v(text), v(empty text)
+
+    _, x0 = ddim(predict, z, model.schedule, steps, cfg_scale, progress=progress)
     return model.autoencoder.decode(x0).clamp(-1, 1)  # (B, 3, T, H, W): the last step's clean prediction
 
 

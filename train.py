@@ -47,7 +47,7 @@ from demo import high_t_floor
 from eval import score
 from flow import RAFT, clip_heatmaps
 from loss import latent_heatmap, motif_loss, q_sample, v_target
-from model import SIZES, ModelConfig, MotifModel, training_flops
+from model import SIZES, ModelConfig, MotifModel, resolve_rescale, training_flops
 from monitor import MotionMonitor, first_logged_ratio, load_monitor_raft
 from sample import ddim_sample, to_uint8_frames
 from shapes import ShapesDataset, held_out_pairs
@@ -85,13 +85,15 @@ class Config:
     temporal_dropout: float = 0.1
     gradient_checkpointing: bool = True
     init: str = ""  # a text-to-video U-Net checkpoint to start from (new input channels start at zero)
+    # z0 times VideoCrafter2's s_t (1 -> 0.7, loss.input_scale), which its checkpoint learned: auto (on with --init)
+    rescale: str = "auto"  # auto | true | false
+    zero_terminal_snr: bool = False  # DynamiCrafter's option: betas rescaled so that t = 999 is pure noise (Lin et al.)
     # objective (loss.py)
     motif_lambda: float = 1.0  # lambda; 0 = plain diffusion loss
     loss_mode: str = "motif"  # motif | inverse (weights static regions: Inv-MotiF)
     # not MotiF: what made the 32x32 demo read its prompt (demo.py, config/shapes.toml); off in the recipe
     noise_shift: float = 1.0  # noise schedule (demo.demo_alphas_cumprod): signal-to-noise ratio / noise_shift^2 at every t
     high_t_share: float = 0.0  # share of samples whose timestep is drawn from the top tenth of the range
-    zero_terminal_snr: bool = False  # noise schedule: rescaled so that t = 999 is pure noise (Lin et al. 2024)
     # the objective's other settings
     text_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
     cfg_scale: float = 7.5  # classifier-free guidance of this model's samples (validation, sample.py, eval.py)
@@ -208,6 +210,7 @@ def check_config(cfg, world_size):
                          f"x {world_size} processes; pick a batch_size that is a multiple of {per_step}")
     if cfg.model not in SIZES:
         raise ValueError(f"unknown model size {cfg.model!r}; sizes: {', '.join(SIZES)}")
+    resolve_rescale(cfg.rescale, cfg.init)
     if cfg.loss_mode not in ("motif", "inverse"):
         raise ValueError(f"loss_mode must be motif or inverse, not {cfg.loss_mode!r}")
     if cfg.frames < 2:
@@ -346,21 +349,26 @@ def train_step(state, batches, step):
         # the global RNG drives only dropout: seeded by the micro-batch's first sample (a negative index, never a
         # sample's), so that its masks do not depend on the rank or the world size for a given micro_batch
         torch.manual_seed(sample_seed(cfg.seed, step, -1 - batch["index"][0].item()))
+        # per sample, seeded by (seed, step, sample index): the maths does not depend on the world size; with the
+        # kl-f8 autoencoder inside the step, also the draw of its posterior sample (DESIGN.md: the cache holds means)
+        cached = "latent" in batch
+        posterior = not cached and cfg.autoencoder == "kl-f8"
+        latent_shape = batch["latent"].shape[1:] if cached else model.latent_shape(batch["video"].shape[2:])
+        t, noise, drop, eps_z0 = draw_randomness(cfg, step, batch["index"].tolist(), latent_shape,
+                                                 model.schedule.num_steps, posterior)
         # the clips -> z0, from the latent cache of `prepare.py latents` or through the (frozen) autoencoder
-        if "latent" in batch:
+        if cached:
             z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
         else:
             video = to_unit_range(batch["video"].to(device, non_blocking=True))  # (b, 3, T, H, W) in [-1, 1]
             with torch.no_grad(), state.autocast:
-                z0 = model.encode_video(video).float()  # (b, C, T, h, w)
+                z0 = model.encode_video(video, None if eps_z0 is None else eps_z0.to(device)).float()  # (b, C, T, h, w)
         # their motion heatmaps m: cached (video folders) or exact (shapes), or RAFT on just these clips' frame pairs
         if state.raft is None:
             heatmap = batch["heatmap"].to(device, non_blocking=True)  # (b, T, H', W'): H' = H (shapes) or H/8 (cache)
         else:
             heatmap = clip_heatmaps(state.raft, video, heatmap_size(video.shape[-2:]))  # (b, T, H/8, W/8)
         m = latent_heatmap(heatmap, z0.shape[-2:])  # (b, 1, T, h, w): m', area-averaged to the latent size
-        # per sample, seeded by (seed, step, sample index): the maths does not depend on the world size
-        t, noise, drop = draw_randomness(cfg, step, batch["index"].tolist(), z0.shape[1:], model.schedule.num_steps)
         if device.type == "cuda":  # drawn on the CPU: pinned, so the copies do not wait
             t, noise = t.pin_memory(), noise.pin_memory()
         t, noise = t.to(device, non_blocking=True), noise.to(device, non_blocking=True)
@@ -384,16 +392,19 @@ def sample_seed(seed, step, index):
     return ((seed * 1_000_003 + step) * 1_000_033 + index) % (2 ** 63)
 
 
-def draw_randomness(cfg, step, indices, latent_shape, num_timesteps):
-    """Per sample: timestep, noise and text dropout from its own seeded generator."""
-    t, noise, drop = [], [], []
+def draw_randomness(cfg, step, indices, latent_shape, num_timesteps, posterior=False):
+    """Per sample: timestep, noise, text dropout and, with posterior, the N(0, 1) draws of the autoencoder's posterior
+    sample (else None), from its own seeded generator; the posterior's last, so the others do not depend on it."""
+    t, noise, drop, eps_z0 = [], [], [], []
     for index in indices:
         g = torch.Generator().manual_seed(sample_seed(cfg.seed, step, index))
         low = high_t_floor(g, cfg.high_t_share, num_timesteps) if cfg.high_t_share else 0  # the demo's (demo.py)
         t.append(torch.randint(low, num_timesteps, (1,), generator=g))
         drop.append(torch.rand(1, generator=g).item() < cfg.text_dropout)
         noise.append(torch.randn(latent_shape, generator=g))
-    return torch.cat(t), torch.stack(noise), drop
+        if posterior:
+            eps_z0.append(torch.randn(latent_shape, generator=g))
+    return torch.cat(t), torch.stack(noise), drop, torch.stack(eps_z0) if posterior else None
 
 
 def loss_backward(predict, v, m, cfg, autocast, accum=1):

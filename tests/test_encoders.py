@@ -89,11 +89,12 @@ def test_kl_autoencoder_samples_the_posterior(small_vae, vae_reference):
     x = vae_reference["inputs"]["x"][:, :, None]  # (2, 3, 1, 24, 40)
     with torch.no_grad():
         mean = small_vae.encode(x)
-        draws = [small_vae.encode(x, sample=True, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
-    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])  # the generator decides
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))  # (2, 4, 1, 12, 20)
+        draw = small_vae.encode(x, noise)
     logvar = vae_reference["posterior_logvar"][:, :, None]
-    noise = (draws[0] - mean) / SCALE / torch.exp(0.5 * logvar)  # what was drawn, in units of the posterior's std
-    assert abs(noise.mean()) < 0.2 and 0.85 < noise.std() < 1.15
+    expected = (vae_reference["posterior_mean"][:, :, None] + torch.exp(0.5 * logvar) * noise) * SCALE
+    torch.testing.assert_close(draw, expected, rtol=0, atol=1e-4)  # mean + std * noise, VideoCrafter's sample()
+    assert (draw - mean).abs().max() > 1e-2  # random weights: a std far above the tolerance
 
 
 # ----------------------------------------------------------------------------- the OpenCLIP text encoder
