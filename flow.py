@@ -79,10 +79,14 @@ def load_raft_model(weights):
     or with a state dict file of either (which one is found from the file). torchvision is imported here, not at the
     top: it takes 1.5 s to import, and only runs on real videos need RAFT."""
     from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights, raft_large, raft_small
-    if weights == "small":
-        return raft_small(weights=Raft_Small_Weights.DEFAULT)
-    if weights == "large":
-        return raft_large(weights=Raft_Large_Weights.DEFAULT)
+    if weights in ("small", "large"):
+        build, pretrained = (raft_small, Raft_Small_Weights) if weights == "small" else (raft_large, Raft_Large_Weights)
+        try:   # torchvision downloads them once into its cache; an offline machine needs a file instead
+            return build(weights=pretrained.DEFAULT)
+        except OSError as error:   # URLError and the socket's errors are OSErrors
+            raise ValueError(f"cannot download torchvision's RAFT-{weights} weights ({error}); pass a state dict file "
+                             f"instead of {weights!r} (prepare.py --weights, train.py --flow_weights / "
+                             "--monitor_weights)") from None
     path = Path(weights)
     if not path.is_file():
         raise ValueError(f"RAFT weights must be 'small', 'large' or a state dict file; {weights} is none")

@@ -234,3 +234,15 @@ def test_raft_chunks_by_device_and_halves_a_chunk_that_runs_out_of_memory(rafts)
         assert raft.chunk == 2 and calls == [11, 8, 4, 2, 2, 2, 2, 2, 1]  # 16 -> 8 -> 4 -> 2, kept after
     finally:
         raft.model, raft.chunk = model, chunk
+
+
+def test_a_raft_download_that_cannot_happen_says_how_to_pass_a_file(monkeypatch):
+    import urllib.error
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    for name in ("small", "large"):
+        with pytest.raises(ValueError, match=f"cannot download torchvision's RAFT-{name} weights.*state dict file"):
+            flow.load_raft_model(name)

@@ -413,7 +413,7 @@ def test_a_validation_set_skips_unusable_videos_as_the_training_set_does(tmp_pat
     (tmp_path / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n},clip {n}\n" for n in names))
     size = data.heatmap_size((16, 16))
     for name in names:
-        pairs = {f"stride_{s}": np.full((12 - s, *size), 200, np.uint8) for s in (1, 2)}
+        pairs = {f"{kind}_{s}": np.full((12 - s, *size), 200, np.uint8) for s in (1, 2) for kind in ("stride", "back")}
         data.save_npz(data.cache_path(tmp_path / "videos", name, (16, 16)), num_frames=np.array(12),
                       heatmap_size=np.array(size), **pairs)
     cfg = train.load_config([f"--data={tmp_path / 'videos'}", "--height=16", "--width=16", "--frames=4", "--max_stride=2"])
