@@ -173,6 +173,8 @@ def test_a_tiny_study_lands_run_files_resumes_and_reports_from_them_alone(tmp_pa
     (["--steps", "250"], "multiple of --every"),
     (["--steps", "1200"], "cool-down"),
     (["--agreement", "x"], "--agreement takes steps"),
+    (["--score-at", "100,x"], "--score-at takes steps"),
+    (["--score-at", "100,250,500"], "multiples of --every"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, tmp_path):
     with pytest.raises(SystemExit) as stop:  # fail(): "error: ..." on stderr, exit status 1
@@ -189,3 +191,27 @@ def test_a_run_another_command_is_training_is_left_to_it(tmp_path, capsys):
         ablation.train_and_evaluate(run, work, settings)
     assert "another command is training it" in capsys.readouterr().out
     assert not (work / "runs" / run.name).exists() and not ablation.run_file(tmp_path, run).exists()
+
+
+def test_a_whole_run_study_keeps_the_cooldown_scores_the_named_steps_and_the_last_with_the_full_scorer(tmp_path,
+                                                                                                        monkeypatch):
+    monkeypatch.setattr(ablation, "SHARE_CLIPS", 4)
+    monkeypatch.setattr(ablation, "SENSITIVITY_IMAGES", 2)
+    monkeypatch.setattr(ablation, "FULL_SCORER", {"images": 2, "ddim_steps": 2})
+    at = TINY.index("--steps")
+    whole = ["--steps", "3", "--every", "1", "--score-at", "1,3", "--final", "--set", "steps=3",
+             "--set", "cooldown_steps=1", *TINY[:at], *TINY[at + 4:]]   # TINY without its --steps 2 --every 1
+    results = tmp_path / "results"
+    ablation.main(["--results", str(results), "--out", str(tmp_path / "work"), *whole])
+    record = json.loads((results / "runs" / "lambda1_motif_scale1_seed0.json").read_text())
+    assert record["config"]["steps"] == 3 and record["config"]["cooldown_steps"] == 1   # the preset's own cool-down
+    assert [s["step"] for s in record["scores"]] == [1, 3]
+    assert record["final"]["scorer"] == {"images": 2, "ddim_steps": 2} and record["final"]["step"] == 3
+    assert 0 <= record["final"]["figures"]["direction_accuracy"] <= 1
+    final = json.loads((results / "results.json").read_text())["studies"]["losses"]["final"]
+    assert final["arms"]["MotiF"]["seeds"] == 2
+    assert final["differences"]["MotiF - no MotiF"]["ghost"]["seeds"] == 2
+    assert "At step 3, the full scorer" in (results / "results.md").read_text()
+    with pytest.raises(SystemExit, match="--score-at"):
+        ablation.main(["--results", str(tmp_path / "other"), "--out", str(tmp_path / "w2"), *whole[:5], "1,2",
+                       *whole[6:]])

@@ -76,6 +76,11 @@ STEPS_TO = f"steps to direction {THRESHOLD:g}"
 # (name, higher is better): what is compared between arms, per run
 MEASURES = ((STEPS_TO, False), ("text-contrast AUC", True), ("direction AUC", True), ("shape PSNR", True),
             ("moving error", False), ("static error", False), ("text sensitivity", True))
+# (name, ShapesBench figure, higher is better): the full scorer's figures at the last step (--final)
+FINAL_MEASURES = (("direction", "direction_accuracy", True), ("text-contrast", "text_contrast_accuracy", True),
+                  ("still", "still_accuracy", True), ("integrity", "shape_integrity", True),
+                  ("shape PSNR", "shape_psnr", True), ("ghost", "ghost", False),
+                  ("first-frame PSNR", "first_frame_psnr", True))
 CURVES = {"direction_accuracy": "direction", "text_contrast_accuracy": "text-contrast", "shape_psnr": "shape PSNR (dB)",
           "moving_error": "moving-region v-error", "static_error": "static-region v-error"}
 RESULTS_START, RESULTS_END = "<!-- tables of tools/ablation.py: start -->", "<!-- tables of tools/ablation.py: end -->"
@@ -327,12 +332,13 @@ def run_measures(scored):
                          "text sensitivity": last["text_sensitivity"]}}
 
 
-def compare(first, second):
-    """first, second: {seed: run_measures} of two arms. Per measure over the seeds both have: the mean difference,
-    its 95 % t-interval, the seeds where `first` does better, and the verdict."""
+def compare(first, second, measures=MEASURES):
+    """first, second: {seed: {"measures": {name: value}}} of two arms (run_measures). Per measure (name, higher is
+    better) over the seeds both have: the mean difference, its 95 % t-interval, the seeds where `first` does better,
+    and the verdict."""
     seeds = sorted(set(first) & set(second))
     result = {}
-    for name, higher in MEASURES:
+    for name, higher in measures:
         diffs = [first[k]["measures"][name] - second[k]["measures"][name] for k in seeds]
         mean, half = t_interval(diffs) if diffs else (np.nan, np.nan)
         wins = sum((d > 0) if higher else (d < 0) for d in diffs)
@@ -353,6 +359,26 @@ def load_run(results, run):
     """{step: scores} of a finished run from its file in the results folder, or None if it has none."""
     path = run_file(results, run)
     return {s["step"]: s for s in json.loads(path.read_text())["scores"]} if path.is_file() else None
+
+
+def load_final(results, run):
+    """{"measures": {name: value}} of a finished run's full-scorer figures at its last step, or None without them."""
+    path = run_file(results, run)
+    final = json.loads(path.read_text()).get("final") if path.is_file() else None
+    return {"measures": {name: final["figures"][key] for name, key, _ in FINAL_MEASURES}} if final else None
+
+
+def summarise_final(spec, results):
+    """The --final figures of a study: per arm the mean and interval of each, and the paired comparisons."""
+    arms = {arm: {run.seed: final for run in runs if (final := load_final(results, run))}
+            for arm, runs in spec["arms"].items()}
+    measures = [(name, higher) for name, _, higher in FINAL_MEASURES]
+    return {"arms": {arm: {"seeds": len(per_seed), "measures": {name: t_interval([r["measures"][name] for r in
+                                                                                   per_seed.values()])
+                                                                for name, _ in measures}}
+                     for arm, per_seed in arms.items() if per_seed},
+            "differences": {f"{a} - {b}": compare(arms[a], arms[b], measures) for a, b in spec["compare"]
+                            if arms[a] and arms[b]}}
 
 
 def summarise(plan, results):
@@ -381,7 +407,9 @@ def summarise(plan, results):
                 shares[arm] = {"seeds": len(last), "timesteps": last[0]["share_timesteps"],
                                "share": [t_interval(c) for c in np.array([s["moving_loss_share"] for s in last]).T],
                                "moving_area": float(np.mean([s["moving_area_share"] for s in last]))}
+        final = summarise_final(spec, results)
         summary_["studies"][study] = {"arms": summary, "differences": differences, "loss_shares": shares,
+                                      **({"final": final} if final["arms"] else {}),
                                       "runs": {arm: {str(k): v for k, v in per_seed.items()}
                                                for arm, per_seed in arms.items()}}
     return summary_
@@ -422,7 +450,8 @@ def fmt(value, half=None, digits=3, sign=""):
 def markdown(results, settings):
     lines = [f"Runs: the first {settings['steps']} steps of `train.py --preset shapes`"
              + (f" with {', '.join(settings['overrides'])}" if settings["overrides"] else "")
-             + f", scored every {settings['every']} steps on {settings['images']} held-out frames with "
+             + ", scored at steps " + ", ".join(map(str, scored_steps(settings)))
+             + f" on {settings['images']} held-out frames with "
              f"{settings['ddim_steps']} DDIM steps. Mean ± 95 % t-interval over seeds.", ""]
     names = [name for name, _ in MEASURES]
     for study, summary in results["studies"].items():
@@ -441,6 +470,23 @@ def markdown(results, settings):
                 lines.append(f"| {name} | " + " | ".join(
                     f"{fmt(d['mean'], d['half_width'], 0 if n == STEPS_TO else 3, '+')}, "
                     f"{d['wins']}/{d['seeds']}, **{d['verdict']}**" for n, d in ((n, keys[n]) for n in names)) + " |")
+        final = summary.get("final")
+        if final:
+            names_final = [name for name, _, _ in FINAL_MEASURES]
+            lines += ["", f"At step {settings['steps']}, the full scorer ({FULL_SCORER['images']} held-out frames, all "
+                      f"their pairs, {FULL_SCORER['ddim_steps']} DDIM steps):", "",
+                      "| arm | seeds | " + " | ".join(names_final) + " |", "|---" * (len(names_final) + 2) + "|"]
+            for arm, row in final["arms"].items():
+                lines.append(f"| {arm} | {row['seeds']} | " + " | ".join(
+                    fmt(*row["measures"][n], digits=2 if "PSNR" in n or n == "ghost" else 3) for n in names_final) + " |")
+            if final["differences"]:
+                lines += ["", f"| paired difference at step {settings['steps']} | " + " | ".join(names_final) + " |",
+                          "|---" * (len(names_final) + 1) + "|"]
+                for name, keys in final["differences"].items():
+                    lines.append(f"| {name} | " + " | ".join(
+                        f"{fmt(d['mean'], d['half_width'], 2 if 'PSNR' in n or n == 'ghost' else 3, '+')}, "
+                        f"{d['wins']}/{d['seeds']}, **{d['verdict']}**" for n, d in ((n, keys[n]) for n in names_final))
+                        + " |")
         shares = summary.get("loss_shares", {})
         if shares:
             steps = next(iter(shares.values()))["timesteps"]
