@@ -80,16 +80,22 @@ def owners(video, scene):
     return owner
 
 
+def moving_clip(seed, size):
+    """A 4-frame clip of one shape told to move (a direction it has room for): (video (T, S, S, 3), exact flow
+    (T, 2, S, S), which pixels are the shape in each frame (T, S, S))."""
+    rng = np.random.default_rng(seed)
+    scene = shapes.make_scene(rng, size, max_objects=1)
+    motion = str(rng.choice(shapes.allowed_motions(scene["objects"][0], size)[1:]))
+    video, exact = shapes.render_clip(scene, {0: motion}, frames=4)
+    return video, exact, owners(video, scene)
+
+
 def test_every_frame_heatmap_covers_the_moving_shape_where_it_is_in_that_frame():
     """On the demo's exact flow (its preset's 4 frames at 32 px, one shape), the last frame too: the backward flow
     puts its heatmap where the shape is, not where it was a frame earlier."""
     shares = []
     for index in range(200):
-        rng = np.random.default_rng([0, index])
-        scene = shapes.make_scene(rng, 32, max_objects=1)
-        motion = str(rng.choice(shapes.allowed_motions(scene["objects"][0], 32)[1:]))
-        video, exact = shapes.render_clip(scene, {0: motion}, frames=4)
-        owner = owners(video, scene)                                       # (T, H, W)
+        _, exact, owner = moving_clip([0, index], 32)
         if any((owner[i] == owner[i + 1]).all() for i in range(3)):       # stopped at the frame's edge: not moving
             continue
         shares.append(coverage(flow.heatmap_from_flow(exact), owner, {0}))
@@ -103,12 +109,9 @@ def test_raft_heatmap_covers_the_moving_shape_in_every_frame(rafts):
     the moving shape where it is in that frame (measured: 0.977-0.998 in every frame of these three clips)."""
     shares = []
     for k in range(3):
-        rng = np.random.default_rng([5, k])
-        scene = shapes.make_scene(rng, 128, max_objects=1)
-        motion = str(rng.choice(shapes.allowed_motions(scene["objects"][0], 128)[1:]))
-        video, _ = shapes.render_clip(scene, {0: motion}, frames=4)
+        video, _, owner = moving_clip([5, k], 128)
         heatmap = flow.video_heatmap(video_io.frames_to_tensor(video), rafts("large"))  # (T, H, W)
-        shares.append(coverage(heatmap, owners(video, scene), {0}))
+        shares.append(coverage(heatmap, owner, {0}))
     print(f"\nRAFT-large coverage per frame: {np.round(shares, 3).tolist()}")
     assert np.min(shares) >= 0.95
 
