@@ -694,8 +694,9 @@ def main(argv=None):
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes is not None else float("inf")
     if not (args.report or args.shares):
         print(f"{len(runs)} runs of {args.steps} steps, {len(runs) - len(pending)} done ({results / 'runs'}); "
-              f"{len(todo)} to do now in {out / 'runs'}, each scored every {args.every} steps on {args.images} "
-              f"held-out frames with {args.ddim_steps} DDIM steps")
+              f"{len(todo)} to do now in {out / 'runs'}, each scored at steps {','.join(map(str, scored_steps(settings)))} "
+              f"on {args.images} held-out frames with {args.ddim_steps} DDIM steps"
+              + (", and at its last by the full scorer" if args.final else ""))
         try:
             done = run_all(train_and_evaluate, todo, out, settings, args.jobs, deadline)
             if args.agreement and "losses" in plan:
