@@ -68,21 +68,23 @@ import sys
 from pathlib import Path
 sys.path.insert(0, "tests")
 import prepare
-import test_commands  # the shrunk sizes and VideoCrafter2's checkpoint layout, as the documented commands' test has them
+import test_commands  # the shrunk sizes and VideoCrafter2's checkpoint layout, as the commands' test has them
 work, clips, size = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 test_commands.shrink(lambda d, k, v: d.__setitem__(k, v), setattr)
 (work / "videos").mkdir(parents=True)
 videos = sorted(p for p in clips.iterdir() if p.suffix in (".mp4", ".gif"))
 for video in videos:
     (work / "videos" / video.name).symlink_to(video.resolve())
-(work / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{v.name},a real clip of {v.stem}\n" for v in videos))
+captions = "".join(f"{v.name},a real clip of {v.stem}\n" for v in videos)
+(work / "videos" / "captions.csv").write_text("path,caption\n" + captions)
 test_commands.make_videocrafter2_checkpoint(work / "model.ckpt")
 prepare.main(["heatmaps", str(work / "videos"), "--size", size, "--max-stride", "2",
               "--weights", "tests/fixtures/raft_small.pth"])
 print(f"{len(videos)} clips of {clips}, {work / 'model.ckpt'}")
 EOF
 train=(python3 -m torch.distributed.run --standalone --nproc_per_node 1 tests/test_commands.py
-       --data="$work/videos" --init="$work/model.ckpt" --height=${clip[0]} --width=${clip[1]} "${recipe[@]}" --max_stride=2 --log_every=1)
+       --data="$work/videos" --init="$work/model.ckpt" --height=${clip[0]} --width=${clip[1]} "${recipe[@]}"
+       --max_stride=2 --log_every=1)
 row train_stopped 240 bash -c 'stop_when_saved "$@"' _ "$out/train" "${train[@]}" --workers=2 --steps=$steps \
   --ckpt_every=$every --sample_every=$every --monitor_weights=tests/fixtures/raft_small.pth --out_dir="$out/train"
 row train_resumed 240 "${train[@]}" --workers=2 --steps=$steps --ckpt_every=$every --sample_every=$every \
@@ -100,8 +102,8 @@ EOF
 
 # ---- (b) 3 steps sharded against 3 under DDP, from the same model.ckpt and seed
 for parallel in ddp shard; do
-  row "three_$parallel" 180 "${train[@]}" --workers=0 --steps=3 --shard=$([ $parallel = shard ] && echo true || echo false) \
-    --out_dir="$out/$parallel"
+  shard=false; if [ $parallel = shard ]; then shard=true; fi
+  row "three_$parallel" 180 "${train[@]}" --workers=0 --steps=3 --shard=$shard --out_dir="$out/$parallel"
 done
 row shard_vs_ddp 30 python3 - "$out/ddp/log.jsonl" "$out/shard/log.jsonl" <<'EOF'
 import json, sys
