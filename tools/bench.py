@@ -347,21 +347,24 @@ def state_bytes(state):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def new_run(opts, cfg, name, device, precision):
+    """A contender built with its optimizer and EMA, ready for training_step."""
+    build, call, note = CONTENDERS[name]
+    torch.manual_seed(opts.seed)
+    model = build(opts, cfg).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # train.py's optimizer, for every contender
+    ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+    state = TrainState(Config(), model, model, optimizer, ema, precision, device)
+    return {"name": name, "note": note, "model": model, "call": call, "state": state,
+            "params": sum(p.numel() for p in model.parameters()), "times": [], "peak": 0}
+
+
 def bench_train(opts, device):
     """Time the training step of ours and of each contender asked for, interleaved round by round."""
     cfg = unet_config(opts)
     names = [opts.only] if opts.only else ["ours"] + [n for n in opts.compare.split(",") if n]
     precision = autocast(device, opts.dtype == "bf16")
-    runs = []
-    for name in names:
-        build, call, note = CONTENDERS[name]
-        torch.manual_seed(opts.seed)
-        model = build(opts, cfg).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # train.py's optimizer, for every contender
-        ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
-        state = TrainState(Config(), model, model, optimizer, ema, precision, device)
-        runs.append({"name": name, "note": note, "model": model, "call": call, "state": state,
-                     "params": sum(p.numel() for p in model.parameters()), "times": [], "peak": 0})
+    runs = [new_run(opts, cfg, name, device, precision) for name in names]
     inputs = make_inputs(opts, cfg, device, opts.seed)
     for run in runs:  # warm-up, and the optimizer states exist from here on
         for step in range(opts.warmup):
@@ -771,8 +774,9 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options_parser(description):
+    """A flag for each field of Options (tools.profile_step takes the same)."""
+    parser = argparse.ArgumentParser(description=description)
     for f in dataclasses.fields(Options):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or isinstance(f.default, bool):
@@ -780,7 +784,11 @@ def main(argv=None):
                                 default=f.default)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = options_parser(__doc__.splitlines()[0]).parse_args(argv)
     try:
         opts = resolve(Options(**vars(args)))
         device = pick_device(opts.device)
