@@ -25,9 +25,11 @@ export PYTHONUNBUFFERED=1
 if [ "${SMALL:-0}" = 1 ]; then
   size=bench; sample_size=tiny; frames=2; latent=8x8; batch=1; image=32x32; ddim=2; scale=4
   clip=(32 32); recipe=(--frames=4 --batch_size=2 --micro_batch=1); steps=6; every=2
+  timed=(--warmup 1 --steps 1)  # the toy rows only have to run: one timed step each
 else
   size=vc2; sample_size=vc2; frames=16; latent=40x64; batch=8; image=320x512; ddim=50; scale=1
   clip=(320 512); recipe=(--frames=16 --batch_size=4 --micro_batch=2); steps=24; every=4
+  timed=(--warmup 2 --steps 4)
 fi
 failed=0
 row() {  # row NAME SECONDS COMMAND...: run it with a timeout (times scale), log it, say how it ended
@@ -120,7 +122,7 @@ python3 -c "import open_clip" 2>/dev/null || text_encoder=bytes
 # ViT-H-14's text tower is built at full size (350 M weights), minutes on a CPU; the toy run's U-Net is not its match
 if [ "${SMALL:-0}" = 1 ]; then text_encoder=bytes; fi
 step=(--size $size --batch $batch --frames $frames --latent $latent --dtype bf16 --checkpointing)
-row train 140 python3 -m tools.bench "${step[@]}" --warmup 2 --steps 4 --json "$out/train.json"
+row train 140 python3 -m tools.bench "${step[@]}" "${timed[@]}" --json "$out/train.json"
 if [ "${SMALL:-0}" != 1 ]; then  # a CPU profile says nothing of the GPU's kernels
   row profile 140 python3 -m tools.profile_step "$out" "${step[@]}" --warmup 1
 fi
@@ -129,6 +131,6 @@ row sample 140 python3 -m tools.bench --what sample --size $sample_size --frames
 row heatmap 60 python3 -m tools.bench --what heatmap --size $image --frames $frames --raft "$raft" --json "$out/heatmap.json"
 for parallel in ddp shard; do  # one rank each: the per-rank state and step time of DDP against FSDP2
   row "states_$parallel" 100 torchrun --standalone --nproc_per_node 1 -m tools.memory --what states --size $size \
-    --frames $frames --latent $latent --batch 2 --dtype bf16 --parallel $parallel --steps 4 --out "$out"
+    --frames $frames --latent $latent --batch 2 --dtype bf16 --parallel $parallel "${timed[@]:2}" --out "$out"
 done
 exit $failed
