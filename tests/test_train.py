@@ -379,17 +379,21 @@ def test_validation_samples_do_not_change_training(tmp_path):
     assert not (plain / "samples").exists()
 
 
+def write_heatmap_caches(folder, names, size=(16, 16)):
+    """A heatmap cache in prepare.py's layout for each named 12-frame video: strides 1 and 2, every pair 200 / 255."""
+    import data
+    small = data.heatmap_size(size)
+    for name in names:
+        pairs = {f"{kind}_{s}": np.full((12 - s, *small), 200, np.uint8) for s in (1, 2) for kind in ("stride", "back")}
+        data.save_npz(data.cache_path(folder, name, size), num_frames=np.array(12), heatmap_size=np.array(small), **pairs)
+
+
 def test_training_on_a_video_folder_with_validation_samples(tmp_path):
     """A captioned folder with cached heatmaps trains, and its validation samples are its first videos' frames."""
     from test_data import GOOD, write_videos
-    import data
     write_videos(tmp_path / "videos")
     (tmp_path / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n},clip {n}\n" for n in GOOD))
-    size = data.heatmap_size((16, 16))
-    for name in GOOD:
-        pairs = {f"{kind}_{s}": np.full((12 - s, *size), 200, np.uint8) for s in (1, 2) for kind in ("stride", "back")}
-        data.save_npz(data.cache_path(tmp_path / "videos", name, (16, 16)), num_frames=np.array(12),
-                      heatmap_size=np.array(size), **pairs)
+    write_heatmap_caches(tmp_path / "videos", GOOD)
     torch.set_num_threads(1)
     out = tmp_path / "run"
     train.train(train.load_config(["--data=" + str(tmp_path / "videos"), "--model=demo", "--autoencoder=pixel",
@@ -411,11 +415,7 @@ def test_a_validation_set_skips_unusable_videos_as_the_training_set_does(tmp_pat
     good = list(GOOD)
     names = ["truncated.mp4", good[0], "short.mp4", *good[1:]]  # the dataset finds the first bad one, not the second
     (tmp_path / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n},clip {n}\n" for n in names))
-    size = data.heatmap_size((16, 16))
-    for name in names:
-        pairs = {f"{kind}_{s}": np.full((12 - s, *size), 200, np.uint8) for s in (1, 2) for kind in ("stride", "back")}
-        data.save_npz(data.cache_path(tmp_path / "videos", name, (16, 16)), num_frames=np.array(12),
-                      heatmap_size=np.array(size), **pairs)
+    write_heatmap_caches(tmp_path / "videos", names)
     cfg = train.load_config([f"--data={tmp_path / 'videos'}", "--height=16", "--width=16", "--frames=4", "--max_stride=2"])
     dataset = data.VideoFolderDataset(cfg.data, frames=4, size=(16, 16), max_stride=2)
     assert "1 unusable videos skipped so far: 1 unreadable: truncated.mp4" in capsys.readouterr().err
