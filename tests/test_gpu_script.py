@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ ROWS = ["versions", "files", "train_stopped", "train_resumed", "resume_check", "
 @pytest.mark.slow
 def test_the_gpu_script_at_toy_sizes(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "tools" / "gpu_rows.sh"), str(tmp_path)], cwd=ROOT, text=True,
-                            capture_output=True, timeout=900, env={**os.environ, "SMALL": "1"})
+                            capture_output=True, timeout=900, env={**os.environ, "SMALL": "1", "PYTHON": sys.executable})
     ended = dict(re.findall(r"^== (\w+): exit (\d+) in", result.stdout, flags=re.M))
     assert list(ended) == ROWS, result.stdout[-3000:]
     assert all(code == "0" for code in ended.values()) and result.returncode == 0, (ended, result.stdout[-6000:])

@@ -11,7 +11,8 @@
 # log in a temporary folder (its tail is printed).
 # train.py runs as tests/test_commands.py's torchrun script: the one place the recipe's sizes are swapped for
 # compact ones (tested there), so the run here is the recipe's code at VideoCrafter2's layout, small.
-# SMALL=1 runs the same rows at toy sizes on the CPU (gloo, no profiler): tests/test_gpu_script.py.
+# SMALL=1 runs the same rows at toy sizes on the CPU (gloo, no profiler): tests/test_gpu_script.py. PYTHON names the
+# interpreter (default python3), so that a venv need not be on PATH.
 # Sampling counts no FLOPs here (a meta-device count of 100 U-Net calls is slow on the host and the same on any
 # machine): `--flops meta` on the CPU gives them.
 set -u
@@ -22,6 +23,7 @@ raft=$(realpath "${2:-$(dirname "$0")/../tests/fixtures/raft_small.pth}")
 cd "$(dirname "$0")/.."  # the rows' commands name the repository's files
 logs=$(mktemp -d)
 export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}  # the interpreter with the project's packages (a venv's need not be on PATH)
 if [ "${SMALL:-0}" = 1 ]; then
   size=bench; sample_size=tiny; frames=2; latent=8x8; batch=1; image=32x32; ddim=2; scale=4
   clip=(32 32); recipe=(--frames=4 --batch_size=2 --micro_batch=1); steps=6; every=2
@@ -56,7 +58,7 @@ stop_when_saved() {  # stop_when_saved RUN_DIR COMMAND...: SIGTERM COMMAND's tra
 export -f stop_when_saved
 
 # ---- (d) versions
-row versions 60 python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN',
+row versions 60 "$python" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN',
   torch.backends.cudnn.version(), torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 
 # ---- (a) train.py end to end: a checkpoint, SIGTERM mid-run, --resume to the last step
@@ -65,7 +67,7 @@ rm -rf "$work" "$out/train" "$out/ddp" "$out/shard"
 clips=../shared/videos
 # the toy run reads the fixture's one short clip: heatmaps of the shared clips' 350 frames take minutes on a CPU
 if [ ! -d "$clips" ] || [ "${SMALL:-0}" = 1 ]; then clips=tests/fixtures; fi
-row files 240 python3 - "$work" "$clips" "${clip[0]}x${clip[1]}" <<'EOF'
+row files 240 "$python" - "$work" "$clips" "${clip[0]}x${clip[1]}" <<'EOF'
 import sys
 from pathlib import Path
 sys.path.insert(0, "tests")
@@ -84,14 +86,14 @@ prepare.main(["heatmaps", str(work / "videos"), "--size", size, "--max-stride", 
               "--weights", "tests/fixtures/raft_small.pth"])
 print(f"{len(videos)} clips of {clips}, {work / 'model.ckpt'}")
 EOF
-train=(python3 -m torch.distributed.run --standalone --nproc_per_node 1 tests/test_commands.py
+train=("$python" -m torch.distributed.run --standalone --nproc_per_node 1 tests/test_commands.py
        --data="$work/videos" --init="$work/model.ckpt" --height=${clip[0]} --width=${clip[1]} "${recipe[@]}"
        --max_stride=2 --log_every=1)
 row train_stopped 240 bash -c 'stop_when_saved "$@"' _ "$out/train" "${train[@]}" --workers=2 --steps=$steps \
   --ckpt_every=$every --sample_every=$every --monitor_weights=tests/fixtures/raft_small.pth --out_dir="$out/train"
 row train_resumed 240 "${train[@]}" --workers=2 --steps=$steps --ckpt_every=$every --sample_every=$every \
   --monitor_weights=tests/fixtures/raft_small.pth --out_dir="$out/train" --resume
-row resume_check 30 python3 - "$out/train/log.jsonl" "$logs/train_stopped.log" "$steps" <<'EOF'
+row resume_check 30 "$python" - "$out/train/log.jsonl" "$logs/train_stopped.log" "$steps" <<'EOF'
 import json, re, sys
 steps = [json.loads(line)["step"] for line in open(sys.argv[1]) if '"loss"' in line]
 saved = [int(s) for s in re.findall(r"stop signal: saved step (\d+)", open(sys.argv[2]).read())]
@@ -107,7 +109,7 @@ for parallel in ddp shard; do
   shard=false; if [ $parallel = shard ]; then shard=true; fi
   row "three_$parallel" 180 "${train[@]}" --workers=0 --steps=3 --shard=$shard --out_dir="$out/$parallel"
 done
-row shard_vs_ddp 30 python3 - "$out/ddp/log.jsonl" "$out/shard/log.jsonl" <<'EOF'
+row shard_vs_ddp 30 "$python" - "$out/ddp/log.jsonl" "$out/shard/log.jsonl" <<'EOF'
 import json, sys
 ddp, shard = ([json.loads(line) for line in open(path) if '"loss"' in line] for path in sys.argv[1:])
 assert [r["step"] for r in ddp] == [r["step"] for r in shard] == [1, 2, 3], "both runs log steps 1 to 3"
@@ -118,19 +120,20 @@ EOF
 
 # ---- (c) the README's GPU rows, and the vc2 step under the profiler
 text_encoder=openclip  # VideoCrafter2's, random weights; the byte encoder if open_clip is not installed
-python3 -c "import open_clip" 2>/dev/null || text_encoder=bytes
+"$python" -c "import open_clip" 2>/dev/null || text_encoder=bytes
 # ViT-H-14's text tower is built at full size (350 M weights), minutes on a CPU; the toy run's U-Net is not its match
 if [ "${SMALL:-0}" = 1 ]; then text_encoder=bytes; fi
 step=(--size $size --batch $batch --frames $frames --latent $latent --dtype bf16 --checkpointing)
-row train 140 python3 -m tools.bench "${step[@]}" "${timed[@]}" --json "$out/train.json"
+row train 140 "$python" -m tools.bench "${step[@]}" "${timed[@]}" --json "$out/train.json"
 if [ "${SMALL:-0}" != 1 ]; then  # a CPU profile says nothing of the GPU's kernels
-  row profile 140 python3 -m tools.profile_step "$out" "${step[@]}" --warmup 1
+  row profile 140 "$python" -m tools.profile_step "$out" "${step[@]}" --warmup 1
 fi
-row sample 140 python3 -m tools.bench --what sample --size $sample_size --frames $frames --latent $latent --dtype bf16 \
+row sample 140 "$python" -m tools.bench --what sample --size $sample_size --frames $frames --latent $latent --dtype bf16 \
   --text-encoder $text_encoder --ddim-steps $ddim --warmup 1 --steps 2 --flops none --json "$out/sample.json"
-row heatmap 60 python3 -m tools.bench --what heatmap --size $image --frames $frames --raft "$raft" --json "$out/heatmap.json"
+row heatmap 60 "$python" -m tools.bench --what heatmap --size $image --frames $frames --raft "$raft" --json "$out/heatmap.json"
 for parallel in ddp shard; do  # one rank each: the per-rank state and step time of DDP against FSDP2
-  row "states_$parallel" 100 torchrun --standalone --nproc_per_node 1 -m tools.memory --what states --size $size \
+  row "states_$parallel" 100 "$python" -m torch.distributed.run --standalone --nproc_per_node 1 -m tools.memory \
+    --what states --size $size \
     --frames $frames --latent $latent --batch 2 --dtype bf16 --parallel $parallel "${timed[@]:2}" --out "$out"
 done
 exit $failed
