@@ -48,7 +48,7 @@ from eval import score
 from flow import RAFT, clip_heatmaps
 from loss import latent_heatmap, motif_loss, q_sample, v_target
 from model import SIZES, ModelConfig, MotifModel, resolve_rescale, training_flops
-from monitor import MotionMonitor, first_logged_ratio, load_monitor_raft
+from flow import MotionMonitor, first_logged_ratio, load_monitor_raft
 from sample import ddim_sample, to_uint8_frames
 from shapes import ShapesDataset, held_out_pairs
 from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model

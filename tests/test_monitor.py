@@ -12,7 +12,7 @@ import train
 from conftest import user_error
 from tools import curves
 from flow import RAFT
-from monitor import STATIC_FRACTION, MotionMonitor, clip_motion
+from flow import STATIC_FRACTION, MotionMonitor, clip_motion
 
 SIZE = (64, 96)
 
@@ -95,7 +95,7 @@ def test_vbench_dynamic_degree_follows_its_rule_by_hand():
     moved = clip_motion(FixedFlow(6.4), videos, torch.tensor([8.0]))
     assert moved["flow"].item() == pytest.approx(0.1) and moved["moving_area"].item() > 0.99  # x = 0.1 > 0.05
     # static: a sample under STATIC_FRACTION of its real clip's flow
-    from monitor import motion_figures
+    from flow import motion_figures
     slow = clip_motion(FixedFlow(6.4 * STATIC_FRACTION * 0.9), videos, torch.tensor([8.0]))
     assert motion_figures(slow, moved)["static_sample_rate"] == 1.0
     assert motion_figures(moved, moved)["static_sample_rate"] == 0.0

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from monitor import WARN_RATIO
+from flow import WARN_RATIO
 from utils import fail, write_atomically
 
 PASS_CURVES = {"motion_ratio": "motion ratio", "static_sample_rate": "static-sample rate",
