@@ -1,4 +1,10 @@
-"""The training data from video files: captioned video folders (ours, JSONL, WebVid's CSV) and their caches.
+"""The training data from video files: captioned video folders (ours, JSONL, WebVid's CSV), their caches, and the
+commands that look at and prepare them.
+
+    python data.py check videos --frames 16        # which videos of a folder are usable, and why not the others
+    python data.py heatmaps videos --size 320x512 --max-stride 8    # RAFT motion heatmaps (1/8 size), cached once
+    python data.py latents videos --init model.ckpt --size 320x512  # kl-f8 latents, cached once (full recipe)
+    python data.py show clip.mp4 --out vis.mp4     # frame | optical flow | heatmap, side by side
 
 Where it sits: train.py asks a dataset for items by global sample index; each item is a clip
 with its caption, its fps and its motion heatmap (from flow.py), which loss.py uses as the
@@ -14,34 +20,43 @@ weights of the motion focal loss:
 
 Every dataset answers ANY non-negative index (an infinite, deterministic stream), so a resumed
 run or a different world size sees exactly the same samples; `len()` is only nominal. The demo's
-synthetic shapes videos answer the same way (shapes.py).
+synthetic shapes videos answer the same way (demo/shapes.py).
 
 ROOT/captions.csv (ours, or WebVid's as it is) or captions.jsonl lists videos (any format FFmpeg
 reads); clips are drawn with a random frame stride and only their frames are decoded (VideoFile:
 seek to the key frame before the first); heatmaps come from the cache written by
-`python prepare.py heatmaps ROOT`, or from RAFT inside the training step. Rows and videos that
+`python data.py heatmaps ROOT`, or from RAFT inside the training step. Rows and videos that
 cannot be used are skipped and counted in warnings; only a folder with nothing usable stops the
-run (a ValueError).
+run (a ValueError). Every cache file is written whole and renamed into place, so a killed command
+leaves no half cache; rerunning a command skips what is already cached.
 
-The commands that look at and prepare data (check a folder, cache heatmaps and latents, write a
-demo image) are in prepare.py.
+Contents, in order: a folder of captioned videos; reading and writing videos; files and command lines (sizes,
+atomic writes, the one-line error); the data commands.
 """
+import argparse
 import csv
 import io
 import json
 import math
+import os
 import sys
+import time
 import zipfile
 from pathlib import Path
 
+import av
+import imageio.v3 as iio
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.utils import flow_to_image
+from tqdm import tqdm
 
-from flow import frame_heatmaps
-from utils import write_atomically
-from video_io import FALLBACK_FPS, UnusableVideo, VideoFile, frames_to_clip, resize_center_crop
+from flow import RAFT, frame_heatmaps, heatmap_from_flow
+from model import autocast, load_kl_autoencoder, pick_device, read_state_dict, wants_bf16
 
-# ---- a folder of captioned videos ----
+
+# ----------------------------------------------------------------------------- a folder of captioned videos
 
 ORDER_STREAM, PICK_STREAM = 0, 1    # seed streams: the per-epoch video order, and each item's clip
 
@@ -189,7 +204,7 @@ def heatmap_size(size):
 
 
 def cache_path(root, relpath, size):
-    """Where `python prepare.py heatmaps` stores a video's pair heatmaps for frames of size (H, W):
+    """Where `python data.py heatmaps` stores a video's pair heatmaps for frames of size (H, W):
     {"num_frames": N, "heatmap_size": (h, w), and for s = 1..max stride "stride_s": uint8 (N-s, h, w), the pairs
     (j, j+s) laid on frame j, and "back_s": uint8 (N-s, h, w), the pairs (j+s, j) laid on frame j+s}."""
     return Path(root) / ".motion_cache" / f"{relpath}.{size[0]}x{size[1]}.npz"
@@ -198,7 +213,7 @@ def cache_path(root, relpath, size):
 def heatmap_cache_is_complete(path, size, max_stride, frames=2):
     """Whether the cache file at path holds, at heatmap_size(size), every stride up to max_stride that a clip of
     `frames` frames of its video can have (False for a missing or damaged file, one written with a smaller
-    --max-stride, or one written by an older prepare.py, which stored full-size heatmaps or no backward pairs)."""
+    --max-stride, or one written by an older data.py, which stored full-size heatmaps or no backward pairs)."""
     try:
         with np.load(path) as cache:
             if "heatmap_size" not in cache.files or tuple(cache["heatmap_size"]) != heatmap_size(size):
@@ -210,7 +225,7 @@ def heatmap_cache_is_complete(path, size, max_stride, frames=2):
 
 
 def latent_cache_path(root, relpath, size):
-    """Where `python prepare.py latents` stores a video's per-frame latents, frames resized to (H, W)."""
+    """Where `python data.py latents` stores a video's per-frame latents, frames resized to (H, W)."""
     return Path(root) / ".latent_cache" / f"{relpath}.{size[0]}x{size[1]}.npz"
 
 
@@ -237,7 +252,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
     N from the packets), resized and center-cropped to size; fps = (the row's fps, else the
     container's, else 30) / s. The heatmap (T, h, w) is frame_heatmaps of the cached stride-s pair
     heatmaps (a, a+s), (a+s, a+2s), ... and the backward pair into the last frame, at 1/8 of size
-    (`prepare.py heatmaps`), and videos with no cache are left out (with a warning); with cached_heatmaps=False items carry no heatmap and
+    (`data.py heatmaps`), and videos with no cache are left out (with a warning); with cached_heatmaps=False items carry no heatmap and
     train.py computes it inside the step (flow.clip_heatmaps). Unusable rows and videos are skipped
     and counted in warnings on stderr naming the first few: a video that turns out unusable is
     replaced by the next one in the permutation. A folder where no video can give a clip, or whose
@@ -254,10 +269,10 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         if not self.videos:
             raise ValueError(f"no usable video listed in {self.root}")
         size_text = f"{self.size[0]}x{self.size[1]}"
-        self.heatmaps_command = f"python prepare.py heatmaps {root} --size {size_text} --max-stride {max_stride}"
+        self.heatmaps_command = f"python data.py heatmaps {root} --size {size_text} --max-stride {max_stride}"
         caches = [("heatmaps", cache_path, self.heatmaps_command)] if cached_heatmaps else []
         if latents:
-            caches.append(("latents", latent_cache_path, f"python prepare.py latents {root} --size {size_text} "
+            caches.append(("latents", latent_cache_path, f"python data.py latents {root} --size {size_text} "
                            "--init path/to/model.ckpt"))
         for what, path_of, command in caches:
             uncached = {v["path"] for v in self.videos if not path_of(self.root, v["path"], self.size).is_file()}
@@ -269,7 +284,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
                 self.videos = [v for v in self.videos if v["path"] not in uncached]
         first_cache = cache_path(self.root, self.videos[0]["path"], self.size)  # one file: a check that costs nothing
         if cached_heatmaps and not heatmap_cache_is_complete(first_cache, self.size, max_stride, frames):
-            raise ValueError(f"stale heatmap cache {first_cache} (written by an older prepare.py, which stored full-size "
+            raise ValueError(f"stale heatmap cache {first_cache} (written by an older data.py, which stored full-size "
                              f"heatmaps or no backward pairs, or with a smaller --max-stride, or damaged); run: {self.heatmaps_command}")
         self.epoch_order = (-1, None)  # (epoch, its permutation of the videos)
         self.unusable = []             # [(reason, path)] found while reading, in this process
@@ -349,7 +364,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         return item
 
     def cached_latents(self, relpath):
-        """(latents float16 (N, C, h, w), the video's fps or None) from `python prepare.py latents`'s cache."""
+        """(latents float16 (N, C, h, w), the video's fps or None) from `python data.py latents`'s cache."""
         try:
             with np.load(latent_cache_path(self.root, relpath, self.size)) as cache:
                 kind, latents, fps = str(cache["autoencoder"]), cache["latents"], float(cache["fps"])
@@ -362,7 +377,7 @@ class VideoFolderDataset(torch.utils.data.Dataset):
     def cached_heatmap(self, relpath, num_frames, picked, stride):
         """frame_heatmaps (T, h, w) of the clip of frames `picked` (T,) from the cache: the pairs (j, j+stride) for
         all but the last frame and the backward pair into the last (flow.clip_pairs), or None if the cache is missing
-        or damaged, or was made from a different video, by an older prepare.py or with a smaller max stride."""
+        or damaged, or was made from a different video, by an older data.py or with a smaller max stride."""
         path = cache_path(self.root, relpath, self.size)
         forward, backward = f"stride_{stride}", f"back_{stride}"
         try:
@@ -374,3 +389,392 @@ class VideoFolderDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, zipfile.BadZipFile):
             return None
         return frame_heatmaps(torch.from_numpy(motion).float() / 255)                  # (T, H, W)
+
+
+# ----------------------------------------------------------------------------- reading and writing videos
+# Training clips are read through VideoFile: only the frames of a clip are decoded, from the key frame before the
+# first, in codecs whose key frames are intra-coded; other formats from the start. Samples and strips are written by
+# write_video (mp4 or looping gif, atomically). A video that cannot give a clip raises UnusableVideo with a short
+# reason, which the datasets count and skip. Frames are uint8 (T, H, W, 3) here; the models take float32 in [-1, 1]
+# (to_unit_range, frames_to_tensor).
+
+FALLBACK_FPS = 30.0     # when neither the caption row nor the container says
+
+
+class UnusableVideo(Exception):
+    """A video that cannot give a clip; reason is one of a few short categories."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}{f' ({detail})' if detail else ''}")
+        self.reason = reason
+
+
+# Codecs whose key frames are intra-coded: decoding from a key frame gives the frames that decoding from the start
+# gives. Other formats (gif, animated png, ...) draw each frame over the previous ones and are decoded from the start.
+SEEKABLE_CODECS = {"h264", "hevc", "av1", "vp8", "vp9", "mpeg4", "mpeg1video", "mpeg2video"}
+
+
+def unreadable(error):
+    """UnusableVideo("unreadable") with the first line of whatever a demuxer or decoder raised."""
+    return UnusableVideo("unreadable", str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+class VideoFile:
+    """A video file, read the way a training clip needs it: the frame count and fps from its packets (no
+    decoding), then just the frames asked for, decoded from the key frame before the first of them.
+
+        video = VideoFile(path)                  # UnusableVideo if it cannot give frames
+        clip = video.read(range(40, 56, 2))      # uint8 (8, H, W, 3)
+
+    Frame k is the k-th frame a decoder outputs when it decodes the whole file (presentation order), with any
+    container FFmpeg reads (mp4, webm, gif, animated png ...); grey, palette and RGBA frames become RGB (alpha is
+    dropped). Frames are found by their timestamps, so variable frame rates seek right; files whose codec cannot
+    start at a key frame (SEEKABLE_CODECS), or whose packets lack distinct timestamps, are decoded from the start,
+    stopping after the last frame asked for. Any failure is an UnusableVideo with a short reason."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UnusableVideo("missing file")
+        if self.path.stat().st_size == 0:
+            raise UnusableVideo("empty file")
+        try:
+            with av.open(str(self.path)) as container:
+                if not container.streams.video:
+                    raise UnusableVideo("no video stream")
+                stream = container.streams.video[0]
+                packets = [(packet.pts, packet.is_keyframe) for packet in container.demux(stream)
+                           if packet.size and not packet.is_discard]            # what the decoder will output
+                codec, rate = stream.codec_context.name, stream.average_rate or stream.guessed_rate
+        except UnusableVideo:
+            raise
+        except Exception as error:       # demuxers raise many types for a corrupt file
+            raise unreadable(error) from None
+        fps = float(rate) if rate else None
+        self.fps = fps if fps and math.isfinite(fps) and fps > 0 else None
+        self.num_frames = len(packets)
+        pts = [p for p, _ in packets]
+        seekable = codec in SEEKABLE_CODECS and None not in pts and len(set(pts)) == len(pts)
+        self.timestamps = sorted(pts) if seekable else None                         # frame k's pts
+        self.frame_of = {t: k for k, t in enumerate(self.timestamps)} if seekable else None
+        self.key_frames = sorted(p for p, key in packets if key) if seekable else []   # their pts
+
+    def read(self, picked):
+        """The frames picked (increasing frame numbers < num_frames) -> uint8 (len(picked), H, W, 3)."""
+        picked = list(picked)
+        if not picked:
+            raise ValueError("read needs at least one frame number")
+        seek_to = self.key_frame_before(picked[0])
+        try:
+            frames = self.decode(picked, seek_to)
+            if frames is None:           # seeking missed a frame: decode from the start instead
+                frames = self.decode(picked, None)
+        except UnusableVideo:
+            raise
+        except Exception as error:       # decoders raise many types for a corrupt file
+            raise unreadable(error) from None
+        missing = [k for k in picked if k not in frames]
+        if missing:
+            raise UnusableVideo("unreadable", f"frame {missing[0]} of {self.num_frames} does not decode")
+        return np.stack([frames[k] for k in picked])                               # (T, H, W, 3)
+
+    def key_frame_before(self, k):
+        """The timestamp of the last key frame at or before frame k, or None: decode from the start (a codec that
+        cannot seek, or frame k is in the first group of pictures)."""
+        if self.timestamps is None:
+            return None
+        before = [pts for pts in self.key_frames if pts <= self.timestamps[k]]
+        return before[-1] if len(before) > 1 else None
+
+    def decode(self, picked, seek_to):
+        """{k: uint8 (H, W, 3)} for the frames k in picked that decode, from the start (seek_to None: frames counted)
+        or from seek_to (a key frame's timestamp: frames known by their timestamps; None unless all are found)."""
+        wanted, frames = set(picked), {}
+        with av.open(str(self.path)) as container:
+            stream = container.streams.video[0]
+            if seek_to is not None:
+                # the first packet first: decoders keep what it says (FFmpeg's H.264 decoder reads the x264 version
+                # there, to work around old x264 bugs; without it a 4:4:4 clip decodes to green after a seek)
+                stream.codec_context.decode(next(packet for packet in container.demux(stream) if packet.size))
+                container.seek(seek_to, stream=stream, backward=True)
+            for count, frame in enumerate(container.decode(stream)):
+                k = count if seek_to is None else self.frame_of.get(frame.pts, -1)
+                if k in wanted:
+                    frames[k] = frame.to_ndarray(format="rgb24")                   # (H, W, 3)
+                if k >= picked[-1]:
+                    break
+        return frames if seek_to is None or len(frames) == len(wanted) else None
+
+
+def load_frames(path, min_frames=1):
+    """Every frame of a video: (uint8 (N, H, W, 3), fps or None), or UnusableVideo with a short reason: missing
+    file, empty file, no video stream, unreadable (not a video, truncated, corrupt, a codec FFmpeg cannot decode),
+    no frames, too short (fewer than min_frames)."""
+    video = VideoFile(path)
+    if video.num_frames == 0:
+        raise UnusableVideo("no frames")
+    if video.num_frames < min_frames:
+        raise UnusableVideo("too short", f"{video.num_frames} frames < {min_frames}")
+    return video.read(range(video.num_frames)), video.fps
+
+
+def write_video(path, frames, fps):
+    """Write uint8 frames (T, H, W, 3) atomically as .gif (looping) or .mp4 (H.264, odd sizes padded)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gif":
+        encoded = iio.imwrite("<bytes>", frames, extension=".gif", plugin="pillow", duration=1000 / fps, loop=0)
+    elif suffix == ".mp4":
+        frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
+        encoded = iio.imwrite("<bytes>", frames, extension=".mp4", plugin="pyav", codec="libx264", fps=fps)
+    else:
+        raise ValueError(f"cannot write {path}: use a .mp4 or .gif file name")
+    write_atomically(path, lambda file: file.write(encoded))
+
+
+def resize_center_crop(frames, size):
+    """Resize uint8 frames (N, H, W, 3) to cover size = (h, w), then crop the centre: (N, h, w, 3)."""
+    height, width = frames.shape[1:3]
+    scale = max(size[0] / height, size[1] / width)
+    cover = [max(size[0], round(height * scale)), max(size[1], round(width * scale))]
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)                              # (N, 3, H, W)
+    video = F.interpolate(video, size=cover, mode="bilinear", antialias=True)        # (N, 3, H', W'): uint8 stays uint8
+    top, left = round((cover[0] - size[0]) / 2), round((cover[1] - size[1]) / 2)
+    video = video[:, :, top:top + size[0], left:left + size[1]]                      # (N, 3, h, w)
+    return video.permute(0, 2, 3, 1).numpy()                                          # (N, h, w, 3)
+
+
+def frames_to_clip(frames):
+    """uint8 frames (T, H, W, 3) -> a dataset item's uint8 clip (3, T, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)
+
+
+def to_unit_range(video):
+    """uint8 pixels (any shape, on any device) -> float32 in [-1, 1], the range the models use."""
+    return video.float() / 127.5 - 1
+
+
+def frames_to_tensor(frames):
+    """uint8 frames (T, H, W, 3) -> float32 (T, 3, H, W) in [-1, 1]."""
+    return to_unit_range(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2))
+
+
+def to_uint8_frames(video, upscale=1):
+    """(3, T, H, W) in [-1, 1] -> (T, H*upscale, W*upscale, 3) uint8."""
+    frames = ((video.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 3, 0)
+    if upscale > 1:
+        frames = frames.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
+    return frames.numpy()
+
+
+# ----------------------------------------------------------------------------- files and command lines: sizes, atomic writes, errors
+
+def parse_size(text):
+    """'320x512' -> (320, 512): height x width, both positive."""
+    try:
+        height, width = (int(side) for side in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected a size HxW like 320x512, got {text!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"sizes must be positive, got {text!r}")
+    return height, width
+
+
+def write_atomically(path, write):
+    """Call write(file) on a temporary file beside `path`, fsync it, rename it to `path` and fsync the folder:
+    a reader (or a run killed at any moment) sees the old file or the new one whole, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power cut
+    finally:
+        os.close(directory)
+
+
+def fail(error):
+    """A command's way out for a user's mistake: `error: <the message's last line>` on stderr, exit status 1.
+    The last line, because an error raised in a DataLoader worker arrives with the worker's traceback before it."""
+    if isinstance(error, OSError) and error.strerror:  # a full disk, a folder given as a file, no permission
+        raise SystemExit(f"error: {error.strerror}: {error.filename or ''}")
+    text = str(error).strip()
+    raise SystemExit(f"error: {text.splitlines()[-1] if text else type(error).__name__}")
+
+
+# ----------------------------------------------------------------------------- the data commands: check, heatmaps, latents, show
+
+def check_folder(root, frames):
+    """Decode every listed video and report which are usable; a ValueError if none is."""
+    videos, skipped = read_captions(root)
+    root = video_root(root)  # a captions file given by name: its folder
+    usable = 0
+    for video in tqdm(videos, desc="decoding", unit="video", disable=None):
+        try:
+            load_frames(Path(root) / video["path"], frames)
+            usable += 1
+        except UnusableVideo as error:
+            skipped.append((error.reason, video["path"]))
+    print(f"{root}: {usable} usable, {len(skipped)} skipped (clips of {frames} frames)")
+    for line in summarise(skipped).split("; ") if skipped else []:
+        print(f"  skipped {line}")
+    if usable == 0:
+        raise ValueError(f"no usable video in {root}")
+
+
+def cache_heatmaps(root, weights, size, max_stride, device):
+    """Store, for every listed video, the pair heatmaps of frames (j, j+s) for all j and each stride s <= max_stride,
+    laid on frame j, under "stride_s", and of the backward pairs (j+s, j), laid on frame j+s, under "back_s" (a clip's
+    last frame takes its heatmap from these: flow.clip_pairs), computed by RAFT.heatmaps (flow at a short side of
+    128 px, area-averaged to data.heatmap_size(size), 1/8 of the frames), as uint8 (round(255 h)), with the video's
+    frame count under "num_frames" and the heatmaps' size under "heatmap_size", in data.cache_path(root, video,
+    size). Complete caches are kept; missing, damaged, too-few-strides and older ones are (re)computed. Unusable
+    videos are skipped and counted; a folder where nothing is usable is a ValueError."""
+    videos, skipped = read_captions(root)
+    root = video_root(root)  # a captions file given by name: its folder
+    todo = [video for video in videos
+            if not heatmap_cache_is_complete(cache_path(root, video["path"], size), size, max_stride)]
+    print(f"{root}: {len(videos)} videos listed, {len(videos) - len(todo)} already cached, {len(skipped)} "
+          f"skipped{': ' + summarise(skipped) if skipped else ''}")
+    raft = RAFT(weights, device) if todo else None
+    started, done, pairs, unusable = time.perf_counter(), 0, 0, []
+    for video in tqdm(todo, desc="caching heatmaps", unit="video", disable=None):
+        try:
+            frames, _ = load_frames(Path(root) / video["path"], min_frames=2)   # (N, H0, W0, 3)
+        except UnusableVideo as error:
+            unusable.append((error.reason, video["path"]))
+            continue
+        frames = resize_center_crop(frames, size)                               # (N, H, W, 3)
+        strides = range(1, min(max_stride, len(frames) - 1) + 1)
+        heatmaps = {"num_frames": np.array(len(frames)), "heatmap_size": np.array(heatmap_size(size))}
+        with tqdm(total=sum(2 * (len(frames) - s) for s in strides), desc=video["path"], unit="pair", leave=False,
+                  disable=None) as bar:
+            for stride in strides:
+                for key, (first, second) in ((f"stride_{stride}", (0, stride)), (f"back_{stride}", (stride, 0))):
+                    chunks = []
+                    for start in range(0, len(frames) - stride, raft.chunk):
+                        end = min(start + raft.chunk, len(frames) - stride)
+                        chunks.append(raft.heatmaps(frames_to_tensor(frames[start + first:end + first]),
+                                                    frames_to_tensor(frames[start + second:end + second]),
+                                                    heatmap_size(size)))               # (n, h, w)
+                        bar.update(end - start)
+                    heatmaps[key] = (torch.cat(chunks) * 255).round().to(torch.uint8).numpy()  # (N-s, h, w)
+        save_npz(cache_path(root, video["path"], size), **heatmaps)
+        done, pairs = done + 1, pairs + bar.total
+    seconds = time.perf_counter() - started
+    print(f"cached {done} videos ({pairs} frame pairs) in {seconds:.1f} s ({seconds / max(done, 1):.1f} s/clip)"
+          f"; {len(unusable)} unusable{': ' + summarise(unusable) if unusable else ''}")
+    if len(videos) == len(unusable):
+        raise ValueError(f"no usable video in {root}")
+
+
+def cache_latents(root, autoencoder, kind, size, device, chunk=16):
+    """Store every listed video's latents, frame by frame (both autoencoders work on single frames), with frames
+    resized and center-cropped to size = (H, W): {"latents": float16 (N, C, h, w), "autoencoder": kind,
+    "fps": the container's fps or 0} in data.latent_cache_path. A training clip's latent is then latents[picked]:
+    no decoding, no encoder on the training GPU. Existing caches are kept; unusable videos are counted. The frames
+    are encoded in the precision the training step encodes in (utils.wants_bf16: bf16 on a GPU)."""
+    device = torch.device(device)
+    videos, skipped = read_captions(root)
+    root = video_root(root)  # a captions file given by name: its folder
+    todo = [v for v in videos if not latent_cache_path(root, v["path"], size).is_file()]
+    print(f"{root}: {len(videos)} videos listed, {len(videos) - len(todo)} already encoded, {len(skipped)} skipped")
+    autoencoder = autoencoder.to(device)
+    unusable = []
+    for video in tqdm(todo, desc="encoding", unit="video", disable=None):
+        try:
+            frames, fps = load_frames(Path(root) / video["path"])                      # (N, H0, W0, 3)
+        except UnusableVideo as error:
+            unusable.append((error.reason, video["path"]))
+            continue
+        latents = []
+        with torch.no_grad(), autocast(device, wants_bf16("auto", device)):  # the precision the step encodes in
+            for start in range(0, len(frames), chunk):
+                part = frames_to_tensor(resize_center_crop(frames[start:start + chunk], size))  # (n, 3, H, W)
+                z = autoencoder.encode(part.transpose(0, 1)[None].to(device)).float()           # (1, C, n, h, w)
+                latents.append(z[0].transpose(0, 1).half().cpu())                               # (n, C, h, w)
+        save_npz(latent_cache_path(root, video["path"], size), latents=torch.cat(latents).numpy(),
+                 autoencoder=np.array(kind), fps=np.array(fps or 0.0))
+    print(f"encoded {len(todo) - len(unusable)} videos; {len(unusable)} unusable"
+          f"{': ' + summarise(unusable) if unusable else ''}")
+    if len(videos) == len(unusable):
+        raise ValueError(f"no usable video in {root}")
+
+
+def show(video_path, weights, size, num_frames, stride, out, device):
+    """Write an animation: frame | flow (colour = direction, white = still) | heatmap."""
+    try:
+        frames, fps = load_frames(video_path, (num_frames - 1) * stride + 1)    # (N, H0, W0, 3)
+    except UnusableVideo as error:
+        raise ValueError(f"{video_path}: {error}") from None
+    clip = resize_center_crop(frames[:(num_frames - 1) * stride + 1:stride], size)   # (T, H, W, 3)
+    flow = RAFT(weights, device)(frames_to_tensor(clip))                        # (T, 2, H, W)
+    heatmap = heatmap_from_flow(flow)                                           # (T, H, W)
+    flow_colours = flow_to_image(torch.cat([flow[:-1], -flow[-1:]]))  # (T, 3, H, W): the last's backward flow turned
+    heatmap_grey = (heatmap * 255).round().to(torch.uint8)[:, None].expand(-1, 3, -1, -1)  # (T, 3, H, W)
+    panels = torch.cat([torch.from_numpy(clip).permute(0, 3, 1, 2), flow_colours, heatmap_grey], dim=3)
+    write_video(out, panels.permute(0, 2, 3, 1).numpy(), (fps or FALLBACK_FPS) / stride)  # (T, H, 3W, 3)
+    print(f"wrote {out}: {num_frames} frames of {video_path} at stride {stride}, "
+          f"moving (heatmap > 0.5): {(heatmap > 0.5).float().mean():.1%} of pixels")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="decode every video of a folder, report usable ones")
+    check.add_argument("root", type=Path)
+    check.add_argument("--frames", type=int, default=16, help="frames a clip needs")
+    heatmaps = commands.add_parser("heatmaps", help="cache the RAFT motion heatmaps of every video in a folder")
+    heatmaps.add_argument("root", type=Path, help="folder with captions.csv or captions.jsonl")
+    heatmaps.add_argument("--max-stride", type=int, default=8, help="largest frame stride the training uses")
+    latents = commands.add_parser("latents", help="cache the kl-f8 latents of every video in a folder")
+    latents.add_argument("root", type=Path)
+    latents.add_argument("--init", required=True, help="VideoCrafter2's model.ckpt (its first_stage_model.* weights)")
+    show_parser = commands.add_parser("show", help="write frame | flow | heatmap of a video, side by side")
+    show_parser.add_argument("video", type=Path)
+    show_parser.add_argument("--frames", type=int, default=16)
+    show_parser.add_argument("--stride", type=int, default=1, help="use every stride-th frame")
+    show_parser.add_argument("--out", type=Path, required=True, help="vis.mp4 or vis.gif")
+    for command in (heatmaps, latents, show_parser):
+        command.add_argument("--size", default="320x512", help="HxW the clips are trained at")
+        command.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    for command in (heatmaps, show_parser):
+        command.add_argument("--weights", default="small", help="small, large (torchvision's, downloaded "
+                             "once) or a path to a torchvision RAFT state dict")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "check":
+            if args.frames < 2:
+                raise ValueError("--frames must be at least 2")
+            check_folder(args.root, args.frames)
+        elif args.command == "heatmaps":
+            if args.max_stride < 1:
+                raise ValueError("--max-stride must be at least 1")
+            cache_heatmaps(args.root, args.weights, parse_size(args.size), args.max_stride, pick_device(args.device))
+        elif args.command == "latents":
+            size, device = parse_size(args.size), pick_device(args.device)
+            cache_latents(args.root, load_kl_autoencoder(read_state_dict(args.init)), "kl-f8", size, device)
+        else:
+            if args.frames < 2 or args.stride < 1:
+                raise ValueError("--frames must be at least 2 and --stride at least 1")
+            if args.out.suffix.lower() not in (".mp4", ".gif"):
+                raise ValueError(f"--out must end in .mp4 or .gif, got {args.out}")
+            show(args.video, args.weights, parse_size(args.size), args.frames, args.stride, args.out,
+                 pick_device(args.device))
+    except (ValueError, OSError) as error:
+        fail(error)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,8 +1,8 @@
 """Optical flow -> motion heatmaps, the weights of MotiF's motion focal loss.
 
 Where it sits: a clip of T frames becomes a heatmap m (T, H, W) in [0, 1] that is ~1 where things move and ~0 where
-they do not, by one of three roads through this file: shapes.py's synthetic clips from their exact flow; a video
-folder's clips from RAFT, once into a cache (prepare.py heatmaps, read back by data.py) or inside the training step
+they do not, by one of three roads through this file: demo/shapes.py's synthetic clips from their exact flow; a video
+folder's clips from RAFT, once into a cache (data.py heatmaps, read back by data.py) or inside the training step
 (train.py, clip_heatmaps). loss.py area-downsamples m to the latent size and weights the diffusion loss with it.
 
     frames (T, 3, H, W) --RAFT--> flow (T, 2, H, W), pixels: the motion of each frame's own pixels, where they
@@ -17,7 +17,7 @@ Real videos take the cheap road to the same place (RAFT.heatmaps): RAFT runs on 
 to a short side of 128 px, the smallest it takes (a 320x512 pair costs 6x fewer FLOPs than at full
 size), and the pair heatmaps are area-averaged at once to 1/8 of the frame size (the kl-f8 latent's),
 since loss.py averages them to the latent size anyway. The synthetic shapes videos know their exact flow and skip RAFT, not the rest.
-The commands that cache a folder's heatmaps and show a video's are in prepare.py (`heatmaps`, `show`).
+The commands that cache a folder's heatmaps and show a video's are in data.py (`heatmaps`, `show`).
 
 Contents, in order: flow -> heatmaps; RAFT; the motion monitor (are the samples going static? the same RAFT ->
 heatmap road measures validation samples against their real clips, for train.py's validation pass).
@@ -90,7 +90,7 @@ def load_raft_model(weights):
             return build(weights=pretrained.DEFAULT)
         except OSError as error:   # URLError and the socket's errors are OSErrors
             raise ValueError(f"cannot download torchvision's RAFT-{weights} weights ({error}); pass a state dict file "
-                             f"instead of {weights!r} (prepare.py --weights, train.py --flow_weights / "
+                             f"instead of {weights!r} (data.py --weights, train.py --flow_weights / "
                              "--monitor_weights)") from None
     path = Path(weights)
     if not path.is_file():

@@ -30,6 +30,15 @@ def zero_terminal_snr(abar):
     return ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
 
 
+def shift_snr(abar, shift=1.0):
+    """The schedule's abar (float64) changed for small frames, where VideoCrafter2's leaves the content visible even
+    at t = 999 (model.py applies it when the config's noise_shift asks: the demo's preset sets 2): the signal-to-noise
+    ratio abar / (1 - abar) divided by shift^2 at every t (as SD3 and "simple diffusion" shift a schedule for another
+    resolution): shift > 1 hides coarse content, such as where a shape goes, over more of the timesteps, where only
+    the text can then tell it."""
+    return abar / (abar + shift ** 2 * (1 - abar))
+
+
 def input_scale(num_steps=1000, base=0.7, turning_step=400):
     """VideoCrafter2's `scale_arr` (use_scale, scale_b 0.7, mid_step 400), kept by DynamiCrafter as
     `use_dynamic_rescale` (base_scale 0.7, turning_step 400): s_t = linspace(1, 0.7, 400)[t] for t < 400, then 0.7
@@ -41,7 +50,7 @@ def input_scale(num_steps=1000, base=0.7, turning_step=400):
 
 class Schedule:
     """The noise schedule of training and sampling: alphas_cumprod (abar_t, float64), VideoCrafter2's by default (the
-    CPU demo shifts it: demo.py), the float32 coefficients of z_t and v, and `scale`, VideoCrafter2's input rescaling
+    CPU demo shifts it: demo/unet.py), the float32 coefficients of z_t and v, and `scale`, VideoCrafter2's input rescaling
     s_t (input_scale) with rescale, else None (s_t = 1: the arithmetic of a schedule without it)."""
 
     def __init__(self, alphas_cumprod=None, device="cpu", rescale=False):

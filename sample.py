@@ -27,11 +27,48 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from checkpoint import load_model
-from utils import autocast, fail, pick_device, wants_bf16, write_atomically
-from video_io import frames_to_tensor, resize_center_crop, write_video
+from data import fail, frames_to_tensor, resize_center_crop, to_uint8_frames, write_atomically, write_video
+from demo.unet import DEMO
+from model import SIZES, ModelConfig, MotifModel, autocast, load_checkpoint, pick_device, wants_bf16
 
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs
+
+
+# ----------------------------------------------------------------------------- the model of a checkpoint
+
+MODEL_SIZES = (*SIZES, "demo")  # model.SIZES and the demo's
+
+
+def build_model(cfg: ModelConfig) -> MotifModel:
+    """The model a config describes, and the one place where the demo is chosen: size "demo" is demo/unet.py's
+    U-Net (VideoCrafter2's with three additions); every other size is VideoCrafter2's U-Net of model.SIZES."""
+    if cfg.size == "demo":
+        return MotifModel(cfg, DEMO)
+    if cfg.size not in SIZES:
+        raise ValueError(f"unknown model size {cfg.size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    return MotifModel(cfg)
+
+
+def load_model(path, device, use_ema=True):
+    """The model of a checkpoint, for sampling: (model in eval mode on device, its config dict, its step).
+    The EMA weights unless use_ema is False."""
+    ckpt = load_checkpoint(path)
+    config = ckpt.get("config")
+    needed = ("model", "frames", "height", "width")
+    if not isinstance(config, dict) or not all(key in config for key in needed):
+        raise ValueError(f"{path}: its config lacks {[k for k in needed if k not in (config or {})]}: "
+                         "not written by this version of train.py")
+    model = build_model(ModelConfig.from_run_config(config))
+    try:
+        model.load_state_dict(ckpt["model"])
+        if use_ema:
+            unexpected = model.load_state_dict(ckpt["ema"], strict=False).unexpected_keys  # trainable parameters only
+            if unexpected:
+                raise RuntimeError(f"EMA weights that are not the model's: {unexpected[:2]}")
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"{path}: its weights do not fit the model its config describes "
+                         f"({str(e).splitlines()[0][:160]})") from None
+    return model.to(device).eval(), config, ckpt["step"]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -124,14 +161,6 @@ def ddim_sample(model, image, captions, frames, fps, steps=50, cfg_scale=7.5, se
 
     _, x0 = ddim(predict, z, model.schedule, steps, cfg_scale, progress=progress)
     return model.autoencoder.decode(x0).clamp(-1, 1)  # (B, 3, T, H, W): the last step's clean prediction
-
-
-def to_uint8_frames(video, upscale=1):
-    """(3, T, H, W) in [-1, 1] -> (T, H*upscale, W*upscale, 3) uint8."""
-    frames = ((video.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 3, 0)
-    if upscale > 1:
-        frames = frames.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
-    return frames.numpy()
 
 
 # ----------------------------------------------------------------------------- a benchmark set

@@ -11,13 +11,13 @@ noise, timestep and text dropout come from a generator seeded by (seed, step, sa
 micro-batch's dropout masks from one seeded by its first sample, so for a given micro_batch the maths
 of a run does not depend on how many processes share it. Gradients are averaged over the global
 batch: under DDP every rank holds the whole model and gradients are synced on the last micro-step;
-with --shard=true (shard.py, FSDP2) each rank holds 1 / world of the weights, gradients, AdamW state
+with --shard=true (train.py, FSDP2) each rank holds 1 / world of the weights, gradients, AdamW state
 and EMA, and gradients are reduce-scattered after every micro-step. Rank 0 writes logs
 and checkpoints; a checkpoint is the same plain file whichever way it was trained.
 
-Data flow of a step (DESIGN.md): clip + heatmap (shapes.py or data.py / flow.py) -> z0 = encode(clip), image
+Data flow of a step (DESIGN.md): clip + heatmap (demo/shapes.py or data.py / flow.py) -> z0 = encode(clip), image
 latent = z0 of frame 0 repeated -> z_t, v (loss.py) -> v_hat = model(z_t, z_img, t, text, fps) ->
-L = L_diffusion + lambda * L_motif -> AdamW, EMA, checkpoint (checkpoint.py).
+L = L_diffusion + lambda * L_motif -> AdamW, EMA, checkpoint (model.py).
 
 The file reads top to bottom: the config; train(), setup and then a loop of step / log / validate / save; the
 step written out in one function (train_step) and its parts; the validation samples; what setup builds (the model,
@@ -27,33 +27,40 @@ import dataclasses
 import difflib
 import json
 import math
+import os
+import resource
 import signal
 import sys
 import time
 import tomllib
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import CHECKPOINT_KIND, init_from, load_checkpoint, resolve_checkpoint, save_checkpoint
-from data import VideoFolderDataset, heatmap_size, summarise
-from demo import high_t_floor
-from eval import score
-from flow import RAFT, clip_heatmaps
+from data import (FALLBACK_FPS, UnusableVideo, VideoFolderDataset, fail, frames_to_tensor, heatmap_size,
+                  resize_center_crop, summarise, to_unit_range, write_atomically, write_video)
+from demo.bench import score
+from demo.shapes import ShapesDataset, held_out_pairs
+from demo.unet import high_t_floor
+from flow import RAFT, MotionMonitor, clip_heatmaps, first_logged_ratio, load_monitor_raft
 from loss import latent_heatmap, motif_loss, q_sample, v_target
-from model import SIZES, ModelConfig, MotifModel, resolve_rescale, training_flops
-from flow import MotionMonitor, first_logged_ratio, load_monitor_raft
-from sample import ddim_sample, to_uint8_frames
-from shapes import ShapesDataset, held_out_pairs
-from shard import full_value, gather_state, load_optimizer_state, local, local_part, shard_model
-from utils import autocast, fail, peak_bf16_flops, peak_memory_gb, setup_distributed, wants_bf16
-from video_io import FALLBACK_FPS, UnusableVideo, frames_to_tensor, resize_center_crop, to_unit_range, write_video
+from model import (CHECKPOINT_KIND, ModelConfig, MotifModel, Stage, autocast, init_from, load_checkpoint, pick_device,
+                   resolve_checkpoint, resolve_rescale, training_flops, wants_bf16)
+from sample import MODEL_SIZES, build_model, ddim_sample, to_uint8_frames
 
 
 class TrainingStopped(Exception):
@@ -74,11 +81,11 @@ class Config:
     max_shapes: int = 3  # shapes data: 1 to this many shapes in a scene (the demo: 1)
     shape_scale: float = 1.0  # shapes data: the shapes' sizes times this (0.65: about 3 % of the pixels move, as in the paper's videos)
     flow_weights: str = ""  # RAFT inside the step for video folders, no heatmap cache: small | large | a .pth ("" = the cache)
-    monitor_weights: str = ""  # RAFT of the motion monitor (monitor.py) when flow_weights is "": small | large | a .pth
-    latents: bool = False  # read the autoencoder's latents from the cache of `python prepare.py latents` (video folders)
+    monitor_weights: str = ""  # RAFT of the motion monitor (flow.py) when flow_weights is "": small | large | a .pth
+    latents: bool = False  # read the autoencoder's latents from the cache of `python data.py latents` (video folders)
     workers: int = 4  # data loader processes per rank
     # model (model.py)
-    model: str = "vc2"  # a size of model.SIZES
+    model: str = "vc2"  # one of sample.MODEL_SIZES (demo: the CPU demo's U-Net)
     text_encoder: str = "openclip"  # VideoCrafter2's, frozen (from --init) | bytes (trained from scratch)
     autoencoder: str = "kl-f8"  # VideoCrafter2's, frozen (from --init) | pixel (space-to-depth, from scratch)
     pixel_patch: int = 8  # space-to-depth factor of the pixel autoencoder
@@ -91,12 +98,12 @@ class Config:
     # objective (loss.py)
     motif_lambda: float = 1.0  # lambda; 0 = plain diffusion loss
     loss_mode: str = "motif"  # motif | inverse (weights static regions: Inv-MotiF)
-    # not MotiF: what made the 32x32 demo read its prompt (demo.py, config/shapes.toml); off in the recipe
+    # not MotiF: what made the 32x32 demo read its prompt (demo/unet.py, config/shapes.toml); off in the recipe
     noise_shift: float = 1.0  # noise schedule (demo.demo_alphas_cumprod): signal-to-noise ratio / noise_shift^2 at every t
     high_t_share: float = 0.0  # share of samples whose timestep is drawn from the top tenth of the range
     # the objective's other settings
     text_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
-    cfg_scale: float = 7.5  # classifier-free guidance of this model's samples (validation, sample.py, eval.py)
+    cfg_scale: float = 7.5  # classifier-free guidance of this model's samples (validation, sample.py, demo/bench.py)
     # optimisation
     batch_size: int = 64  # global batch, whatever the number of processes
     micro_batch: int = 8  # clips per process per forward/backward
@@ -107,7 +114,7 @@ class Config:
     grad_clip: float = 1.0  # the gradients' global norm is clipped to this; 0: no clipping
     ema_decay: float = 0.9999
     steps: int = 32000
-    # memory (shard.py; README "Memory per GPU")
+    # memory (train.py; README "Memory per GPU")
     shard: bool = False  # FSDP2: each rank keeps 1 / world of the U-Net's weights, gradients, AdamW state and EMA
     offload: bool = False  # with shard: keep those shards in CPU memory and step AdamW there (one 24 GB GPU)
     # bookkeeping
@@ -208,8 +215,8 @@ def check_config(cfg, world_size):
     if cfg.batch_size % per_step:
         raise ValueError(f"batch_size {cfg.batch_size} does not divide into micro_batch {cfg.micro_batch} "
                          f"x {world_size} processes; pick a batch_size that is a multiple of {per_step}")
-    if cfg.model not in SIZES:
-        raise ValueError(f"unknown model size {cfg.model!r}; sizes: {', '.join(SIZES)}")
+    if cfg.model not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {cfg.model!r}; sizes: {', '.join(MODEL_SIZES)}")
     resolve_rescale(cfg.rescale, cfg.init)
     if cfg.loss_mode not in ("motif", "inverse"):
         raise ValueError(f"loss_mode must be motif or inverse, not {cfg.loss_mode!r}")
@@ -221,7 +228,7 @@ def check_config(cfg, world_size):
         raise ValueError("--offload=true moves the shards of --shard=true to CPU memory: add --shard=true")
     if cfg.shard and cfg.sample_every:
         raise ValueError("validation samples (--sample_every) need the whole model on rank 0; with --shard=true "
-                         "set --sample_every=0 and sample the checkpoints with sample.py or eval.py")
+                         "set --sample_every=0 and sample the checkpoints with sample.py or demo/bench.py")
     if not cfg.data:
         raise ValueError("no training data: pass --data=DIR (a folder of videos with captions.csv or "
                          "captions.jsonl, see README) or try the built-in demo with --preset shapes")
@@ -336,7 +343,7 @@ def train_step(state, batches, step):
     """One step of MotiF, top to bottom. Per micro-batch: the clips' latents z0 and motion heatmaps m; per sample,
     from its own seed, t, noise and text dropout; z_t and the target v; v_hat from the U-Net given z_t, the image
     latent (x-cat), t, the text and fps; the loss and its backward (DDP syncs on the last micro-batch; sharded
-    gradients are reduce-scattered after each, shard.py). Then one update: clipping, AdamW, EMA. Returns (the loss
+    gradients are reduce-scattered after each, train.py). Then one update: clipping, AdamW, EMA. Returns (the loss
     terms averaged over the micro-batches, stepped, gradient norm, lr)."""
     cfg, model, device = state.cfg, state.model, state.device
     lr = learning_rate(cfg, step)
@@ -356,7 +363,7 @@ def train_step(state, batches, step):
         latent_shape = batch["latent"].shape[1:] if cached else model.latent_shape(batch["video"].shape[2:])
         t, noise, drop, eps_z0 = draw_randomness(cfg, step, batch["index"].tolist(), latent_shape,
                                                  model.schedule.num_steps, posterior)
-        # the clips -> z0, from the latent cache of `prepare.py latents` or through the (frozen) autoencoder
+        # the clips -> z0, from the latent cache of `data.py latents` or through the (frozen) autoencoder
         if cached:
             z0 = batch["latent"].to(device, non_blocking=True)  # (b, C, T, h, w)
         else:
@@ -398,7 +405,7 @@ def draw_randomness(cfg, step, indices, latent_shape, num_timesteps, posterior=F
     t, noise, drop, eps_z0 = [], [], [], []
     for index in indices:
         g = torch.Generator().manual_seed(sample_seed(cfg.seed, step, index))
-        low = high_t_floor(g, cfg.high_t_share, num_timesteps) if cfg.high_t_share else 0  # the demo's (demo.py)
+        low = high_t_floor(g, cfg.high_t_share, num_timesteps) if cfg.high_t_share else 0  # the demo's (demo/unet.py)
         t.append(torch.randint(low, num_timesteps, (1,), generator=g))
         drop.append(torch.rand(1, generator=g).item() < cfg.text_dropout)
         noise.append(torch.randn(latent_shape, generator=g))
@@ -511,7 +518,7 @@ def validate(state, entries, step, monitor=None):
     """Sample `entries` with the EMA weights (swapped into the model, then back: bit for bit), write
     out_dir/samples/step_NNNNNNN.gif (conditioning image | sample, a row per entry) and return (figures, a warning
     or None): on shapes, the ShapesBench figures of these pairs; on a video folder with a `monitor`, the motion of the
-    samples against their real clips (monitor.py). Each sample's noise comes from its own seed: no training RNG is
+    samples against their real clips (flow.py). Each sample's noise comes from its own seed: no training RNG is
     touched."""
     cfg, model, ema = state.cfg, state.model, state.ema
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -561,9 +568,9 @@ def motion_monitor(cfg, state):
 def setup_model(cfg, device, master, resume, ckpt, world, bf16):
     """The model, its AdamW and its EMA (fp32 shadow weights of the trainable parameters): from --init, or fresh
     (the same initial weights on every rank), or those of `ckpt`, read from the file `resume`, when resuming; then
-    sharded with --shard (shard.py: the optimizer and the EMA hold this rank's shards). Returns them and the step."""
+    sharded with --shard (train.py: the optimizer and the EMA hold this rank's shards). Returns them and the step."""
     torch.manual_seed(cfg.seed)
-    model = MotifModel(ModelConfig.from_run_config(asdict(cfg))).to(device)
+    model = build_model(ModelConfig.from_run_config(asdict(cfg))).to(device)
     if ckpt:  # it holds every weight, --init's included
         try:
             model.load_state_dict(ckpt["model"])
@@ -758,6 +765,186 @@ class Log:
         self.bar.close()
         if self.file:
             self.file.close()
+
+
+# ----------------------------------------------------------------------------- sharded training (FSDP2)
+# Sharded training (FSDP2): the U-Net's weights, gradients, optimizer state and EMA split over the ranks.
+#
+#     torchrun --nproc_per_node 4 train.py --data=videos --init=model.ckpt --shard=true
+#     python train.py --data=videos --init=model.ckpt --shard=true --offload=true     # one 24 GB GPU
+#
+# Under DDP every rank holds all of the trainable state: fp32 weights (4 bytes a parameter), gradients (4), AdamW's
+# two moments (8) and the EMA (4), 28 GB for VideoCrafter2's 1.41 B-parameter U-Net. `shard_model` makes every U-Net
+# block (model.Stage) one unit of torch.distributed.fsdp.fully_shard and the rest of the trainable parameters (the
+# time and fps embeddings, the output layer, a trainable text encoder) the root unit, so each rank keeps 1 / world of
+# each parameter (dim-0 shards, DTensors). A unit's weights are all-gathered just before its forward (in bf16 on a GPU
+# run) and again for its backward, then freed; its gradients are reduce-scattered (in fp32) and averaged over the
+# ranks, as DDP averages them. The frozen kl-f8 autoencoder and OpenCLIP text encoder are not sharded: every rank keeps
+# them whole. With offload the shards live in CPU memory and AdamW steps there (FSDP2's CPUOffloadPolicy).
+#
+# Data flow (train.py): MotifModel -> shard_model -> AdamW over the sharded parameters, EMA = a clone of each shard
+# (so no rank ever holds a full EMA); the step runs as under DDP, except that gradients are reduce-scattered after
+# every micro-batch (an unsynced backward would hold whole, unsharded gradients). A checkpoint stays the plain file
+# an unsharded run writes : `gather_state` gathers the weights, AdamW's state and the EMA onto rank 0's
+# CPU memory, with AdamW's state keyed by parameter index as `optimizer.state_dict()` keys it; `load_optimizer_state`
+# and `local_part` split such a file's state over any number of ranks. So sample.py, demo/bench.py and --resume read it
+# whatever world size or sharding wrote it, and a run can resume sharded or not, on any number of ranks.
+
+def shard_model(model: nn.Module, device, world, bf16=False, offload=False) -> nn.Module:
+    """Shard `model`'s trainable parameters over `world` ranks, in place: one FSDP2 unit per U-Net block (Stage),
+    the other trainable parameters in the root unit, frozen parameters left whole. bf16: weights gathered in bf16
+    for compute (autocast still decides each op's precision), gradients reduced in fp32. offload: shards in CPU memory.
+    Needs the process group (of any size, 1 included). Returns the model."""
+    # the U-Net never changes a unit's output in place, which is what FSDP2's warning about returned views guards
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    options = {"mesh": init_device_mesh(device.type, (world,)),
+               "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                 cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy(),
+               "offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()}
+    for module in model.modules():
+        if isinstance(module, Stage):
+            fully_shard(module, **options)
+    frozen = {p for p in model.parameters() if not p.requires_grad}
+    fully_shard(model, ignored_params=frozen or None, **options)
+    return model
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value, gathered on every rank (a collective: every rank calls it); other tensors as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly sharded) tensor that this rank holds."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The part of the whole tensor `full` that this rank keeps for `like` (a DTensor: its shard, cut locally with no
+    communication; a plain tensor: all of it), on like's device."""
+    full = full.to(local(like).device)
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: dict, master: bool) -> dict:
+    """A sharded model's {"model", "optimizer", "ema"} as an unsharded run would save them, whole, in CPU memory on
+    rank 0 (the master); other ranks get {}. A collective: every rank calls it. "optimizer" is keyed by parameter index,
+    as optimizer.state_dict() of an unsharded AdamW over the same trainable parameters."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)  # {name: tensor} on rank 0, {} elsewhere
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    shadows = {}
+    for name, shadow in ema.items():  # one parameter at a time: no rank holds more than one whole EMA tensor on device
+        whole = full_value(shadow)
+        if master:
+            shadows[name] = whole.cpu()
+    if not master:
+        return {}
+    index = {name: i for i, name in enumerate(trainable_names(model))}
+    optimizer_state = {"state": {index[name]: state for name, state in by_name["state"].items()},
+                       "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                                        for group in by_name["param_groups"]]}
+    return {"model": weights, "optimizer": optimizer_state, "ema": shadows}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an unsharded optimizer.state_dict() (parameters by index; from a checkpoint written by any world size,
+    sharded or not) into the optimizer of a sharded model: each rank keeps its shards. Every rank calls it with the
+    whole state."""
+    names = trainable_names(model)
+    try:
+        by_name = {"state": {names[i]: value for i, value in state["state"].items()},
+                   "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                    for group in state["param_groups"]]}
+    except (IndexError, KeyError, TypeError):
+        raise ValueError("the checkpoint's optimizer state does not fit this model's trainable parameters") from None
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):  # as saved: it makes betas a list
+        group.update({key: value for key, value in saved.items() if key != "params"})
+
+
+def trainable_names(model: nn.Module) -> list:
+    """The trainable parameters' names in the order train.py gives them to AdamW (the optimizer's indices)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# Each file is written atomically (write_atomically), so a run killed at any moment leaves the previous checkpoint
+# and `latest` pointer intact (model.py reads them: load_checkpoint).
+
+def save_checkpoint(out_dir, state, keep):
+    """Write ckpt_STEP.pt, point `latest` at it, then delete all but the newest `keep`. Only checkpoints of lower steps
+    than this one are pruned (a higher-numbered file is another run's, or a branch this run resumed before), and never
+    the one `latest` names. The oldest go before the write, so that the disk holds `keep` files at once, not keep + 1
+    (a vc2 checkpoint is about 24 GB); the newest stays until the new one is in, whatever `keep`."""
+    out_dir = Path(out_dir)
+    path = out_dir / f"ckpt_{state['step']:07d}.pt"
+    prune(out_dir, state["step"], max(keep - 1, 1))
+    write_atomically(path, lambda f: torch.save(state, f))
+    write_atomically(out_dir / "latest", lambda f: f.write(path.name.encode() + b"\n"))
+    prune(out_dir, state["step"], keep - 1)
+    return path
+
+
+def prune(out_dir, step, keep):
+    """Delete out_dir's checkpoints of steps below `step` but the newest `keep` of them; never the one `latest` names."""
+    pointer = out_dir / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    steps = {p: int(p.stem[5:]) for p in out_dir.glob("ckpt_*.pt") if p.stem[5:].isdigit()}
+    older = sorted((n, p) for p, n in steps.items() if n < step)
+    for _, old in older[:max(len(older) - keep, 0)]:
+        if old.name != named:
+            old.unlink()
+
+
+# ----------------------------------------------------------------------------- processes: the process group, peak FLOP/s and memory
+
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)  # rank 0 saves a vc2 checkpoint and samples validation clips while
+# the other ranks wait at the next collective: NCCL's watchdog would abort them after its default 10 minutes
+
+
+def setup_distributed(device="auto", shard=False, offload=False):
+    """(rank, world size, device): one process, or one of torchrun's (RANK / LOCAL_RANK / WORLD_SIZE; the GPU from
+    LOCAL_RANK). A sharded run has a process group even alone (FSDP2 needs one); with offload, gloo carries what is
+    in CPU memory. train.py and tools/memory.py set up their processes here."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    device = pick_device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 or shard:
+        backend = ("cuda:nccl,cpu:gloo" if offload else "nccl") if device.type == "cuda" else "gloo"
+        alone = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if "MASTER_ADDR" not in os.environ else {}
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                timeout=PROCESS_GROUP_TIMEOUT, **alone)
+    return rank, world, device
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, for MFU
+
+
+def peak_bf16_flops(device):
+    """The dense bf16 peak of the GPU `device` is, for MFU (None on CPU or an unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gb(device):
+    """The most memory this process has held: CUDA max allocated on a GPU, else peak RSS (VmHWM on Linux, which,
+    unlike ru_maxrss, does not carry a parent's peak across fork and exec)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (20 if sys.platform == "linux" else 30)
 
 
 # ----------------------------------------------------------------------------- processes

@@ -1,9 +1,9 @@
 """tools/ablation.py: its statistics on hand-made numbers, and a tiny study that trains, scores and resumes."""
-import fcntl
 import json
 import math
 import shutil
 
+import fcntl
 import numpy as np
 import pytest
 

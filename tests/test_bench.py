@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import video_io
-import prepare
-import shapes
-from model import SIZES, training_flops
-from unet import UNet
+import data as prepare
+import data as video_io
+from demo import shapes
+from model import SIZES, UNet, training_flops
 from tools import bench
 from train import Config
 

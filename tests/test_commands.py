@@ -6,7 +6,7 @@ added to a page is tested without a line here. Each runs with only size-shrinkin
 (VideoCrafter2's U-Net at the `tiny` width, kl-f8 at the size of tests/fixtures/vae_kl_small.pt, OpenCLIP ViT-H-14
 as a 2-block text tower, RAFT small / large as tests/fixtures/raft_small.pth), and the files a command names are
 made first: `videos/` (two real clips), WebVid's CSV layout, `model.ckpt` in VideoCrafter2's layout, the heatmap and
-latent caches by the documents' own `prepare.py` commands. A command that would not start (a flag train.py no
+latent caches by the documents' own `data.py` commands. A command that would not start (a flag train.py no
 longer has, a default that does not fit --init, a torchrun flag torchrun does not take) fails here.
 
 Under torchrun this file is the training script: `torchrun ... tests/test_commands.py ARGS` shrinks the sizes
@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(ROOT))
 
-import video_io  # noqa: E402
-import encoders  # noqa: E402
+import data as video_io  # noqa: E402
+import model as encoders  # noqa: E402
 import flow  # noqa: E402
 import model  # noqa: E402
-import unet  # noqa: E402
-import prepare  # noqa: E402
+import model as unet  # noqa: E402
+import data as prepare  # noqa: E402
 import train  # noqa: E402
 
 DOCUMENTS = [ROOT / "README.md", ROOT / "DESIGN.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("*.py"))]
@@ -90,7 +90,7 @@ def test_the_documents_show_the_commands_this_file_runs():
                      "docs/memory.md: python train.py --data=videos --init=model.ckpt --latents=true --shard=true",
                      "docs/motion-monitor.md: python train.py --data=out/realvideos"):
         assert any(where.startswith(expected) for where in shown), (expected, shown)
-    assert any(argv[2] == "latents" for _, argv in documented_commands("prepare.py"))
+    assert any(argv[2] == "latents" for _, argv in documented_commands("data.py"))
 
 
 # ----------------------------------------------------------------------------- the files the commands name
@@ -163,10 +163,10 @@ def test_every_documented_training_command_starts(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
     shrink(monkeypatch.setitem, monkeypatch.setattr)
 
-    # the caches first, by the documents' own prepare.py commands (a cache for a folder no training command reads
+    # the caches first, by the documents' own data.py commands (a cache for a folder no training command reads
     # is made all the same: the command must start)
-    for where, argv in documented_commands("prepare.py"):
-        _, args = split_launcher(argv, "prepare.py")
+    for where, argv in documented_commands("data.py"):
+        _, args = split_launcher(argv, "data.py")
         if args[0] not in ("heatmaps", "latents"):
             continue
         named = dict(zip(args[2::2], args[3::2]))  # --size 320x512 --weights large ...

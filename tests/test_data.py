@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import data
-
-import video_io
-import prepare
 from test_shapes import uint8_frames
+
+import data as prepare
+import data as video_io
+import data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,12 +189,12 @@ def test_a_folder_with_no_usable_video_stops_before_training(tmp_path):
         data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, cached_heatmaps=False)
     assert "\n" not in str(error.value) and "empty file: empty.mp4" in str(error.value)
     (tmp_path / "captions.csv").write_text("path,caption\ngood.mp4,x\n")
-    with pytest.raises(ValueError, match="no video .* has cached heatmaps.*python prepare.py heatmaps"):
+    with pytest.raises(ValueError, match="no video .* has cached heatmaps.*python data.py heatmaps"):
         data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE)           # no cache, and not told to do without
 
 
 def cached_pairs(num_frames, size, max_stride=MAX_STRIDE):
-    """A heatmap cache's arrays in prepare.py's layout for frames of size (H, W): every forward pair of stride s is
+    """A heatmap cache's arrays in data.py's layout for frames of size (H, W): every forward pair of stride s is
     40 s / 255, every backward pair (40 s + 20) / 255."""
     return {"num_frames": np.array(num_frames), "heatmap_size": np.array(data.heatmap_size(size)),
             **{f"{kind}_{s}": np.full((num_frames - s, *data.heatmap_size(size)), 40 * s + extra, np.uint8)
@@ -216,7 +215,7 @@ def test_cached_heatmaps_are_used_and_uncached_or_stale_videos_skipped(tmp_path,
         expected[-1] = (40 * stride + 20) / 255                          # the last frame's: the backward pair into it
         assert torch.allclose(item["heatmap"], expected)
     full_size = {f"stride_{s}": np.full((12 - s, *SIZE), 40 * s, np.uint8) for s in range(1, MAX_STRIDE + 1)}
-    stale = {"made by the older prepare.py (full-size heatmaps)": {"num_frames": np.array(12), **full_size},
+    stale = {"made by the older data.py (full-size heatmaps)": {"num_frames": np.array(12), **full_size},
              "made with --max-stride 1": {**cached_pairs(12, SIZE, max_stride=1)},
              "made before the backward pairs": {k: v for k, v in cached_pairs(12, SIZE).items() if "back" not in k},
              "damaged": None}
@@ -225,7 +224,7 @@ def test_cached_heatmaps_are_used_and_uncached_or_stale_videos_skipped(tmp_path,
             path.write_bytes(b"PK not a zip file")
         else:
             data.save_npz(path, **arrays)
-        with pytest.raises(ValueError, match="stale heatmap cache .*run: python prepare.py heatmaps") as error:
+        with pytest.raises(ValueError, match="stale heatmap cache .*run: python data.py heatmaps") as error:
             data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, max_stride=MAX_STRIDE)
         assert "\n" not in str(error.value), why
         assert not data.heatmap_cache_is_complete(path, SIZE, MAX_STRIDE), why
@@ -236,7 +235,7 @@ def test_cached_heatmaps_are_used_and_uncached_or_stale_videos_skipped(tmp_path,
     mixed = data.VideoFolderDataset(tmp_path, frames=FRAMES, size=SIZE, max_stride=MAX_STRIDE)
     assert {mixed[index]["caption"] for index in range(4)} == {"cached"}
     assert mixed.unusable == [("stale heatmap cache", "good.gif")]
-    assert "re-run python prepare.py heatmaps" in capsys.readouterr().err
+    assert "re-run python data.py heatmaps" in capsys.readouterr().err
 
 
 # ---- a clip's frames only: seeking, against whole decoding ----

@@ -5,13 +5,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from checkpoint import load_t2v_unet, load_videocrafter2
-from conftest import regenerate_weights
-from encoders import KL_SIZES, KLAutoencoder, OpenCLIPTextEncoder
-from model import SIZES, ModelConfig, MotifModel
-from unet import UNet
 from test_model import randomize
+
+from conftest import regenerate_weights
+from model import (KL_SIZES, SIZES, KLAutoencoder, ModelConfig, MotifModel, OpenCLIPTextEncoder, UNet, load_t2v_unet,
+                   load_videocrafter2)
 
 SCALE = 0.18215
 CLIP_NAME = "motif-test-clip"  # a small open_clip config registered below: text width 64 = the tiny U-Net's context

@@ -1,9 +1,10 @@
-"""eval.py's scorer tells ground truth, static and reversed-motion clips apart."""
+"""demo/bench.py's scorer tells ground truth, static and reversed-motion clips apart."""
 import numpy as np
 import pytest
 
-from shapes import PALETTE, held_out_pairs, render_clip
-from eval import FIGURES, copy_first_frame, ground_truth, judge, pool, score, tally, track
+from demo.bench import FIGURES, copy_first_frame, ground_truth, judge, pool, score, tally, track
+from demo.shapes import PALETTE, held_out_pairs, render_clip
+from sample import build_model
 
 REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}
 
@@ -117,11 +118,11 @@ def test_text_sensitivity_sees_whether_the_model_reads_the_direction():
     from dataclasses import asdict
 
     import train
-    from eval import text_sensitivity
+    from demo.bench import text_sensitivity
     from model import ModelConfig, MotifModel
     torch.manual_seed(0)
     cfg = asdict(train.load_config(["--preset", "shapes", "--height=16", "--width=16"]))
-    model = MotifModel(ModelConfig.from_run_config(cfg)).eval()
+    model = build_model(ModelConfig.from_run_config(cfg)).eval()
     for p in model.unet.out.parameters():  # an output, still without a path from the text
         torch.nn.init.normal_(p, std=0.05)
     fresh = text_sensitivity(model, cfg, images=3)
@@ -140,9 +141,10 @@ def test_denoise_probe_scores_what_the_network_draws_in_one_step():
     from dataclasses import asdict
 
     import train
-    from eval import PROBE_TIMESTEPS, denoise_probe, held_out
+    from demo.bench import PROBE_TIMESTEPS, denoise_probe, held_out
+    from demo.unet import DEMO
     from model import ModelConfig, MotifModel
-    from video_io import frames_to_tensor
+    from data import frames_to_tensor
 
     class Oracle(MotifModel):
         def denoise(self, z_t, z_img, t, context, fps):
@@ -151,7 +153,7 @@ def test_denoise_probe_scores_what_the_network_draws_in_one_step():
             return (abar.sqrt() * z_t - x0) / (1 - abar).sqrt()  # the v that gives back x0 exactly
 
     cfg = asdict(train.load_config(["--preset", "shapes"]))
-    model = Oracle(ModelConfig.from_run_config(cfg)).eval()
+    model = Oracle(ModelConfig.from_run_config(cfg), DEMO).eval()
     entries = [e for e in held_out(cfg, 4) if set(e["motions"].values()) != {"still"}]
     truth = ground_truth(entries, cfg["frames"])
     model.answer = model.encode_video(torch.stack([frames_to_tensor(v).transpose(0, 1) for v in truth]))

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import video_io
+import data as video_io
 import flow
-import shapes
+from demo import shapes
 
 WEIGHTS = {"small": "raft_small.pth", "large": "raft_large_sintel.pth"}
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loss import Schedule, motif_loss, latent_heatmap, q_sample, v_target
+from loss import Schedule, latent_heatmap, motif_loss, q_sample, v_target
 
 
 def test_schedule_matches_videocrafter2(fixtures):

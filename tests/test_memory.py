@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from model import SIZES, build_unet
+from demo.unet import DEMO
+from model import build_unet
 from tools import memory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +18,7 @@ def test_states_counts_each_kind_of_state(tmp_path):
                              "--steps=2", f"--out={tmp_path}"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(next(tmp_path.glob("states_demo_ddp1_*.json")).read_text())["result"]
-    unet = build_unet(SIZES["demo"])  # what the run built: its parameters, and AdamW's step count per tensor
+    unet = build_unet(DEMO)  # what the run built: its parameters, and AdamW's step count per tensor
     params, tensors, rank = report["params"], len(list(unet.parameters())), report["ranks"][0]
     assert report["world"] == 1 and params == sum(p.numel() for p in unet.parameters())
     for kind, size in (("weights", 4 * params), ("gradients", 4 * params), ("ema", 4 * params),

@@ -5,11 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from checkpoint import load_t2v_unet
 from conftest import regenerate_weights
-from encoders import BytesTextEncoder, PixelAutoencoder
-from model import SIZES, ModelConfig, MotifModel, build_unet
-from unet import Attention, UNet, UNetConfig
+from demo.unet import DEMO
+from model import (SIZES, Attention, BytesTextEncoder, ModelConfig, PixelAutoencoder, UNet, UNetConfig, build_unet,
+                   load_t2v_unet)
+from sample import build_model
 
 
 def randomize(module, seed=0):
@@ -131,7 +131,7 @@ def test_load_t2v_unet_refuses_a_state_dict_that_does_not_fit():
 
 @pytest.fixture(scope="module")
 def demo_model():
-    model = randomize(MotifModel(ModelConfig(size="demo", pixel_patch=2, temporal_dropout=0.0)), seed=1).eval()
+    model = randomize(build_model(ModelConfig(size="demo", pixel_patch=2, temporal_dropout=0.0)), seed=1).eval()
     return model
 
 
@@ -167,7 +167,7 @@ def test_output_depends_on_every_condition(demo_model, change):
 
 
 def test_input_skip_adds_a_blend_of_z_t_and_the_image_below_its_timestep():
-    unet = build_unet(replace(SIZES["demo"], in_channels=24, out_channels=12, temporal_dropout=0.0)).eval()
+    unet = build_unet(replace(DEMO, in_channels=24, out_channels=12, temporal_dropout=0.0)).eval()
     below = unet.cfg.input_skip_below
     g = torch.Generator().manual_seed(0)
     x, context = torch.randn(2, 24, 4, 16, 16, generator=g), torch.randn(2, 7, 64, generator=g)
@@ -194,7 +194,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     ckpt.load_state_dict(plain.state_dict())
     x, t, ctx, fps = torch.randn(1, 8, 4, 16, 16), torch.tensor([7]), torch.randn(1, 3, 64), torch.tensor([8])
     calls = []
-    import unet as unet_module
+    import model as unet_module
     original = unet_module.checkpoint
     unet_module.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
@@ -227,7 +227,7 @@ def test_pixel_autoencoder_round_trip():
 def test_attention_over_a_batch_past_the_cuda_grid_limit_goes_in_parts(monkeypatch):
     """Temporal attention's batch (B x h x w) can pass the 65,535 the fused CUDA kernels take: parts of it give the
     same result as the whole, here with the limit set to 4 for a batch of 10."""
-    import unet
+    import model as unet
     torch.manual_seed(0)
     x, text = torch.randn(10, 6, 32), torch.randn(2, 5, 24)
     sdpa, batches = unet.F.scaled_dot_product_attention, []

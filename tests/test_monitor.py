@@ -1,4 +1,4 @@
-"""The motion monitor (monitor.py): a real clip against itself is 1, a first-frame copy is static and warned about,
+"""The motion monitor (flow.py): a real clip against itself is 1, a first-frame copy is static and warned about,
 VBench's dynamic degree follows its rule, and a run's losses do not change with the monitor on."""
 import json
 
@@ -7,12 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-import video_io
+import data as video_io
 import train
 from conftest import user_error
+from flow import RAFT, STATIC_FRACTION, MotionMonitor, clip_motion
 from tools import curves
-from flow import RAFT
-from flow import STATIC_FRACTION, MotionMonitor, clip_motion
 
 SIZE = (64, 96)
 
@@ -119,7 +118,7 @@ def test_the_monitor_logs_each_pass_and_leaves_the_losses_bit_identical(tmp_path
     logs = {}
     for name, extra in runs.items():
         if name == "named":  # heatmaps from the cache, RAFT for the monitor alone
-            from prepare import cache_heatmaps
+            from data import cache_heatmaps
             cache_heatmaps(tmp_path, weights, (32, 64), 2, torch.device("cpu"))
         train.train(train.load_config([*common, f"--out_dir={tmp_path / name}", *extra]))
         logs[name] = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]

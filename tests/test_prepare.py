@@ -1,4 +1,4 @@
-"""prepare.py's commands: the demo image, checking a folder, caching heatmaps and latents, showing a video's flow;
+"""data.py's commands: the demo image, checking a folder, caching heatmaps and latents, showing a video's flow;
 and their one-line errors."""
 import json
 import os
@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data import BAD, FRAMES, GOOD, MAX_STRIDE, cached_pairs, rows, write_csv, write_videos
 
+import data as prepare
+import data as video_io
 import data
-
-import video_io
 import flow
-import prepare
-import shapes
 import train
 from conftest import user_error
-from encoders import KL_SIZES, KLAutoencoder
-from test_data import BAD, FRAMES, GOOD, MAX_STRIDE, cached_pairs, rows, write_csv, write_videos
+from demo import shapes
+from model import KL_SIZES, KLAutoencoder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +67,7 @@ def test_heatmaps_cli_writes_every_stride_once_and_the_dataset_reads_it_like_raf
         assert item["heatmap"].shape == in_the_step.shape == (3, 4, 4)
         assert (item["heatmap"] - in_the_step).abs().max() <= 1 / 255
 
-    path = caches["a.mp4"]                                             # made by the older prepare.py: full size
+    path = caches["a.mp4"]                                             # made by the older data.py: full size
     data.save_npz(path, num_frames=np.array(4), stride_1=np.zeros((3, 32, 32), np.uint8),
                   stride_2=np.zeros((2, 32, 32), np.uint8))
     prepare.main(command)
@@ -106,7 +105,7 @@ def test_bad_weights_and_missing_videos_are_one_line_errors(tmp_path, fixtures):
 
 
 def test_cached_latents_are_the_clip_encoded_frame_by_frame(tmp_path, capsys):
-    """`prepare.py latents` + latents=...: an item's latent equals the autoencoder run on that item's frames."""
+    """`data.py latents` + latents=...: an item's latent equals the autoencoder run on that item's frames."""
     write_videos(tmp_path)
     (tmp_path / "captions.csv").write_text("path,caption\ngood.mp4,a\ngood.gif,b\nempty.mp4,c\n")
     for name in ("good.mp4", "good.gif"):
@@ -133,7 +132,7 @@ def test_cached_latents_are_the_clip_encoded_frame_by_frame(tmp_path, capsys):
     with pytest.raises(ValueError, match="2 stale latent cache: good.mp4, good.gif"):  # another autoencoder's
         data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), latents="other")
     shutil.rmtree(tmp_path / ".latent_cache")
-    with pytest.raises(ValueError, match="no video .* has cached latents.*python prepare.py latents"):
+    with pytest.raises(ValueError, match="no video .* has cached latents.*python data.py latents"):
         data.VideoFolderDataset(tmp_path, frames=FRAMES, size=(32, 32), latents="kl-f8")
     assert "no such file" in user_error(prepare.main, ["latents", str(tmp_path), "--init", str(tmp_path / "missing.ckpt")])
 
@@ -154,7 +153,7 @@ def test_check_cli_counts_usable_and_skipped_videos(tmp_path, capsys):
 
 def test_demo_image_cli_writes_a_png_and_its_prompts(tmp_path):
     out = tmp_path / "first.png"
-    result = subprocess.run([sys.executable, "prepare.py", "demo-image", str(out)], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "demo.shapes", "image", str(out)], cwd=ROOT, capture_output=True,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # once through the interpreter
     assert result.returncode == 0, result.stderr[-2000:]
     image = np.asarray(Image.open(out))
@@ -162,13 +161,13 @@ def test_demo_image_cli_writes_a_png_and_its_prompts(tmp_path):
     prompts = [e["caption"] for e in shapes.held_out_pairs() if e["image_id"] == 0]
     assert [line.strip() for line in result.stdout.splitlines()[1:]] == prompts
     with pytest.raises(SystemExit, match="png"):
-        prepare.main(["demo-image", str(tmp_path / "first.txt")])
+        shapes.main(["image", str(tmp_path / "first.txt")])
 
 
 def test_training_with_heatmaps_from_the_step_matches_training_from_the_cache(tmp_path, fixtures):
     """--flow_weights: RAFT on each micro-batch's frame pairs inside the step, no cache, loader workers still on.
     Its first step sees the same clips, noise and, up to the cache's uint8 rounding, the same m' as a run reading
-    the cache of `prepare.py heatmaps`; a stale cache stops the cached run before training, in one line."""
+    the cache of `data.py heatmaps`; a stale cache stops the cached run before training, in one line."""
     write_folder(tmp_path)
     (tmp_path / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\n")   # both cacheable: the same list
     weights = str(fixtures / "raft_small.pth")
@@ -184,7 +183,7 @@ def test_training_with_heatmaps_from_the_step_matches_training_from_the_cache(tm
     assert cached["diffusion"] == in_step["diffusion"] and cached["motif"] > 0
     assert in_step["motif"] == pytest.approx(cached["motif"], rel=0.02)
     data.save_npz(data.cache_path(tmp_path, "a.mp4", (32, 32)), num_frames=np.array(4),
-                  stride_1=np.zeros((3, 32, 32), np.uint8))                # the older prepare.py's full-size cache
-    with pytest.raises(SystemExit, match="error: stale heatmap cache .*run: python prepare.py heatmaps") as error:
+                  stride_1=np.zeros((3, 32, 32), np.uint8))                # the older data.py's full-size cache
+    with pytest.raises(SystemExit, match="error: stale heatmap cache .*run: python data.py heatmaps") as error:
         train.main([*common, f"--out_dir={tmp_path / 'out' / 'stale'}"])
     assert "\n" not in str(error.value)

@@ -144,13 +144,14 @@ def test_posterior_draws_are_per_sample_and_leave_the_other_draws_alone():
 
 
 def test_the_denoise_probe_unscales_a_rescaled_models_prediction():
-    """eval.py's one-step probe: an oracle that gives back s_t x0, as a rescaled model learned, must score as the
+    """demo/bench.py's one-step probe: an oracle that gives back s_t x0, as a rescaled model learned, must score as the
     truth (shape PSNR > 50 dB at every probed t), so the probe divides by s_t."""
     from dataclasses import asdict
 
-    from eval import denoise_probe, ground_truth, held_out
+    from demo.bench import denoise_probe, ground_truth, held_out
+    from demo.unet import DEMO
     from model import MotifModel
-    from video_io import frames_to_tensor
+    from data import frames_to_tensor
 
     class Oracle(MotifModel):
         def denoise(self, z_t, z_img, t, context, fps):
@@ -159,7 +160,7 @@ def test_the_denoise_probe_unscales_a_rescaled_models_prediction():
             return (abar.sqrt() * z_t - scaled) / (1 - abar).sqrt()  # the v that gives back s_t x0 exactly
 
     cfg = asdict(train.load_config(["--preset", "shapes", "--rescale=true"]))
-    model = Oracle(ModelConfig.from_run_config(cfg)).eval()
+    model = Oracle(ModelConfig.from_run_config(cfg), DEMO).eval()
     assert model.schedule.scale is not None
     entries = [e for e in held_out(cfg, 4) if set(e["motions"].values()) != {"still"}]
     truth = ground_truth(entries, cfg["frames"])

@@ -13,8 +13,8 @@ import torch
 
 import sample
 import train
-from checkpoint import CHECKPOINT_KIND, load_checkpoint
 from conftest import free_port, user_error
+from model import CHECKPOINT_KIND, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,7 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path):
 
 def test_a_checkpoint_whose_config_does_not_describe_its_model_is_a_clear_error(tmp_path):
     """Another version's config (keys missing, keys extra) or another model's weights: a ValueError, one line."""
-    from checkpoint import load_model
+    from sample import load_model
     out = tmp_path / "run"
     train.train(train.load_config(TINY + ["--steps=1", f"--out_dir={out}"]))
     ckpt = load_checkpoint(out)
@@ -209,7 +209,7 @@ def test_a_checkpoint_whose_config_does_not_describe_its_model_is_a_clear_error(
 def test_checkpoints_on_disk_never_exceed_keep_plus_the_newest(tmp_path, monkeypatch, keep):
     """The oldest checkpoints are deleted before a new one is written (a vc2 checkpoint is about 24 GB), yet the
     newest stays until the new one is in."""
-    import checkpoint
+    import train as checkpoint
     on_disk = []
     save = torch.save
 

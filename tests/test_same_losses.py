@@ -18,16 +18,16 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy
 import PIL
+import numpy
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_commands import SHRINK_PREPARE, SHRINK_TRAIN, clips, make_named_files, shrink  # noqa: E402
 
-import video_io  # noqa: E402
-import prepare  # noqa: E402
+import data as video_io  # noqa: E402
+import data as prepare  # noqa: E402
 import train  # noqa: E402
 
 RECORD = Path(__file__).resolve().parent / "fixtures" / "losses_before.json"

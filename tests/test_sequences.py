@@ -18,12 +18,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_commands import ROOT, make_named_files, shrink, split_launcher  # noqa: E402
 
-import eval as shapes_eval  # noqa: E402
-import prepare  # noqa: E402
+from tools import shapesbench as shapes_eval  # noqa: E402
+import data as prepare  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
-PROGRAMS = {"train.py": train.main, "prepare.py": prepare.main, "sample.py": sample.main, "eval.py": shapes_eval.main}
+PROGRAMS = {"train.py": train.main, "data.py": prepare.main, "sample.py": sample.main, "demo/bench.py": shapes_eval.main}
 
 
 def shrunk(pixels):
@@ -54,14 +54,14 @@ def shrink_flags(program, args):
         return [f"--height={shrunk(cfg.height)}", f"--width={shrunk(cfg.width)}", "--frames=4", "--max_stride=2",
                 "--batch_size=2", "--micro_batch=1", "--steps=2", "--workers=0", "--log_every=1", "--sample_every=0",
                 "--ckpt_every=2"]
-    if program == "prepare.py" and args[0] in ("heatmaps", "latents"):
+    if program == "data.py" and args[0] in ("heatmaps", "latents"):
         height, width = map(int, args[args.index("--size") + 1].split("x")) if "--size" in args else (320, 512)
         return ["--size", f"{shrunk(height)}x{shrunk(width)}"] + (["--max-stride", "2"] if args[0] == "heatmaps" else [])
-    if program == "prepare.py" and args[0] == "check":
+    if program == "data.py" and args[0] == "check":
         return ["--frames", "4"]
     if program == "sample.py":
         return ["--steps", "2"]
-    if program == "eval.py":
+    if program == "demo/bench.py":
         return ["--images", "2", "--steps", "2"]
     return []
 

@@ -1,4 +1,4 @@
-"""shapes.py: the demo's synthetic videos: determinism, captions that match the motion, heatmaps, strides, the
+"""demo/shapes.py: the demo's synthetic videos: determinism, captions that match the motion, heatmaps, strides, the
 held-out split."""
 import re
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import shapes
+from demo import shapes
 
 PHRASE_TO_MOTION = {phrase: motion for motion, phrase in shapes.PHRASES.items()}
 

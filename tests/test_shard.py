@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_model
 from conftest import free_port
-from model import ModelConfig, MotifModel
+from model import ModelConfig, load_checkpoint
+from sample import build_model, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def test_sharded_and_ddp_processes_train_like_one_process(runs):
     assert_same_state(reference, load_checkpoint(runs / "shard"))  # one file, laid out as an unsharded run's
     rank0, rank1 = (torch.load(runs / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(v, rank1[k]) for k, v in rank0.items())  # DDP keeps the ranks identical
-    initial = MotifModel(ModelConfig.from_run_config(reference["config"])).state_dict()
+    initial = build_model(ModelConfig.from_run_config(reference["config"])).state_dict()
     moved = sum(not torch.equal(v, initial[k]) for k, v in reference["model"].items())
     assert moved > len(initial) // 2  # training changed the weights
 

@@ -12,10 +12,10 @@ import torch
 
 import sample
 import train
-from checkpoint import resolve_checkpoint
 from conftest import user_error
-from eval import main as eval_main
-from model import MotifModel
+from tools.shapesbench import main as eval_main
+from model import MotifModel, resolve_checkpoint
+from sample import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--preset=shapes", "--height=16", "--width=16", "--frames=4", "--batch_size=4", "--micro_batch=2",
@@ -134,14 +134,14 @@ def test_grad_clip_0_means_no_clipping(tmp_path):
     torch.set_num_threads(1)
     model = train.train(train.load_config(TINY + ["--steps=1", "--grad_clip=0", "--lr=1e-2", f"--out_dir={tmp_path}"]))
     torch.manual_seed(0)  # the run's --seed: its initial weights
-    initial = MotifModel(model.cfg).state_dict()
+    initial = build_model(model.cfg).state_dict()
     assert any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items())  # the step moved the weights
     assert losses(tmp_path)[0]["grad_norm"] > 0
 
 
 def test_pruning_removes_only_this_runs_older_checkpoints(tmp_path):
     """Another run's higher-numbered checkpoints stay, and this run's newest is never pruned (keep 1 included)."""
-    import checkpoint
+    import train as checkpoint
     other = tmp_path / "ckpt_0000010.pt"
     other.write_bytes(b"another run's")
     for step in (1, 2):
@@ -152,7 +152,7 @@ def test_pruning_removes_only_this_runs_older_checkpoints(tmp_path):
 
 def test_pruning_spares_the_checkpoint_latest_names(tmp_path, monkeypatch):
     """A run killed while it writes must leave `latest` naming a file, whichever files lie beside it."""
-    import checkpoint
+    import train as checkpoint
     for step in (2, 3, 4):
         (tmp_path / f"ckpt_{step:07d}.pt").write_bytes(b"x")
     (tmp_path / "latest").write_text("ckpt_0000002.pt\n")
@@ -246,8 +246,9 @@ def test_sample_rejects_bad_input(tiny_ckpt, tmp_path):
 def test_init_from_a_text_to_video_unet(tmp_path):
     from dataclasses import replace
 
-    from model import SIZES, build_unet
-    t2v = build_unet(replace(SIZES["demo"], in_channels=12, out_channels=12))  # pixel_patch 2: 12 latent channels
+    from demo.unet import DEMO
+    from model import build_unet
+    t2v = build_unet(replace(DEMO, in_channels=12, out_channels=12))  # pixel_patch 2: 12 latent channels
     with torch.no_grad():
         for p in t2v.parameters():
             p.normal_(0, 0.02)
@@ -309,7 +310,7 @@ def test_huge_images_and_bad_eval_input_are_one_line_errors(tiny_ckpt, tmp_path)
     bomb = tmp_path / "bomb.png"
     huge_png(bomb, 50_000, 50_000)
     assert "exceeds limit" in user_error(sample.main, [str(bomb), "x", f"--ckpt={tiny_ckpt}"])
-    bad_eval = run(["eval.py"])  # once through the interpreter
+    bad_eval = run(["-m", "tools.shapesbench"])  # once through the interpreter
     assert bad_eval.returncode != 0 and "give --ckpt" in bad_eval.stderr and bad_eval.stderr.strip().count("\n") == 0
     cases = [
         ([f"--ckpt={tmp_path / 'none.pt'}"], "does not exist"),
@@ -328,7 +329,7 @@ def test_huge_images_and_bad_eval_input_are_one_line_errors(tiny_ckpt, tmp_path)
 def test_ddim_returns_the_clean_video_when_the_model_knows_it():
     """An oracle that answers the exact v for a known z0: DDIM (any steps, any guidance) must land on z0."""
     from loss import Schedule
-    from encoders import PixelAutoencoder
+    from model import PixelAutoencoder
     from sample import ddim_sample
     abar = Schedule().alphas_cumprod.float()
 
@@ -380,7 +381,7 @@ def test_validation_samples_do_not_change_training(tmp_path):
 
 
 def write_heatmap_caches(folder, names, size=(16, 16)):
-    """A heatmap cache in prepare.py's layout for each named 12-frame video: strides 1 and 2, every pair 200 / 255."""
+    """A heatmap cache in data.py's layout for each named 12-frame video: strides 1 and 2, every pair 200 / 255."""
     import data
     small = data.heatmap_size(size)
     for name in names:
@@ -432,7 +433,7 @@ def test_the_process_group_waits_an_hour_for_rank_0(monkeypatch):
     """Rank 0 saves and samples while the others wait at their next collective: longer than NCCL's default 10
     minutes. A sharded run alone has a process group, so this process can look at its timeout."""
     import torch.distributed as dist
-    from utils import PROCESS_GROUP_TIMEOUT, setup_distributed
+    from train import PROCESS_GROUP_TIMEOUT, setup_distributed
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
     setup_distributed("cpu", shard=True)
@@ -445,7 +446,7 @@ def test_the_process_group_waits_an_hour_for_rank_0(monkeypatch):
 
 
 def test_one_precision_rule_for_training_sampling_and_caches():
-    from utils import wants_bf16
+    from model import wants_bf16
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert not wants_bf16("auto", cpu) and wants_bf16("auto", gpu) and wants_bf16("bf16", cpu) and not wants_bf16("fp32", gpu)
     assert train.load_config(["--preset=shapes"]).dtype == "fp32"  # the demo's figures, on any device

@@ -40,37 +40,39 @@ folder OUT (out/ablation) holds checkpoints (OUT/runs/NAME, resumed by train.py)
 (OUT/evals/NAME/step_N.json), each written atomically, so a killed command loses at most the steps since a run's
 last checkpoint. RESULTS/study.json and OUT/plan.json keep the settings: other settings are refused, not mixed
 in. Runs go seed by seed (seed 0 of every arm first), so a study cut short is still paired. --agreement scores
-seed 0's checkpoints of the losses study (all, or the steps it names) with eval.py's full scorer (64 held-out
+seed 0's checkpoints of the losses study (all, or the steps it names) with demo/bench.py's full scorer (64 held-out
 frames, 25 DDIM steps) into RESULTS/agreement/NAME.json and tabulates the cheap score against it (results.md's
 last table).
 """
 import argparse
-import ctypes
-import fcntl
 import functools
 import json
 import os
 import signal
 import subprocess
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import ctypes
+import fcntl
 import numpy as np
 import torch
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 import train
-from checkpoint import load_model
-from eval import held_out, loss_shares, pool, sample_all, tally, text_sensitivity
-from utils import autocast, fail, pick_device, wants_bf16, write_atomically
+from data import fail, write_atomically
+from demo.bench import held_out, loss_shares, pool, tally, text_sensitivity
+from model import autocast, pick_device, wants_bf16
+from sample import load_model
+from tools.shapesbench import sample_all
 
 PAPER_SCALE = 0.65  # shapes this size: 2.95 % of the pixels move (against 5.8 % at 1), the paper's ~3 %
 LAMBDAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 SHARE_CLIPS = 32  # held-out clips of the moving / static v-error (eval.loss_shares)
 SENSITIVITY_IMAGES = 16  # held-out first frames of the text sensitivity (eval.text_sensitivity)
-FULL_SCORER = {"images": 64, "ddim_steps": 25}  # eval.py's defaults, for --agreement
+FULL_SCORER = {"images": 64, "ddim_steps": 25}  # demo/bench.py's defaults, for --agreement
 THRESHOLD = 0.8  # direction accuracy whose first crossing STEPS_TO measures
 STEPS_TO = f"steps to direction {THRESHOLD:g}"
 # (name, higher is better): what is compared between arms, per run
@@ -155,7 +157,7 @@ def evaluate(path, images, ddim_steps, device="auto", errors=True):
     device = pick_device(device)
     model, cfg, step = load_model(path, device)
     entries = held_out(cfg, images)
-    with autocast(device, wants_bf16(cfg.get("dtype", "auto"), device)):  # as eval.py scores it
+    with autocast(device, wants_bf16(cfg.get("dtype", "auto"), device)):  # as demo/bench.py scores it
         videos = sample_all(model, cfg, entries, ddim_steps, cfg.get("cfg_scale", 7.5), 0, len(entries))
         scores = {"step": step, "figures": pool(tally(entries, videos).values())}
         if errors:

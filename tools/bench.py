@@ -29,7 +29,7 @@ at --size with a stride up to --max-stride costs today and now: decoding (the wh
 by seeking: video_io.VideoFile), RAFT (every pair at full size, or at a short side of 128 px: RAFT.heatmaps), the
 heatmap cache (bytes per video-second and the per-item read, from the real pair heatmaps of --flow-clips sampled
 clips tiled to the video's pair count), how far m' moves (mean |difference| and IoU of m' > 0.5), and the folder's
-data loader in one process (clips/s per worker, with the caches of `prepare.py heatmaps` and without); it projects
+data loader in one process (clips/s per worker, with the caches of `data.py heatmaps` and without); it projects
 bytes and FLOPs to 10 k, 100 k and 10 M clips like each video.
 
 --compare adds other implementations of the same network, run the same way and interleaved round by
@@ -61,23 +61,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count,
-                                     sdpa_flop_count)
+                                      sdpa_flop_count)
 
-from data import VideoFolderDataset, cache_path, heatmap_cache_is_complete, heatmap_size, read_captions
-from encoders import KL_SIZES, KLAutoencoder
+from data import (VideoFile, VideoFolderDataset, cache_path, fail, frames_to_tensor, heatmap_cache_is_complete,
+                  heatmap_size, load_frames, parse_size, read_captions, resize_center_crop, write_atomically)
+from demo.unet import DEMO
 from flow import RAFT, clip_pairs, frame_heatmaps, pair_heatmaps, video_heatmap
 from loss import latent_heatmap
-from model import SIZES as MODEL_SIZES
-from model import ModelConfig, MotifModel, build_unet, training_flops
-from sample import ddim_sample
-from train import Config, TrainState, loss_backward, update
-from unet import UNetConfig
-from utils import PEAK_BF16_FLOPS, autocast, fail, parse_size, peak_bf16_flops, peak_memory_gb, pick_device, write_atomically
-from video_io import VideoFile, frames_to_tensor, load_frames, resize_center_crop
+from model import (KL_SIZES, SIZES as MODEL_SIZES, KLAutoencoder, ModelConfig, UNetConfig, autocast, build_unet,
+                   pick_device, training_flops)
+from sample import build_model, ddim_sample
+from train import PEAK_BF16_FLOPS, Config, TrainState, loss_backward, peak_bf16_flops, peak_memory_gb, update
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
     **MODEL_SIZES,
+    "demo": DEMO,
     # the CPU comparison with VideoCrafter's and diffusers' code: vc2's shape (2 res blocks, attention at 3 levels,
     # heads of 64 channels, an init temporal attention of 8 heads of 64) at a fifth of its width: widths
     # (64, 128, 256, 256), so 1, 2, 4, 4 heads; context 256
@@ -215,7 +214,7 @@ def import_videocrafter(opts):
         raise ValueError(f"--videocrafter {opts.videocrafter}: no lvdm/modules/networks/openaimodel3d.py there")
     if path not in sys.path:
         sys.path.insert(0, path)
-    ours = sys.modules.get("utils")  # lvdm imports its own top-level `utils` folder, which our utils.py would shadow
+    ours = sys.modules.get("utils")  # lvdm imports its own top-level `utils` folder, which our model.py would shadow
     theirs = types.ModuleType("utils")
     theirs.__path__ = [str(Path(path) / "utils")]
     sys.modules["utils"] = theirs
@@ -457,7 +456,7 @@ def summary(name, note, times, per_run_flops, device, dtype):
 
 def sample_model(opts, device):
     """The whole TI2V model (random weights): U-Net, text encoder, autoencoder."""
-    model = MotifModel(ModelConfig(size=opts.size, text_encoder=opts.text_encoder, autoencoder=opts.autoencoder,
+    model = build_model(ModelConfig(size=opts.size, text_encoder=opts.text_encoder, autoencoder=opts.autoencoder,
                                    kl_size=opts.kl_size, pixel_patch=opts.pixel_patch, temporal_dropout=0.0))
     return model.to(device).eval()
 
@@ -656,14 +655,14 @@ def gpu_appetite(opts, size, raft_pair_flops):
 
 def loader_speed(opts, size):
     """Seconds per item of the folder's VideoFolderDataset in this process (one loader worker), over opts.steps items:
-    with its heatmap cache when `prepare.py heatmaps` made one, and with heatmaps left to the step."""
+    with its heatmap cache when `data.py heatmaps` made one, and with heatmaps left to the step."""
     videos, _ = read_captions(opts.data)
     cached = all(heatmap_cache_is_complete(cache_path(opts.data, v["path"], size), size, opts.max_stride, opts.frames)
                  for v in videos)
     result = {"name": "loader"}
     for which, cached_heatmaps in (("cache", True), ("in the step", False)):
         if cached_heatmaps and not cached:
-            print(f"loader with the heatmap cache: not measured, run python prepare.py heatmaps {opts.data} first")
+            print(f"loader with the heatmap cache: not measured, run python data.py heatmaps {opts.data} first")
             continue
         dataset = VideoFolderDataset(opts.data, frames=opts.frames, size=size, max_stride=opts.max_stride,
                                      seed=opts.seed, cached_heatmaps=cached_heatmaps)

@@ -10,15 +10,15 @@ logs some steps twice, and the later line wins) and draws three panels:
 - the error in moving and in static regions (m'-weighted and (1 - m')-weighted squared v-error): MotiF exists
   to bring the first down, which the plain loss leaves to the many static pixels;
 - the validation passes: on a video folder the motion ratio (samples' flow over their real clips'; the dashed
-  line is the monitor's warning level), the static-sample rate and VBench's dynamic degree (monitor.py); on the
+  line is the monitor's warning level), the static-sample rate and VBench's dynamic degree (flow.py); on the
   shapes demo direction accuracy and the static-video rate.
 """
 import argparse
 import json
 from pathlib import Path
 
+from data import fail, write_atomically
 from flow import WARN_RATIO
-from utils import fail, write_atomically
 
 PASS_CURVES = {"motion_ratio": "motion ratio", "static_sample_rate": "static-sample rate",
                "dynamic_degree": "dynamic degree (VBench)", "direction_accuracy": "direction accuracy",

@@ -6,7 +6,7 @@ from the measured figures (README, "Memory per GPU").
     python -m tools.memory --what table                                                       # from out/memory/*.json
 
 --what states runs --steps training steps of the U-Net as train.py does them (random inputs as bench.py's, autocast
-forward, train.py's loss, backward, gradient clipping, fused AdamW, EMA) under DDP, sharded (shard.py) or sharded and
+forward, train.py's loss, backward, gradient clipping, fused AdamW, EMA) under DDP, sharded (train.py) or sharded and
 offloaded, and reports per rank the bytes of its weights, gradients, AdamW state and EMA (counted from the tensors it
 holds: under sharding, its shards), its peak memory (CUDA max allocated, or on CPU the peak RSS and the part of it
 above the process's start-up), and the time of the first step (a sharded run sets up its DTensor operations there)
@@ -22,8 +22,6 @@ On CPU, bf16 autocast runs GroupNorm and LayerNorm in fp32 here, as CUDA's autoc
 bf16): the activations measured are a GPU run's, as far as a CPU can tell.
 """
 import argparse
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import statistics
@@ -31,16 +29,16 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import ctypes
+import ctypes.util
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from model import ModelConfig, MotifModel, build_unet
-from unet import Stage
-from shard import local, shard_model
+from data import fail, write_atomically
+from model import ModelConfig, MotifModel, Stage, autocast, build_unet, pick_device
 from tools.bench import SIZES, make_inputs, parse_hw
-from train import Config, TrainState, loss_backward, update
-from utils import autocast, fail, peak_memory_gb, pick_device, setup_distributed, write_atomically
+from train import Config, TrainState, local, loss_backward, peak_memory_gb, setup_distributed, shard_model, update
 
 GIB = 2 ** 30
 REGISTRATIONS = []

@@ -14,8 +14,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from model import autocast, pick_device
 from tools import bench
-from utils import autocast, pick_device
 
 # substrings of kernel and op names, lower-cased; the first kind that matches takes the kernel
 KINDS = {"attention": ("flash", "fmha", "attention", "sdpa", "softmax"),

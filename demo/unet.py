@@ -1,6 +1,6 @@
 """Not MotiF: what makes a 3 M-parameter U-Net read its prompt at 32x32, for the CPU demo (`--preset shapes`).
 
-Where it sits: model.py builds this file's U-Net for the `demo` size instead of VideoCrafter2's (unet.py), which it
+Where it sits: model.py builds this file's U-Net for the `demo` size instead of VideoCrafter2's (model.py), which it
 subclasses, and shifts the noise schedule, and train.py draws the timesteps, as config/shapes.toml asks; nothing on
 the recipe's path uses them. At the demo's size, cross-attention alone let the text in too weakly for a model
 trained for minutes to learn which way the prompt says the shape moves (docs/demo-study.md has the measurements
@@ -21,21 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from unet import UNet, UNetConfig, timestep_embedding, zero
+from model import UNet, UNetConfig, timestep_embedding, zero
 
 POOL_QUERIES = 4  # learned queries that pool the text
 
 
 # ----------------------------------------------------------------------------- what the demo trains on
-
-def demo_alphas_cumprod(abar, shift=1.0):
-    """The schedule's abar (float64) changed for small frames, where VideoCrafter2's leaves the content visible even
-    at t = 999 (model.py applies it when the config asks: config/shapes.toml's noise_shift = 2): the signal-to-noise
-    ratio abar / (1 - abar) divided by shift^2 at every t (as SD3 and "simple diffusion" shift a schedule for another
-    resolution): shift > 1 hides coarse content, such as where a shape goes, over more of the timesteps, where only
-    the text can then tell it."""
-    return abar / (abar + shift ** 2 * (1 - abar))
-
 
 def high_t_floor(generator, share, num_timesteps):
     """The lowest timestep of a sample's draw: the top tenth of the range for `share` of the samples, where the
@@ -49,6 +40,14 @@ def high_t_floor(generator, share, num_timesteps):
 @dataclass(frozen=True)
 class DemoUNetConfig(UNetConfig):
     input_skip_below: int = 400  # the input skip acts for t below this
+
+    def unet_class(self):
+        return DemoUNet
+
+
+# the CPU demo's size, on 32x32 shapes videos with the pixel autoencoder at patch 2 (16x16x12 latents)
+DEMO = DemoUNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
+                      head_channels=32, context_dim=64, init_attn_heads=1, scale_shift_norm=True, input_skip_below=400)
 
 
 class DemoUNet(UNet):

@@ -2,19 +2,28 @@
 
 Where it sits: train.py's `--preset shapes` trains on ShapesDataset, which answers items like data.py's
 video folders (see data.py for the item's keys), with the exact optical flow of each clip through flow.py's
-heatmap code; eval.py scores a checkpoint on held_out_pairs(), first frames from the test split that
+heatmap code; demo/bench.py scores a checkpoint on held_out_pairs(), first frames from the test split that
 training never sees, each with several captions.
 
 A clip: a faint textured background and 1-3 coloured shapes (circle, square, triangle); the caption says
 which shape moves where ("the red circle moves left") or stays still, and shapes it does not name stay
 still. Items 4k..4k+3 share a first frame with different captions, so the first frame alone cannot tell
 the motion: only the text can.
+
+    python -m demo.shapes image first.png     # a held-out first frame, and the prompts that fit it
+    python -m demo.shapes video clip.gif      # a training clip next to its motion heatmap
 """
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 
+from data import fail, frames_to_clip, write_video
 from flow import heatmap_from_flow
-from video_io import frames_to_clip
 
 PALETTE = {"red": (220, 50, 50), "green": (40, 170, 60), "blue": (50, 90, 230), "yellow": (235, 205, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -196,3 +205,62 @@ def held_out_pairs(num_images=64, prompts_per_image=(3, 5), size=32, seed=HELD_O
         entries += [{"image_id": image_id, "image": first_frame, "caption": caption,
                      "motions": motions, "scene": scene} for caption, motions in prompts.items()]
     return entries
+
+
+# ----------------------------------------------------------------------------- looking at the demo: a first frame, a clip
+
+def upscale(image, size):
+    """Nearest-neighbour resize of uint8 (H, W, 3) to size x size, for looking at 32 px frames."""
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.NEAREST))
+
+
+PRESET = tomllib.loads((Path(__file__).parents[1] / "config" / "shapes.toml").read_text())  # its frames, shapes per scene
+
+
+def demo_image(path, index, view_size):
+    """Write held-out first frame number `index` of the demo (upscaled for viewing) and print the prompts that fit it."""
+    held_out = held_out_pairs(max_shapes=PRESET["max_shapes"])
+    prompts = [entry for entry in held_out if entry["image_id"] == index]
+    if not prompts:
+        raise ValueError(f"--index must pick a held-out image, 0..{held_out[-1]['image_id']}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(upscale(prompts[0]["image"], view_size)).save(path)
+    print(f"wrote {path}; prompts that fit it:")
+    for entry in prompts:
+        print(f"  {entry['caption']}")
+
+
+def demo_video(path, index, view_size):
+    """Write training clip number `index` beside its motion heatmap."""
+    item = ShapesDataset("train", frames=PRESET["frames"], max_shapes=PRESET["max_shapes"])[index]
+    video = item["video"].permute(1, 2, 3, 0)                                         # (T, H, W, 3) uint8
+    heatmap = (item["heatmap"][..., None] * 255).round().to(torch.uint8).expand_as(video)  # (T, H, W, 3)
+    panels = torch.cat([video, heatmap], dim=2).numpy()                              # (T, H, 2W, 3)
+    scale = view_size // panels.shape[1] or 1
+    write_video(path, panels.repeat(scale, axis=1).repeat(scale, axis=2), float(item["fps"]))
+    print(f"wrote {path} (clip | motion heatmap) at {float(item['fps']):g} fps: {item['caption']}")
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Look at the demo's shapes videos.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    image = commands.add_parser("image", help="write a held-out shapes first frame; print its prompts")
+    video = commands.add_parser("video", help="write a shapes training clip beside its motion heatmap")
+    for command, what in ((image, "held-out image"), (video, "training clip")):
+        command.add_argument("out", type=Path, help=".png/.jpg" if command is image else ".gif/.mp4")
+        command.add_argument("--index", type=int, default=0, help=f"which {what}")
+        command.add_argument("--view-size", type=int, default=256, help="upscale to this many pixels (only for "
+                             "viewing: sample.py resizes images to the model's resolution)")
+    args = parser.parse_args(argv)
+    try:
+        suffixes = (".png", ".jpg", ".jpeg") if args.command == "image" else (".gif", ".mp4")
+        if args.out.suffix.lower() not in suffixes:
+            raise ValueError(f"{args.command} writes {' or '.join(suffixes)} files, not {args.out}")
+        if args.view_size <= 0 or args.index < 0:
+            raise ValueError("--view-size must be positive and --index non-negative")
+        (demo_image if args.command == "image" else demo_video)(args.out, args.index, args.view_size)
+    except (ValueError, OSError) as error:
+        fail(error)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
