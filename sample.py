@@ -36,6 +36,7 @@ MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs
 
 # ----------------------------------------------------------------------------- the model of a checkpoint
 
+DEMO_WEIGHTS = Path(__file__).parent / "demo" / "weights.pt"  # what sample.py animates with when given no --ckpt
 MODEL_SIZES = (*SIZES, "demo")  # model.SIZES and the demo's
 
 
@@ -227,7 +228,8 @@ def main(argv=None):
     p.add_argument("--prompts", help="sample a benchmark: a CSV with the columns image, prompt")
     p.add_argument("--images", help="folder of the benchmark's images (default: the CSV's folder)")
     p.add_argument("--batch", type=int, default=8, help="benchmark rows sampled together")
-    p.add_argument("--ckpt", default="out/shapes", help="a train.py checkpoint, or its run folder (uses its latest)")
+    p.add_argument("--ckpt", default=None, help="a train.py checkpoint, or its run folder (uses its latest); "
+                   f"default: the shipped demo weights, {DEMO_WEIGHTS.relative_to(Path(__file__).parent)}")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale (default: the run's cfg_scale, 7.5 unless its config says)")
@@ -252,6 +254,12 @@ def main(argv=None):
             raise ValueError(f"--cfg (the guidance scale) must be a number 0 or more, not {args.cfg}")
         rows = read_benchmark(args.prompts, args.images) if args.prompts else None
         device = pick_device(args.device)
+        if args.ckpt is None:
+            if args.no_ema:
+                raise ValueError("the shipped demo weights are EMA weights only: --no-ema needs --ckpt")
+            args.ckpt = DEMO_WEIGHTS
+            print(f"no --ckpt: using the shipped demo weights {DEMO_WEIGHTS.relative_to(Path(__file__).parent)} "
+                  "(the shapes demo's EMA weights: docs/demo-weights.md)")
         model, cfg, step = load_model(args.ckpt, device, use_ema=not args.no_ema)
         args.cfg = cfg.get("cfg_scale", 7.5) if args.cfg is None else args.cfg
         print(f"sampling {args.ckpt} (step {step}, {'raw' if args.no_ema else 'EMA'} weights): {cfg['frames']} frames "
