@@ -27,12 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(ROOT))
 
-import data as video_io  # noqa: E402
-import model as encoders  # noqa: E402
+import data  # noqa: E402
 import flow  # noqa: E402
 import model  # noqa: E402
-import model as unet  # noqa: E402
-import data as prepare  # noqa: E402
 import train  # noqa: E402
 
 DOCUMENTS = [ROOT / "README.md", ROOT / "DESIGN.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("*.py"))]
@@ -48,7 +45,7 @@ def shrink(setitem, setattr_):
     """Swap the recipe's sizes for compact ones (the U-Net's context width, 64, is the small text tower's)."""
     import open_clip
     setitem(model.SIZES, "vc2", model.SIZES["tiny"])
-    setitem(encoders.KL_SIZES, "full", encoders.KL_SIZES["small"])
+    setitem(model.KL_SIZES, "full", model.KL_SIZES["small"])
     setitem(open_clip.factory._MODEL_CONFIGS, "ViT-H-14", SMALL_CLIP)
     load = flow.load_raft_model
     setattr_(flow, "load_raft_model", lambda w: load(FIXTURES / "raft_small.pth" if w in ("small", "large") else w))
@@ -97,7 +94,7 @@ def test_the_documents_show_the_commands_this_file_runs():
 
 def clips():
     """(name, frames, caption) of two real 10-frame clips: the fixture's, panning one way and back."""
-    frames = video_io.VideoFile(FIXTURES / "realshort.mp4").read(range(0, 30, 3))
+    frames = data.VideoFile(FIXTURES / "realshort.mp4").read(range(0, 30, 3))
     return [("clip_a", frames, "the scene pans"), ("clip_b", frames[::-1].copy(), "the scene pans back")]
 
 
@@ -105,7 +102,7 @@ def make_folder(root):
     """A video folder with its captions.csv."""
     root.mkdir(parents=True, exist_ok=True)
     for name, video, _ in clips():
-        video_io.write_video(root / f"{name}.mp4", video, fps=10)
+        data.write_video(root / f"{name}.mp4", video, fps=10)
     (root / "captions.csv").write_text("path,caption\n" + "".join(f"{n}.mp4,{c}\n" for n, _, c in clips()))
 
 
@@ -115,7 +112,7 @@ def make_webvid(csv_path):
     lines = ["videoid,contentUrl,duration,page_dir,name"]
     for videoid, (_, video, caption) in zip(("1001", "1002"), clips()):
         (root / "videos" / "000001_000050").mkdir(parents=True, exist_ok=True)
-        video_io.write_video(root / "videos" / "000001_000050" / f"{videoid}.mp4", video, fps=10)
+        data.write_video(root / "videos" / "000001_000050" / f"{videoid}.mp4", video, fps=10)
         lines.append(f"{videoid},https://x/{videoid}.mp4,PT00H00M10S,000001_000050,{caption}")
     csv_path.write_text("\n".join(lines) + "\n")
 
@@ -124,9 +121,9 @@ def make_videocrafter2_checkpoint(path):
     """model.ckpt in VideoCrafter2's layout at the shrunk sizes: a text-to-video U-Net (4 input channels), kl-f8,
     OpenCLIP's text half (`cond_stage_model.model.*`), random weights."""
     torch.manual_seed(0)
-    t2v = unet.UNet(unet.UNetConfig(**{**asdict(model.SIZES["vc2"]), "in_channels": 4}))
-    autoencoder = encoders.KLAutoencoder(encoders.KL_SIZES["full"])
-    text = encoders.OpenCLIPTextEncoder("ViT-H-14")
+    t2v = model.UNet(model.UNetConfig(**{**asdict(model.SIZES["vc2"]), "in_channels": 4}))
+    autoencoder = model.KLAutoencoder(model.KL_SIZES["full"])
+    text = model.OpenCLIPTextEncoder("ViT-H-14")
     state = {**{"model.diffusion_model." + k: v for k, v in t2v.state_dict().items()},
              **{"first_stage_model." + k: v for k, v in autoencoder.state_dict().items()},
              **{"cond_stage_model.model." + k: v for k, v in text.model.state_dict().items()}}
@@ -172,7 +169,7 @@ def test_every_documented_training_command_starts(workspace, monkeypatch):
         named = dict(zip(args[2::2], args[3::2]))  # --size 320x512 --weights large ...
         make_named_files([f"--data={args[1]}", f"--init={named.get('--init', 'model.ckpt')}"]
                          + ([f"--monitor_weights={named['--weights']}"] if named.get("--weights", "").endswith(".pth") else []))
-        prepare.main(args + SHRINK_PREPARE[args[0]])
+        data.main(args + SHRINK_PREPARE[args[0]])
 
     ran = {}
     for where, argv in documented_commands("train.py"):
@@ -199,8 +196,8 @@ def test_the_recipe_under_torchrun(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
     shrink(monkeypatch.setitem, monkeypatch.setattr)
     make_named_files(["--data=videos", "--init=model.ckpt"])
-    prepare.main(["latents", "videos", "--init", "model.ckpt"] + SHRINK_PREPARE["latents"])
-    prepare.main(["heatmaps", "videos"] + SHRINK_PREPARE["heatmaps"])
+    data.main(["latents", "videos", "--init", "model.ckpt"] + SHRINK_PREPARE["latents"])
+    data.main(["heatmaps", "videos"] + SHRINK_PREPARE["heatmaps"])
     (where, argv), = [c for c in documented_commands("train.py")
                       if c[0].startswith("README.md: torchrun") and "--latents=true" in c[1]]
     launcher, args = split_launcher(argv, "train.py")

@@ -13,7 +13,9 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_commands import ROOT, make_named_files, shrink, split_launcher  # noqa: E402
@@ -23,7 +25,7 @@ import data as prepare  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
-PROGRAMS = {"train.py": train.main, "data.py": prepare.main, "sample.py": sample.main, "demo/bench.py": shapes_eval.main}
+PROGRAMS = {"train.py": train.main, "data.py": prepare.main, "sample.py": sample.main, "tools.shapesbench": shapes_eval.main}
 
 
 def shrunk(pixels):
@@ -61,7 +63,7 @@ def shrink_flags(program, args):
         return ["--frames", "4"]
     if program == "sample.py":
         return ["--steps", "2"]
-    if program == "demo/bench.py":
+    if program == "tools.shapesbench":
         return ["--images", "2", "--steps", "2"]
     return []
 
@@ -72,11 +74,14 @@ def test_each_readme_sequence_runs_in_order_as_written(first, commands, tmp_path
     monkeypatch.chdir(tmp_path)
     shrink(monkeypatch.setitem, monkeypatch.setattr)
     make_named_files(["--data=videos"])                                # what a user brings: videos and captions
+    (tmp_path / "demo").symlink_to(ROOT / "demo")                      # and the clone's shipped first frame
     for argv in commands:
         program = next(p for p in argv if p in PROGRAMS)
         _, args = split_launcher(argv, program)
         brought = [a for a in args if a.startswith("--init=") or (a.startswith("--data=") and a.endswith(".csv"))]
         make_named_files(brought + (["--init=model.ckpt"] if "--init" in args else []))  # downloaded by hand
+        if program == "sample.py" and not Path(args[0]).exists():  # a user's own image
+            Image.fromarray(np.full((48, 64, 3), 128, np.uint8)).save(args[0])
         PROGRAMS[program](args + shrink_flags(program, args))
 
 

@@ -71,7 +71,7 @@ row files 240 "$python" - "$work" "$clips" "${clip[0]}x${clip[1]}" <<'EOF'
 import sys
 from pathlib import Path
 sys.path.insert(0, "tests")
-import prepare
+import data
 import test_commands  # the shrunk sizes and VideoCrafter2's checkpoint layout, as the commands' test has them
 work, clips, size = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 test_commands.shrink(lambda d, k, v: d.__setitem__(k, v), setattr)
@@ -82,7 +82,7 @@ for video in videos:
 captions = "".join(f"{v.name},a real clip of {v.stem}\n" for v in videos)
 (work / "videos" / "captions.csv").write_text("path,caption\n" + captions)
 test_commands.make_videocrafter2_checkpoint(work / "model.ckpt")
-prepare.main(["heatmaps", str(work / "videos"), "--size", size, "--max-stride", "2",
+data.main(["heatmaps", str(work / "videos"), "--size", size, "--max-stride", "2",
               "--weights", "tests/fixtures/raft_small.pth"])
 print(f"{len(videos)} clips of {clips}, {work / 'model.ckpt'}")
 EOF
