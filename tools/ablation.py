@@ -653,7 +653,6 @@ def main(argv=None):
                 "results": str(results), "agreement": None, "final": args.final, "score_at": None}
     if (args.report or args.shares) and (results / "study.json").is_file():  # the study's own settings
         settings.update(json.loads((results / "study.json").read_text()))
-    kept = kept_settings(settings)
     try:
         wanted = [s.strip() for s in args.studies.split(",") if s.strip()]
         plan = studies(args.seeds)
@@ -686,6 +685,7 @@ def main(argv=None):
         runs = list(dict.fromkeys(run for spec in plan.values() for arm in spec["arms"].values() for run in arm))
         runs.sort(key=lambda run: run.seed)  # seed 0 of every arm first: a study cut short is still paired
         train.check_config(run_config(runs[0], out, settings), world_size=1)
+        kept = kept_settings(settings)  # after --score-at is read: it is one of the settings a folder's runs share
         check_folder(results, "study.json", kept)
         if not (args.report or args.shares):
             check_folder(out, "plan.json", kept)
