@@ -82,7 +82,7 @@ def clip_pairs(frames):
 def load_raft_model(weights):
     """torchvision's raft_small / raft_large with its own pretrained weights ("small", "large"),
     or with a state dict file of either (which one is found from the file). torchvision is imported here, not at the
-    top: it takes 1.5 s to import, and only runs on real videos need RAFT."""
+    top: its import is slow, and only runs on real videos need RAFT."""
     from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights, raft_large, raft_small
     if weights in ("small", "large"):
         build, pretrained = (raft_small, Raft_Small_Weights) if weights == "small" else (raft_large, Raft_Large_Weights)
