@@ -927,8 +927,6 @@ def load_t2v_unet(unet: UNet, state_dict: dict) -> None:
     unet.load_state_dict(xcat_unet_state(unet, state_dict))
 
 
-
-
 # ----------------------------------------------------------------------------- VideoCrafter2 (--init)
 
 VIDEOCRAFTER2_PARTS = {"unet": "model.diffusion_model.", "autoencoder": "first_stage_model.",

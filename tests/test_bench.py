@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import data as prepare
-import data as video_io
+import data
 from demo import shapes
 from model import SIZES, UNet, training_flops
 from tools import bench
@@ -149,9 +148,9 @@ def test_data_measures_a_folder_today_and_now(tmp_path, fixtures, monkeypatch):
     for k, name in enumerate(["a.mp4", "b.gif"]):
         scene = shapes.make_scene(np.random.default_rng([7, k]), 256)
         video, _ = shapes.render_clip(scene, {0: shapes.allowed_motions(scene["objects"][0], 256)[1]}, frames=6)
-        video_io.write_video(folder / name, video, fps=10)
+        data.write_video(folder / name, video, fps=10)
     (folder / "captions.csv").write_text("path,caption\na.mp4,one\nb.gif,two\n")
-    prepare.cache_heatmaps(folder, str(fixtures / "raft_small.pth"), (256, 256), 2, torch.device("cpu"))
+    data.cache_heatmaps(folder, str(fixtures / "raft_small.pth"), (256, 256), 2, torch.device("cpu"))
     *videos, loader, _ = run_bench(tmp_path, "--what", "data", "--data", str(folder), "--size", "256x256",
                                    "--frames", "3", "--max-stride", "2", "--steps", "2", "--flow-clips", "1",
                                    "--raft", str(fixtures / "raft_small.pth"))

@@ -11,8 +11,6 @@ import torch
 from PIL import Image
 from test_shapes import uint8_frames
 
-import data as prepare
-import data as video_io
 import data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +57,8 @@ def write_videos(root):
     """The good and the bad files of GOOD and BAD."""
     root.mkdir(parents=True, exist_ok=True)
     frames = index_frames(12)                                               # (12, 36, 48, 3)
-    video_io.write_video(root / "good.mp4", frames, fps=24)
-    video_io.write_video(root / "good.gif", frames, fps=10)
+    data.write_video(root / "good.mp4", frames, fps=24)
+    data.write_video(root / "good.gif", frames, fps=10)
     write_pillow_animation(root / "grey.gif", [Image.fromarray(f[..., 0], "L") for f in frames], fps=10)
     rgba = np.concatenate([frames, np.full((*frames.shape[:3], 1), 255, np.uint8)], axis=-1)  # (12, H, W, 4)
     rgba[:, :4, :4, 3] = 0                                                  # a transparent corner
@@ -71,7 +69,7 @@ def write_videos(root):
     (root / "truncated.mp4").write_bytes(good[:len(good) // 2])
     (root / "random.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
     (root / "text.mp4").write_text("this is not a video\n" * 50)
-    video_io.write_video(root / "short.mp4", frames[:FRAMES - 1], fps=24)
+    data.write_video(root / "short.mp4", frames[:FRAMES - 1], fps=24)
     write_audio_only(root / "audio.m4a")
 
 
@@ -278,10 +276,10 @@ def windows(num_frames, frames, max_stride=8, count=12, seed=0):
 def check_clips_match_whole_decoding(path, frames, monkeypatch, count=12, extra_starts=()):
     """VideoFile.read of `count` dataset-drawn clips and of clips at extra_starts == those frames of the whole
     decode. Returns how many were read by seeking to a key frame other than the first (none fell back)."""
-    whole, video = decode_whole(path), video_io.VideoFile(path)
+    whole, video = decode_whole(path), data.VideoFile(path)
     assert video.num_frames == len(whole)
-    seeks, decode = [], video_io.VideoFile.decode
-    monkeypatch.setattr(video_io.VideoFile, "decode", lambda self, picked, seek_to: seeks.append(
+    seeks, decode = [], data.VideoFile.decode
+    monkeypatch.setattr(data.VideoFile, "decode", lambda self, picked, seek_to: seeks.append(
         (seek_to, found := decode(self, picked, seek_to))) or found)
     for picked in windows(len(whole), frames, count=count) + [start + np.arange(frames) for start in extra_starts]:
         assert np.array_equal(video.read(picked), whole[picked]), (path.name, picked)
@@ -297,14 +295,14 @@ def test_a_clip_reads_the_frames_whole_decoding_gives(tmp_path, fixtures, monkey
     write_variable_rate_mp4(tmp_path / "vfr.mp4")
     frames = [Image.fromarray(f) for f in index_frames(12)]
     frames[0].save(tmp_path / "uneven.gif", save_all=True, append_images=frames[1:], duration=[20, 70, 30] * 4, loop=0)
-    vfr = video_io.VideoFile(tmp_path / "vfr.mp4")
+    vfr = data.VideoFile(tmp_path / "vfr.mp4")
     assert len(set(np.diff(vfr.timestamps))) > 2 and len(vfr.key_frames) == 6   # uneven gaps, seekable
     assert check_clips_match_whole_decoding(tmp_path / "vfr.mp4", 8, monkeypatch, extra_starts=(6, 7, 8, 28, 32)) > 5
     assert check_clips_match_whole_decoding(fixtures / "realshort.mp4", 4, monkeypatch, extra_starts=(29, 30, 32)) >= 2
     for name in ("good.gif", "uneven.gif", "rgba.gif", "rgba.png"):
-        assert video_io.VideoFile(tmp_path / name).timestamps is None               # not a seekable codec
+        assert data.VideoFile(tmp_path / name).timestamps is None               # not a seekable codec
         assert check_clips_match_whole_decoding(tmp_path / name, FRAMES, monkeypatch) == 0
-    with pytest.raises(video_io.UnusableVideo, match="frame 40 of 40 does not decode"):
+    with pytest.raises(data.UnusableVideo, match="frame 40 of 40 does not decode"):
         vfr.read([38, 40])
 
 
@@ -327,7 +325,7 @@ def write_webvid(root):
     frames = index_frames(12)
     for page_dir, videoid in (("000001_000050", "1001"), ("000001_000050", "1002"), ("000051_000100", "77")):
         (root / "videos" / page_dir).mkdir(parents=True, exist_ok=True)
-        video_io.write_video(root / "videos" / page_dir / f"{videoid}.mp4", frames, fps=24)
+        data.write_video(root / "videos" / page_dir / f"{videoid}.mp4", frames, fps=24)
     (root / "videos" / "000051_000100" / "broken.mp4").write_text("not a video")
     lines = [WEBVID_HEADER,
              '1001,https://x/1001.mp4,PT00H00M14S,000001_000050,"Cockatoo, close up, looks ""left"""',
@@ -356,11 +354,11 @@ def test_webvid_csv_reads_as_dynamicrafter_reads_it(tmp_path, capsys):
     assert {item["caption"] for item in items} == {v["caption"] for v in videos[:3]}
     assert all(item["fps"].item() in (24, 12, 8) for item in items)             # the container's fps / stride
     assert dataset.unusable == [("unreadable", "videos/000051_000100/broken.mp4")]
-    prepare.main(["check", str(tmp_path), "--frames", str(FRAMES)])             # the command, in this process
+    data.main(["check", str(tmp_path), "--frames", str(FRAMES)])             # the command, in this process
     report = capsys.readouterr().out
     assert "3 usable, 5 skipped" in report and "1 unreadable: videos/000051_000100/broken.mp4" in report
     assert "1 missing file: videos/000001_000050/404.mp4" in report
     (tmp_path / "captions.csv").write_text("videoid,page_dir,caption_text\n1001,000001_000050,x\n")
     with pytest.raises(SystemExit, match="error: .*WebVid's videoid, name and page_dir") as error:
-        prepare.main(["check", str(tmp_path)])
+        data.main(["check", str(tmp_path)])
     assert "\n" not in str(error.value)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data as video_io
+import data
 import flow
 from demo import shapes
 
@@ -110,7 +110,7 @@ def test_raft_heatmap_covers_the_moving_shape_in_every_frame(rafts):
     shares = []
     for k in range(3):
         video, _, owner = moving_clip([5, k], 128)
-        heatmap = flow.video_heatmap(video_io.frames_to_tensor(video), rafts("large"))  # (T, H, W)
+        heatmap = flow.video_heatmap(data.frames_to_tensor(video), rafts("large"))  # (T, H, W)
         shares.append(coverage(heatmap, owner, {0}))
     print(f"\nRAFT-large coverage per frame: {np.round(shares, 3).tolist()}")
     assert np.min(shares) >= 0.95
@@ -127,7 +127,7 @@ def moving_shapes_pairs(size, count=4):
         scene = shapes.make_scene(rng, size)
         motions = {i: str(rng.choice(shapes.allowed_motions(obj, size)[1:])) for i, obj in enumerate(scene["objects"])}
         video, exact = shapes.render_clip(scene, motions, frames=2)           # (2, S, S, 3), (1, 2, S, S)
-        frames = video_io.frames_to_tensor(video)                               # (2, 3, S, S)
+        frames = data.frames_to_tensor(video)                               # (2, 3, S, S)
         firsts.append(frames[0])
         seconds.append(frames[1])
         flows.append(exact[0])
@@ -183,12 +183,12 @@ def test_raft_finds_a_known_translation_of_a_real_frame(rafts, fixtures):
     """Two windows of a real frame, k px apart: flow -k px everywhere inside; identical frames: ~0.
     132x180 is padded to 136x184 for RAFT (multiples of 8). Frames fed in 0..255 instead of [-1, 1]
     fail this; RAFT's feature normalisation makes [0, 1] indistinguishable here."""
-    image = video_io.load_frames(fixtures / "realshort.mp4")[0][0]               # (240, 320, 3)
+    image = data.load_frames(fixtures / "realshort.mp4")[0][0]               # (240, 320, 3)
     height, width, k, y, x = 132, 180, 12, 50, 40
     window = image[y:y + height, x:x + width]                               # (h, w, 3)
     shifted = image[y:y + height, x + k:x + k + width]                      # window moved k px left
-    first = video_io.frames_to_tensor(np.stack([window, window]))              # (2, 3, h, w)
-    second = video_io.frames_to_tensor(np.stack([shifted, window]))            # (2, 3, h, w)
+    first = data.frames_to_tensor(np.stack([window, window]))              # (2, 3, h, w)
+    second = data.frames_to_tensor(np.stack([shifted, window]))            # (2, 3, h, w)
     estimated = rafts("small").pairs(first, second)                         # (2, 2, h, w)
     inside = estimated[:, :, 16:-16, 16:-16]                                # away from the borders
     print(f"\nraft_small: median flow {inside[0, 0].median():.3f}, {inside[0, 1].median():.3f} px "
