@@ -19,9 +19,10 @@ Data flow of a step (DESIGN.md): clip + heatmap (demo/shapes.py or data.py / flo
 latent = z0 of frame 0 repeated -> z_t, v (loss.py) -> v_hat = model(z_t, z_img, t, text, fps) ->
 L = L_diffusion + lambda * L_motif -> AdamW, EMA, checkpoint (model.py).
 
-The file reads top to bottom: the config; train(), setup and then a loop of step / log / validate / save; the
-step written out in one function (train_step) and its parts; the validation samples; what setup builds (the model,
-the data, the log); the processes.
+The file reads top to bottom: the config's defaults; train(), setup and then a loop of step / log / validate /
+save; the step written out in one function (train_step) and its parts; the validation samples; then the plumbing:
+config parsing (presets and flags), the log, what setup builds (the model, the data), sharding, checkpoints and the
+processes.
 """
 import dataclasses
 import difflib
@@ -128,110 +129,6 @@ class Config:
     max_bad_steps: int = 20  # stop after this many steps in a row with a non-finite loss or gradient
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-
-
-PRESET_DIR = Path(__file__).resolve().parent / "config"
-
-
-def parse_value(key, text, kind):
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"--{key} takes true or false, not {text!r}")
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"--{key} takes a {kind.__name__}, not {text!r}") from None
-
-
-def load_config(argv):
-    """Defaults <- --preset NAME (config/NAME.toml) <- --key=value flags, each type-checked; a flag wins over a preset
-    wherever it stands. --resume, --resume=true: "latest"; --resume=false: a fresh start."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    values = {}
-
-    def set_value(key, value, source):
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            raise ValueError(f"unknown config key {key!r} in {source}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        kind = type(fields[key].default)
-        if isinstance(value, str) and kind is not str:
-            value = parse_value(key, value, kind)
-        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind):
-            raise ValueError(f"{key} takes a {kind.__name__}, not {value!r} (in {source})")
-        values[key] = value
-
-    presets, flags = [], []  # presets first, then flags: a flag wins wherever it stands
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg == "--preset" or arg.startswith("--preset="):
-            presets.append(arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else ""))
-        elif arg == "--resume":
-            flags.append(("resume", "latest"))
-        elif arg.startswith("--") and "=" in arg:
-            key, text = arg[2:].split("=", 1)
-            flags.append((key.replace("-", "_"), text))
-        elif arg.startswith("--") and args and not args[0].startswith("--"):
-            flags.append((arg[2:].replace("-", "_"), args.pop(0)))
-        else:
-            raise ValueError(f"cannot read argument {arg!r}: use --key=value (see the Config class in train.py)")
-    for name in presets:
-        path = PRESET_DIR / f"{name}.toml"
-        if not path.is_file():
-            names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(names)}")
-        for key, value in tomllib.loads(path.read_text()).items():
-            set_value(key, value, path.name)
-    for key, text in flags:
-        if key == "resume" and text.lower() in RESUME_WORDS:  # --resume=true is the bare --resume, not a file "true"
-            text = RESUME_WORDS[text.lower()]
-        set_value(key, text, "the command line")
-    return Config(**values)
-
-
-RESUME_WORDS = {"1": "latest", "true": "latest", "yes": "latest", "0": "", "false": "", "no": ""}
-
-
-POSITIVE = ("height", "width", "max_stride", "max_shapes", "pixel_patch", "batch_size", "micro_batch", "steps",
-            "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "shape_scale", "noise_shift")
-NOT_NEGATIVE = ("workers", "warmup_steps", "cooldown_steps", "sample_every", "seed", "motif_lambda", "cfg_scale",
-                "weight_decay", "grad_clip", "lr")
-FRACTIONS = ("temporal_dropout", "text_dropout", "high_t_share", "ema_decay")  # in [0, 1]
-
-
-def check_config(cfg, world_size):
-    for keys, rule, holds in ((POSITIVE, "positive", lambda v: v > 0), (NOT_NEGATIVE, "0 or more", lambda v: v >= 0),
-                              (FRACTIONS, "in [0, 1]", lambda v: 0 <= v <= 1)):
-        for key in keys:
-            value = getattr(cfg, key)
-            if not (math.isfinite(value) and holds(value)):
-                raise ValueError(f"{key} must be {rule}, not {value}")
-    per_step = cfg.micro_batch * world_size
-    if cfg.batch_size % per_step:
-        raise ValueError(f"batch_size {cfg.batch_size} does not divide into micro_batch {cfg.micro_batch} "
-                         f"x {world_size} processes; pick a batch_size that is a multiple of {per_step}")
-    if cfg.model not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {cfg.model!r}; sizes: {', '.join(MODEL_SIZES)}")
-    resolve_rescale(cfg.rescale, cfg.init)
-    if cfg.loss_mode not in ("motif", "inverse"):
-        raise ValueError(f"loss_mode must be motif or inverse, not {cfg.loss_mode!r}")
-    if cfg.frames < 2:
-        raise ValueError(f"frames must be at least 2 (motion needs two frames), not {cfg.frames}")
-    if cfg.dtype not in ("auto", "bf16", "fp32") or cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto|cpu|cuda and dtype auto|bf16|fp32 (got {cfg.device}, {cfg.dtype})")
-    if cfg.offload and not cfg.shard:
-        raise ValueError("--offload=true moves the shards of --shard=true to CPU memory: add --shard=true")
-    if cfg.shard and cfg.sample_every:
-        raise ValueError("validation samples (--sample_every) need the whole model on rank 0; with --shard=true "
-                         "set --sample_every=0 and sample the checkpoints with sample.py or demo/bench.py")
-    if not cfg.data:
-        raise ValueError("no training data: pass --data=DIR (a folder of videos with captions.csv or "
-                         "captions.jsonl, see README) or try the built-in demo with --preset shapes")
 
 
 # ----------------------------------------------------------------------------- the run: setup, then a loop of step / log / save
@@ -387,7 +284,9 @@ def train_step(state, batches, step):
         # v_hat = U-Net(cat[z_t, z_img], t, text, fps); L = L_diffusion + lambda * L_motif; backward
         sync = state.world == 1 or cfg.shard or micro == accum - 1
         with nullcontext() if sync else state.wrapped.no_sync():
-            terms = loss_backward(lambda: state.wrapped(z_t, z_img, t, captions, fps), v, m, cfg, state.autocast, accum)
+            with state.autocast:
+                v_hat = state.wrapped(z_t, z_img, t, captions, fps)  # (b, C, T, h, w)
+            terms = loss_backward(v_hat, v, m, cfg, accum)
         losses = {k: losses[k] + terms[k] / accum for k in LOSS_TERMS}
     losses = dict(zip(LOSS_TERMS, torch.stack([losses[k] for k in LOSS_TERMS]).tolist()))  # the step's one sync
     stepped, grad_norm = update(state, losses, step)
@@ -414,13 +313,11 @@ def draw_randomness(cfg, step, indices, latent_shape, num_timesteps, posterior=F
     return torch.cat(t), torch.stack(noise), drop, torch.stack(eps_z0) if posterior else None
 
 
-def loss_backward(predict, v, m, cfg, autocast, accum=1):
-    """v_hat = predict() under autocast, the MotiF loss (loss.py: L_diffusion + lambda * L_motif, or Inv-MotiF) and its
-    backward, scaled by 1 / accum. train_step, tools/bench.py and tools/memory.py all run this, then update().
-    Returns the loss terms as 0-d float64 tensors on the device: no host sync per micro-batch (float64, so that
-    train_step's mean over micro-batches is what Python floats would give, bit for bit)."""
-    with autocast:
-        v_hat = predict()  # (b, C, T, h, w)
+def loss_backward(v_hat, v, m, cfg, accum=1):
+    """The MotiF loss of v_hat (loss.py: L_diffusion + lambda * L_motif, or Inv-MotiF) and its backward, scaled by
+    1 / accum. train_step, tools/bench.py and tools/memory.py all run this, then update(). Returns the loss terms as
+    0-d float64 tensors on the device: no host sync per micro-batch (float64, so that train_step's mean over
+    micro-batches is what Python floats would give, bit for bit)."""
     losses = motif_loss(v_hat, v, m, cfg.motif_lambda, cfg.loss_mode)
     (losses["loss"] / accum).backward()
     return {k: value.detach().double() for k, value in losses.items()}
@@ -563,7 +460,175 @@ def motion_monitor(cfg, state):
     return MotionMonitor(raft, first_logged_ratio(Path(cfg.out_dir) / "log.jsonl"))  # a resumed run: its own first
 
 
-# ----------------------------------------------------------------------------- what setup builds: the model, the data, the log
+# ----------------------------------------------------------------------------- config parsing: presets and flags
+
+PRESET_DIR = Path(__file__).resolve().parent / "config"
+
+
+def parse_value(key, text, kind):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"--{key} takes true or false, not {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{key} takes a {kind.__name__}, not {text!r}") from None
+
+
+def load_config(argv):
+    """Defaults <- --preset NAME (config/NAME.toml) <- --key=value flags, each type-checked; a flag wins over a preset
+    wherever it stands. --resume, --resume=true: "latest"; --resume=false: a fresh start."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values = {}
+
+    def set_value(key, value, source):
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise ValueError(f"unknown config key {key!r} in {source}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        kind = type(fields[key].default)
+        if isinstance(value, str) and kind is not str:
+            value = parse_value(key, value, kind)
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind):
+            raise ValueError(f"{key} takes a {kind.__name__}, not {value!r} (in {source})")
+        values[key] = value
+
+    presets, flags = [], []  # presets first, then flags: a flag wins wherever it stands
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--preset" or arg.startswith("--preset="):
+            presets.append(arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else ""))
+        elif arg == "--resume":
+            flags.append(("resume", "latest"))
+        elif arg.startswith("--") and "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            flags.append((key.replace("-", "_"), text))
+        elif arg.startswith("--") and args and not args[0].startswith("--"):
+            flags.append((arg[2:].replace("-", "_"), args.pop(0)))
+        else:
+            raise ValueError(f"cannot read argument {arg!r}: use --key=value (see the Config class in train.py)")
+    for name in presets:
+        path = PRESET_DIR / f"{name}.toml"
+        if not path.is_file():
+            names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(names)}")
+        for key, value in tomllib.loads(path.read_text()).items():
+            set_value(key, value, path.name)
+    for key, text in flags:
+        if key == "resume" and text.lower() in RESUME_WORDS:  # --resume=true is the bare --resume, not a file "true"
+            text = RESUME_WORDS[text.lower()]
+        set_value(key, text, "the command line")
+    return Config(**values)
+
+
+RESUME_WORDS = {"1": "latest", "true": "latest", "yes": "latest", "0": "", "false": "", "no": ""}
+
+
+POSITIVE = ("height", "width", "max_stride", "max_shapes", "pixel_patch", "batch_size", "micro_batch", "steps",
+            "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "shape_scale", "noise_shift")
+NOT_NEGATIVE = ("workers", "warmup_steps", "cooldown_steps", "sample_every", "seed", "motif_lambda", "cfg_scale",
+                "weight_decay", "grad_clip", "lr")
+FRACTIONS = ("temporal_dropout", "text_dropout", "high_t_share", "ema_decay")  # in [0, 1]
+
+
+def check_config(cfg, world_size):
+    for keys, rule, holds in ((POSITIVE, "positive", lambda v: v > 0), (NOT_NEGATIVE, "0 or more", lambda v: v >= 0),
+                              (FRACTIONS, "in [0, 1]", lambda v: 0 <= v <= 1)):
+        for key in keys:
+            value = getattr(cfg, key)
+            if not (math.isfinite(value) and holds(value)):
+                raise ValueError(f"{key} must be {rule}, not {value}")
+    per_step = cfg.micro_batch * world_size
+    if cfg.batch_size % per_step:
+        raise ValueError(f"batch_size {cfg.batch_size} does not divide into micro_batch {cfg.micro_batch} "
+                         f"x {world_size} processes; pick a batch_size that is a multiple of {per_step}")
+    if cfg.model not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {cfg.model!r}; sizes: {', '.join(MODEL_SIZES)}")
+    resolve_rescale(cfg.rescale, cfg.init)
+    if cfg.loss_mode not in ("motif", "inverse"):
+        raise ValueError(f"loss_mode must be motif or inverse, not {cfg.loss_mode!r}")
+    if cfg.frames < 2:
+        raise ValueError(f"frames must be at least 2 (motion needs two frames), not {cfg.frames}")
+    if cfg.dtype not in ("auto", "bf16", "fp32") or cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto|cpu|cuda and dtype auto|bf16|fp32 (got {cfg.device}, {cfg.dtype})")
+    if cfg.offload and not cfg.shard:
+        raise ValueError("--offload=true moves the shards of --shard=true to CPU memory: add --shard=true")
+    if cfg.shard and cfg.sample_every:
+        raise ValueError("validation samples (--sample_every) need the whole model on rank 0; with --shard=true "
+                         "set --sample_every=0 and sample the checkpoints with sample.py or demo/bench.py")
+    if not cfg.data:
+        raise ValueError("no training data: pass --data=DIR (a folder of videos with captions.csv or "
+                         "captions.jsonl, see README) or try the built-in demo with --preset shapes")
+
+
+# ----------------------------------------------------------------------------- the log
+
+class Log:
+    """Loss terms averaged over the steps since the last line, clips/s, and one JSON line per log_every steps in
+    out_dir/log.jsonl (rank 0), echoed under the progress bar. On a GPU with a known peak, MFU per GPU."""
+
+    def __init__(self, cfg, world, device, master, flops_per_clip, step):
+        self.cfg, self.world, self.device, self.master = cfg, world, device, master
+        self.flops_per_clip, self.peak_flops = flops_per_clip, peak_bf16_flops(device)
+        self.file = open(Path(cfg.out_dir) / "log.jsonl", "a") if master else None
+        self.bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps, self.clips, self.started = dict.fromkeys(LOSS_TERMS, 0.0), 0, 0, time.time()
+
+    def add(self, losses):
+        """One step's loss terms (averaged over its micro-batches)."""
+        for key in LOSS_TERMS:
+            self.sums[key] += losses[key]
+        self.steps += 1
+        self.clips += self.cfg.batch_size
+        self.bar.update(1)
+
+    def write(self, step, lr, grad_norm, skipped):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.time() - self.started
+        means = torch.tensor([self.sums[k] / self.steps for k in LOSS_TERMS], device=self.device)
+        if self.world > 1:  # the mean over ranks
+            dist.all_reduce(means)
+            means /= self.world
+        record = {"step": step, **dict(zip(LOSS_TERMS, means.tolist())), "lr": lr, "grad_norm": grad_norm,
+                  "skipped_steps": skipped, "clips_per_s": self.clips / elapsed, "peak_mem_gb": peak_memory_gb(self.device)}
+        if self.flops_per_clip and self.peak_flops:
+            record["mfu"] = self.flops_per_clip * record["clips_per_s"] / self.world / self.peak_flops  # per GPU
+        if self.master:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", moving=f"{record['moving']:.3f}",
+                                 static=f"{record['static']:.3f}", clips_s=f"{record['clips_per_s']:.1f}")
+            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        self.reset()
+
+    def write_validation(self, step, figures, warning=None):
+        """Where the validation samples are, and their figures (ShapesBench's, or the motion monitor's) and warning in
+        log.jsonl (rank 0 calls it)."""
+        if figures:
+            self.file.write(json.dumps({"step": step, "validation": figures, **({"warning": warning} if warning else {})})
+                            + "\n")
+            self.file.flush()
+        self.bar.write(f"validation samples: {Path(self.cfg.out_dir) / 'samples' / f'step_{step:07d}.gif'}  "
+                       + " ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+        if warning:
+            self.bar.write(warning)
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+# ----------------------------------------------------------------------------- what setup builds: the model, the data
 
 def setup_model(cfg, device, master, resume, ckpt, world, bf16):
     """The model, its AdamW and its EMA (fp32 shadow weights of the trainable parameters): from --init, or fresh
@@ -705,66 +770,6 @@ def make_batches(cfg, dataset, rank, world, step, device):
                                             sampler=StepIndices(cfg, rank, world, step), num_workers=cfg.workers,
                                             worker_init_fn=ignore_stop_signals,
                                             pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
-
-
-class Log:
-    """Loss terms averaged over the steps since the last line, clips/s, and one JSON line per log_every steps in
-    out_dir/log.jsonl (rank 0), echoed under the progress bar. On a GPU with a known peak, MFU per GPU."""
-
-    def __init__(self, cfg, world, device, master, flops_per_clip, step):
-        self.cfg, self.world, self.device, self.master = cfg, world, device, master
-        self.flops_per_clip, self.peak_flops = flops_per_clip, peak_bf16_flops(device)
-        self.file = open(Path(cfg.out_dir) / "log.jsonl", "a") if master else None
-        self.bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
-        self.reset()
-
-    def reset(self):
-        self.sums, self.steps, self.clips, self.started = dict.fromkeys(LOSS_TERMS, 0.0), 0, 0, time.time()
-
-    def add(self, losses):
-        """One step's loss terms (averaged over its micro-batches)."""
-        for key in LOSS_TERMS:
-            self.sums[key] += losses[key]
-        self.steps += 1
-        self.clips += self.cfg.batch_size
-        self.bar.update(1)
-
-    def write(self, step, lr, grad_norm, skipped):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.time() - self.started
-        means = torch.tensor([self.sums[k] / self.steps for k in LOSS_TERMS], device=self.device)
-        if self.world > 1:  # the mean over ranks
-            dist.all_reduce(means)
-            means /= self.world
-        record = {"step": step, **dict(zip(LOSS_TERMS, means.tolist())), "lr": lr, "grad_norm": grad_norm,
-                  "skipped_steps": skipped, "clips_per_s": self.clips / elapsed, "peak_mem_gb": peak_memory_gb(self.device)}
-        if self.flops_per_clip and self.peak_flops:
-            record["mfu"] = self.flops_per_clip * record["clips_per_s"] / self.world / self.peak_flops  # per GPU
-        if self.master:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", moving=f"{record['moving']:.3f}",
-                                 static=f"{record['static']:.3f}", clips_s=f"{record['clips_per_s']:.1f}")
-            self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        self.reset()
-
-    def write_validation(self, step, figures, warning=None):
-        """Where the validation samples are, and their figures (ShapesBench's, or the motion monitor's) and warning in
-        log.jsonl (rank 0 calls it)."""
-        if figures:
-            self.file.write(json.dumps({"step": step, "validation": figures, **({"warning": warning} if warning else {})})
-                            + "\n")
-            self.file.flush()
-        self.bar.write(f"validation samples: {Path(self.cfg.out_dir) / 'samples' / f'step_{step:07d}.gif'}  "
-                       + " ".join(f"{k} {v:.3f}" for k, v in figures.items()))
-        if warning:
-            self.bar.write(warning)
-
-    def close(self):
-        self.bar.close()
-        if self.file:
-            self.file.close()
 
 
 # ----------------------------------------------------------------------------- sharded training (FSDP2)

@@ -1,9 +1,17 @@
 """demo/bench.py's scorer tells ground truth, static and reversed-motion clips apart."""
+from dataclasses import asdict
+
 import numpy as np
 import pytest
+import torch
 
-from demo.bench import FIGURES, copy_first_frame, ground_truth, judge, pool, score, tally, track
+import train
+from data import frames_to_tensor
+from demo.bench import (FIGURES, PROBE_TIMESTEPS, copy_first_frame, denoise_probe, ground_truth, held_out, judge, pool,
+                        score, tally, text_sensitivity, track)
 from demo.shapes import PALETTE, held_out_pairs, render_clip
+from demo.unet import DEMO
+from model import ModelConfig, MotifModel
 from sample import build_model
 
 REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}
@@ -114,12 +122,7 @@ def test_figures_pool_over_any_set_of_images():
 def test_text_sensitivity_sees_whether_the_model_reads_the_direction():
     """A fresh model's text path is zero-initialised (the transformers' proj_out): no prompt changes v_hat. Once the
     text can reach the output, the direction words and the empty prompt change it."""
-    import torch
-    from dataclasses import asdict
 
-    import train
-    from demo.bench import text_sensitivity
-    from model import ModelConfig, MotifModel
     torch.manual_seed(0)
     cfg = asdict(train.load_config(["--preset", "shapes", "--height=16", "--width=16"]))
     model = build_model(ModelConfig.from_run_config(cfg)).eval()
@@ -137,14 +140,7 @@ def test_text_sensitivity_sees_whether_the_model_reads_the_direction():
 def test_denoise_probe_scores_what_the_network_draws_in_one_step():
     """An oracle whose v_hat gives back the described clip scores as the truth at every t; one whose v_hat gives
     back the first frame held still scores as a copy of the first frame (the whole shape left behind)."""
-    import torch
-    from dataclasses import asdict
 
-    import train
-    from demo.bench import PROBE_TIMESTEPS, denoise_probe, held_out
-    from demo.unet import DEMO
-    from model import ModelConfig, MotifModel
-    from data import frames_to_tensor
 
     class Oracle(MotifModel):
         def denoise(self, z_t, z_img, t, context, fps):

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import model
 from conftest import regenerate_weights
 from demo.unet import DEMO
 from model import (SIZES, Attention, BytesTextEncoder, ModelConfig, PixelAutoencoder, UNet, UNetConfig, build_unet,
@@ -194,14 +195,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     ckpt.load_state_dict(plain.state_dict())
     x, t, ctx, fps = torch.randn(1, 8, 4, 16, 16), torch.tensor([7]), torch.randn(1, 3, 64), torch.tensor([8])
     calls = []
-    import model as unet_module
-    original = unet_module.checkpoint
-    unet_module.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = model.checkpoint
+    model.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         for net in (plain, ckpt):
             net(x, t, ctx, fps).square().mean().backward()
     finally:
-        unet_module.checkpoint = original
+        model.checkpoint = original
     assert len(calls) == len(ckpt.input_blocks) + len(ckpt.output_blocks) + 2  # every stage, + init_attn, middle
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
@@ -227,15 +227,14 @@ def test_pixel_autoencoder_round_trip():
 def test_attention_over_a_batch_past_the_cuda_grid_limit_goes_in_parts(monkeypatch):
     """Temporal attention's batch (B x h x w) can pass the 65,535 the fused CUDA kernels take: parts of it give the
     same result as the whole, here with the limit set to 4 for a batch of 10."""
-    import model as unet
     torch.manual_seed(0)
     x, text = torch.randn(10, 6, 32), torch.randn(2, 5, 24)
-    sdpa, batches = unet.F.scaled_dot_product_attention, []
-    monkeypatch.setattr(unet.F, "scaled_dot_product_attention", lambda q, k, v: batches.append(len(q)) or sdpa(q, k, v))
+    sdpa, batches = model.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(model.F, "scaled_dot_product_attention", lambda q, k, v: batches.append(len(q)) or sdpa(q, k, v))
     for attention, context, parts in ((Attention(32, heads=2, head_dim=16), None, [4, 4, 2]),
                                       (Attention(32, heads=2, head_dim=16, context_dim=24), text, [2])):
         whole = attention(x, context)
-        monkeypatch.setattr(unet, "MAX_ATTENTION_BATCH", 4)
+        monkeypatch.setattr(model, "MAX_ATTENTION_BATCH", 4)
         batches.clear()
         assert torch.allclose(attention(x, context), whole, atol=1e-6) and batches == parts  # cross: B = 2 rows
-        monkeypatch.setattr(unet, "MAX_ATTENTION_BATCH", 65535)
+        monkeypatch.setattr(model, "MAX_ATTENTION_BATCH", 65535)

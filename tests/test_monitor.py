@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data as video_io
+import data
 import train
 from conftest import user_error
-from flow import RAFT, STATIC_FRACTION, MotionMonitor, clip_motion
+from flow import RAFT, STATIC_FRACTION, MotionMonitor, clip_motion, motion_figures
 from tools import curves
 
 SIZE = (64, 96)
@@ -24,9 +24,9 @@ def raft(fixtures):
 @pytest.fixture(scope="module")
 def real(fixtures):
     """Two 4-frame clips of the fixture video (stride 4, from frames 0 and 12): (2, 3, 4, H, W) in [-1, 1]."""
-    video = video_io.VideoFile(fixtures / "realshort.mp4")
-    clips = [video_io.resize_center_crop(video.read(range(start, start + 16, 4)), SIZE) for start in (0, 12)]
-    return torch.stack([video_io.frames_to_tensor(c).transpose(0, 1) for c in clips])
+    video = data.VideoFile(fixtures / "realshort.mp4")
+    clips = [data.resize_center_crop(video.read(range(start, start + 16, 4)), SIZE) for start in (0, 12)]
+    return torch.stack([data.frames_to_tensor(c).transpose(0, 1) for c in clips])
 
 
 def test_a_real_clip_scored_against_itself_gives_one(raft, real):
@@ -94,16 +94,15 @@ def test_vbench_dynamic_degree_follows_its_rule_by_hand():
     moved = clip_motion(FixedFlow(6.4), videos, torch.tensor([8.0]))
     assert moved["flow"].item() == pytest.approx(0.1) and moved["moving_area"].item() > 0.99  # x = 0.1 > 0.05
     # static: a sample under STATIC_FRACTION of its real clip's flow
-    from flow import motion_figures
     slow = clip_motion(FixedFlow(6.4 * STATIC_FRACTION * 0.9), videos, torch.tensor([8.0]))
     assert motion_figures(slow, moved)["static_sample_rate"] == 1.0
     assert motion_figures(moved, moved)["static_sample_rate"] == 0.0
 
 
 def video_folder(root, fixtures):
-    video = video_io.VideoFile(fixtures / "realshort.mp4")
-    video_io.write_video(root / "a.mp4", video.read(range(0, 36, 2)), fps=15)
-    video_io.write_video(root / "b.mp4", video.read(range(0, 36, 2))[::-1].copy(), fps=15)
+    video = data.VideoFile(fixtures / "realshort.mp4")
+    data.write_video(root / "a.mp4", video.read(range(0, 36, 2)), fps=15)
+    data.write_video(root / "b.mp4", video.read(range(0, 36, 2))[::-1].copy(), fps=15)
     (root / "captions.csv").write_text("path,caption\na.mp4,the scene pans\nb.mp4,the scene pans back\n")
 
 

@@ -1,13 +1,18 @@
 """The input rescaling of VideoCrafter2 and DynamiCrafter, and DynamiCrafter's zero-terminal-SNR betas, against their
 own code: tests/fixtures/rescale_vc2.pt and rescale_dynamicrafter.pt (fixtures/README.md) hold q_sample, the v-target
 and 10- and 50-step DDIM runs of both repositories on a stub denoiser; our loss.py and sample.py must give the same."""
+from dataclasses import asdict
+
 import pytest
 import torch
 
 import train
 from conftest import user_error
+from data import frames_to_tensor
+from demo.bench import denoise_probe, ground_truth, held_out
+from demo.unet import DEMO
 from loss import Schedule, input_scale, linear_alphas_cumprod, q_sample, v_target, zero_terminal_snr
-from model import ModelConfig, resolve_rescale
+from model import ModelConfig, MotifModel, resolve_rescale
 from sample import ddim, ddim_timesteps
 
 RUNS = [(10, 1.0), (10, 7.5), (50, 7.5)]  # (DDIM steps, guidance scale), as stored
@@ -100,7 +105,6 @@ def test_without_rescaling_the_arithmetic_is_unchanged():
 
 
 def test_rescale_is_on_for_the_videocrafter2_init_and_off_from_scratch():
-    from dataclasses import asdict
     demo = asdict(train.load_config(["--preset", "shapes"]))
     assert train.Config().rescale == "auto" and not ModelConfig.from_run_config(demo).rescale  # the demo: off
     assert "rescale must be auto, true or false" in user_error(train.main, ["--preset", "shapes", "--rescale=on"])
@@ -146,12 +150,7 @@ def test_posterior_draws_are_per_sample_and_leave_the_other_draws_alone():
 def test_the_denoise_probe_unscales_a_rescaled_models_prediction():
     """demo/bench.py's one-step probe: an oracle that gives back s_t x0, as a rescaled model learned, must score as the
     truth (shape PSNR > 50 dB at every probed t), so the probe divides by s_t."""
-    from dataclasses import asdict
 
-    from demo.bench import denoise_probe, ground_truth, held_out
-    from demo.unet import DEMO
-    from model import MotifModel
-    from data import frames_to_tensor
 
     class Oracle(MotifModel):
         def denoise(self, z_t, z_img, t, context, fps):

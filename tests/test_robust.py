@@ -15,6 +15,7 @@ import sample
 import train
 from conftest import free_port, user_error
 from model import CHECKPOINT_KIND, load_checkpoint
+from sample import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +188,6 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path):
 
 def test_a_checkpoint_whose_config_does_not_describe_its_model_is_a_clear_error(tmp_path):
     """Another version's config (keys missing, keys extra) or another model's weights: a ValueError, one line."""
-    from sample import load_model
     out = tmp_path / "run"
     train.train(train.load_config(TINY + ["--steps=1", f"--out_dir={out}"]))
     ckpt = load_checkpoint(out)
@@ -209,16 +209,15 @@ def test_a_checkpoint_whose_config_does_not_describe_its_model_is_a_clear_error(
 def test_checkpoints_on_disk_never_exceed_keep_plus_the_newest(tmp_path, monkeypatch, keep):
     """The oldest checkpoints are deleted before a new one is written (a vc2 checkpoint is about 24 GB), yet the
     newest stays until the new one is in."""
-    import train as checkpoint
     on_disk = []
     save = torch.save
 
     def counting_save(obj, f):
         on_disk.append(sorted(p.name for p in tmp_path.glob("ckpt_*.pt")))
         save(obj, f)
-    monkeypatch.setattr(checkpoint.torch, "save", counting_save)
+    monkeypatch.setattr(train.torch, "save", counting_save)
     for step in range(1, 6):
-        checkpoint.save_checkpoint(tmp_path, {"step": step}, keep)
+        train.save_checkpoint(tmp_path, {"step": step}, keep)
     assert all(len(names) <= max(keep - 1, 1) for names in on_disk)  # + the one being written: at most max(keep, 2)
     assert all(names[-1] == f"ckpt_{step:07d}.pt" for step, names in enumerate(on_disk[1:], 1))  # the newest kept
     assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == [f"ckpt_{s:07d}.pt" for s in range(6 - keep, 6)]

@@ -26,8 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_commands import SHRINK_PREPARE, SHRINK_TRAIN, clips, make_named_files, shrink  # noqa: E402
 
-import data as video_io  # noqa: E402
-import data as prepare  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 
 RECORD = Path(__file__).resolve().parent / "fixtures" / "losses_before.json"
@@ -70,10 +69,10 @@ def recipe_files(work):
     what the process ran before (the same frames encoded twice in one process gave two files)."""
     (work / "videos").mkdir()
     for name, video, _ in clips():
-        video_io.write_video(work / "videos" / f"{name}.gif", video, fps=10)
+        data.write_video(work / "videos" / f"{name}.gif", video, fps=10)
     (work / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n}.gif,{c}\n" for n, _, c in clips()))
     make_named_files(["--init=model.ckpt"])
-    prepare.main(["heatmaps", "videos"] + SHRINK_PREPARE["heatmaps"])
+    data.main(["heatmaps", "videos"] + SHRINK_PREPARE["heatmaps"])
 
 
 @pytest.mark.parametrize("name", list(RUNS))

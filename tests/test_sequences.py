@@ -20,12 +20,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_commands import ROOT, make_named_files, shrink, split_launcher  # noqa: E402
 
-from tools import shapesbench as shapes_eval  # noqa: E402
-import data as prepare  # noqa: E402
+from tools import shapesbench  # noqa: E402
+import data  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
-PROGRAMS = {"train.py": train.main, "data.py": prepare.main, "sample.py": sample.main, "tools.shapesbench": shapes_eval.main}
+PROGRAMS = {"train.py": train.main, "data.py": data.main, "sample.py": sample.main, "tools.shapesbench": shapesbench.main}
 
 
 def shrunk(pixels):

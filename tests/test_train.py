@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -13,9 +14,10 @@ import torch
 import sample
 import train
 from conftest import user_error
+from demo.unet import DEMO
+from model import MotifModel, build_unet, resolve_checkpoint
+from sample import build_model, ddim_sample, load_model
 from tools.shapesbench import main as eval_main
-from model import MotifModel, resolve_checkpoint
-from sample import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--preset=shapes", "--height=16", "--width=16", "--frames=4", "--batch_size=4", "--micro_batch=2",
@@ -141,24 +143,22 @@ def test_grad_clip_0_means_no_clipping(tmp_path):
 
 def test_pruning_removes_only_this_runs_older_checkpoints(tmp_path):
     """Another run's higher-numbered checkpoints stay, and this run's newest is never pruned (keep 1 included)."""
-    import train as checkpoint
     other = tmp_path / "ckpt_0000010.pt"
     other.write_bytes(b"another run's")
     for step in (1, 2):
-        checkpoint.save_checkpoint(tmp_path, {"step": step}, keep=1)
+        train.save_checkpoint(tmp_path, {"step": step}, keep=1)
     assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000002.pt", "ckpt_0000010.pt"]
     assert resolve_checkpoint(tmp_path).is_file() and resolve_checkpoint(tmp_path).name == "ckpt_0000002.pt"
 
 
 def test_pruning_spares_the_checkpoint_latest_names(tmp_path, monkeypatch):
     """A run killed while it writes must leave `latest` naming a file, whichever files lie beside it."""
-    import train as checkpoint
     for step in (2, 3, 4):
         (tmp_path / f"ckpt_{step:07d}.pt").write_bytes(b"x")
     (tmp_path / "latest").write_text("ckpt_0000002.pt\n")
     seen = []
-    monkeypatch.setattr(checkpoint.torch, "save", lambda obj, f: seen.append(resolve_checkpoint(tmp_path).is_file()))
-    checkpoint.save_checkpoint(tmp_path, {"step": 5}, keep=1)
+    monkeypatch.setattr(train.torch, "save", lambda obj, f: seen.append(resolve_checkpoint(tmp_path).is_file()))
+    train.save_checkpoint(tmp_path, {"step": 5}, keep=1)
     assert seen == [True]
     assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000005.pt"]
 
@@ -209,7 +209,6 @@ def test_sample_writes_a_readable_video(tiny_ckpt, tmp_path):
 
 
 def test_sampling_is_deterministic_for_a_seed(tiny_ckpt):
-    from sample import ddim_sample, load_model
     model, cfg, _ = load_model(tiny_ckpt, "cpu")
     image = torch.rand(1, 3, 16, 16) * 2 - 1
     a = ddim_sample(model, image, ["the red circle moves up"], 4, 8, steps=3, seeds=[5], progress=False)
@@ -244,10 +243,7 @@ def test_sample_rejects_bad_input(tiny_ckpt, tmp_path):
 
 
 def test_init_from_a_text_to_video_unet(tmp_path):
-    from dataclasses import replace
 
-    from demo.unet import DEMO
-    from model import build_unet
     t2v = build_unet(replace(DEMO, in_channels=12, out_channels=12))  # pixel_patch 2: 12 latent channels
     with torch.no_grad():
         for p in t2v.parameters():

@@ -11,7 +11,7 @@ imports it; run it from the repository's root.
 
 --what train times one training step: forward + backward + AdamW step of the U-Net on random inputs of the
 size asked (x-cat latents, timesteps, fps, and a random text context of 77 tokens: the text encoder is not
-part of the U-Net step and is not timed), through train.py's own step (train.loss_backward: autocast forward,
+part of the U-Net step and is not timed), through train.py's own step (the autocast forward; train.loss_backward:
 diffusion + motion focal loss on a random heatmap, backward; train.update: gradient clipping, fused AdamW, EMA). It reports the median step time
 after --warmup steps and its spread, clips/s, peak memory (CUDA max allocated; on CPU the peak RSS of
 the process), parameters, FLOPs per step and FLOP/s (and MFU against the GPU's bf16 peak).
@@ -309,11 +309,12 @@ def make_inputs(opts, cfg, device, seed):
 
 
 def training_step(run, inputs, step):
-    """train.py's step on random inputs, for any contender: train.loss_backward (autocast forward, diffusion + motion
-    focal loss, backward), then train.update (gradient clipping, fused AdamW, EMA)."""
+    """train.py's step on random inputs, for any contender: the autocast forward, train.loss_backward (diffusion +
+    motion focal loss, backward), then train.update (gradient clipping, fused AdamW, EMA)."""
     state = run["state"]
-    update(state, loss_backward(lambda: run["call"](state.model, inputs), inputs["v"], inputs["heatmap"], state.cfg,
-                                state.autocast), step)
+    with state.autocast:
+        v_hat = run["call"](state.model, inputs)
+    update(state, loss_backward(v_hat, inputs["v"], inputs["heatmap"], state.cfg), step)
 
 
 def forward_backward(model, call, inputs):

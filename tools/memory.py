@@ -138,8 +138,9 @@ def measure_states(opts, device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         began = time.perf_counter()
-        losses = loss_backward(lambda: wrapped(inputs["x"], inputs["t"], inputs["context"], inputs["fps"]), inputs["v"],
-                               inputs["heatmap"], state.cfg, state.autocast)  # train.py's step: this, then update()
+        with state.autocast:  # train.py's step: the forward under autocast, loss_backward, then update()
+            v_hat = wrapped(inputs["x"], inputs["t"], inputs["context"], inputs["fps"])
+        losses = loss_backward(v_hat, inputs["v"], inputs["heatmap"], state.cfg)
         grads = [p.grad for p in unet.parameters() if p.grad is not None]
         update(state, losses, step)
         if device.type == "cuda":
@@ -175,8 +176,9 @@ def measure_activations(opts, device):
             torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else rss_gib()
         reset_peak(device)
-        loss_backward(lambda: unet(inputs["x"], inputs["t"], inputs["context"], inputs["fps"]), inputs["v"],
-                      inputs["heatmap"], Config(), precision)
+        with precision:
+            v_hat = unet(inputs["x"], inputs["t"], inputs["context"], inputs["fps"])
+        loss_backward(v_hat, inputs["v"], inputs["heatmap"], Config())
         return peak_memory_gb(device) - before
 
     peak_above_weights(False)  # warm-up: the allocator's pools and PyTorch's one-time buffers
