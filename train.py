@@ -26,6 +26,7 @@ processes.
 """
 import dataclasses
 import difflib
+import gc
 import json
 import math
 import os
@@ -199,6 +200,11 @@ def train(cfg: Config):
     if master:
         print(f"done: step {step}, checkpoint {Path(cfg.out_dir) / (Path(cfg.out_dir) / 'latest').read_text().strip()}")
     if dist.is_initialized():
+        # every rank past its last collective; then the DDP wrapper and whatever else holds the process group's work
+        # freed now, not in the interpreter's teardown, where gloo's threads can no longer take the GIL (SIGABRT)
+        dist.barrier()
+        del state, batches
+        gc.collect()
         dist.destroy_process_group()
     return model
 
@@ -634,6 +640,10 @@ def setup_model(cfg, device, master, resume, ckpt, world, bf16):
     """The model, its AdamW and its EMA (fp32 shadow weights of the trainable parameters): from --init, or fresh
     (the same initial weights on every rank), or those of `ckpt`, read from the file `resume`, when resuming; then
     sharded with --shard (train.py: the optimizer and the EMA hold this rank's shards). Returns them and the step."""
+    if not ckpt and not cfg.init and (cfg.autoencoder == "kl-f8" or cfg.text_encoder == "openclip"):  # before building
+        raise ValueError(f"the {cfg.autoencoder} autoencoder and the {cfg.text_encoder} text encoder are frozen and "
+                         "need pretrained weights: pass --init=path/to/VideoCrafter2/model.ckpt (see README), or "
+                         "train everything from scratch with --autoencoder=pixel --text_encoder=bytes")
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig.from_run_config(asdict(cfg))).to(device)
     if ckpt:  # it holds every weight, --init's included
@@ -648,10 +658,6 @@ def setup_model(cfg, device, master, resume, ckpt, world, bf16):
         message = init_from(model, cfg.init)
         if master:
             print(message)
-    elif cfg.autoencoder == "kl-f8" or cfg.text_encoder == "openclip":
-        raise ValueError(f"the {cfg.autoencoder} autoencoder and the {cfg.text_encoder} text encoder are frozen and "
-                         "need pretrained weights: pass --init=path/to/VideoCrafter2/model.ckpt (see README), or "
-                         "train everything from scratch with --autoencoder=pixel --text_encoder=bytes")
     if cfg.shard:
         shard_model(model, device, world, bf16, cfg.offload)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -17,9 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
-# pytest.ini runs the suite in one worker process per core (pytest-xdist); each worker's own maths gets its share.
+# pytest.ini runs the suite in one worker process per core (pytest-xdist); each worker gets its share of the
+# threads, and so do the commands it starts (they inherit OMP_NUM_THREADS): more threads than cores spin.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2")) // WORKERS))
+THREADS = max(1, int(os.environ.get("OMP_NUM_THREADS", "2")) // WORKERS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 
 def user_error(main, argv):

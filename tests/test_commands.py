@@ -35,6 +35,7 @@ import train  # noqa: E402
 DOCUMENTS = [ROOT / "README.md", ROOT / "DESIGN.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("*.py"))]
 SHRINK_TRAIN = ["--frames=4", "--height=32", "--width=32", "--max_stride=2", "--batch_size=2", "--micro_batch=1",
                 "--steps=1", "--workers=1", "--log_every=1"]
+ONE_STEP_NEVER_READS = ("out_dir", "seed", "steps", "ckpt_every", "keep_checkpoints", "cooldown_steps")
 SHRINK_PREPARE = {"heatmaps": ["--size", "32x32", "--max-stride", "2"], "latents": ["--size", "32x32"]}
 SMALL_CLIP = {"embed_dim": 32, "quick_gelu": False,
               "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
@@ -180,14 +181,18 @@ def test_every_documented_training_command_starts(workspace, monkeypatch):
             assert int(parsed.nproc_per_node) >= 1, where
         make_named_files(args)
         cfg = train.load_config(args + SHRINK_TRAIN)
-        key = repr({k: v for k, v in asdict(cfg).items() if k != "out_dir"})
-        if key in ran:  # the same run as a command before it (only its out_dir differs)
+        train.check_config(cfg, world_size=1)
+        # one step reaches no checkpoint but the last, no sample, no cooldown: a command that differs from one before
+        # only there (or in out_dir, or seed) runs the same code, so it is checked, not trained again
+        key = repr({k: v for k, v in asdict(cfg).items() if k not in ONE_STEP_NEVER_READS}
+                   | {"sample_every": bool(cfg.sample_every)})
+        if key in ran:
             continue
         shutil.rmtree(cfg.out_dir, ignore_errors=True)  # commands that share an out_dir are separate runs: each fresh
         train.main(args + SHRINK_TRAIN)
         assert (Path(cfg.out_dir) / "latest").is_file(), where
         ran[key] = where
-    assert len(ran) >= 8, sorted(ran.values())
+    assert len(ran) >= 7, sorted(ran.values())
 
 
 @pytest.mark.slow

@@ -26,11 +26,11 @@ export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}  # the interpreter with the project's packages (a venv's need not be on PATH)
 if [ "${SMALL:-0}" = 1 ]; then
   size=bench; sample_size=tiny; frames=2; latent=8x8; batch=1; image=32x32; ddim=2; scale=4
-  clip=(32 32); recipe=(--frames=4 --batch_size=2 --micro_batch=1); steps=6; every=2
+  clip=(32 32); recipe=(--frames=4 --batch_size=2 --micro_batch=1); steps=6; every=2; stride=1
   timed=(--warmup 1 --steps 1)  # the toy rows only have to run: one timed step each
 else
   size=vc2; sample_size=vc2; frames=16; latent=40x64; batch=8; image=320x512; ddim=50; scale=1
-  clip=(320 512); recipe=(--frames=16 --batch_size=4 --micro_batch=2); steps=24; every=4
+  clip=(320 512); recipe=(--frames=16 --batch_size=4 --micro_batch=2); steps=24; every=4; stride=2
   timed=(--warmup 2 --steps 4)
 fi
 failed=0
@@ -67,13 +67,13 @@ rm -rf "$work" "$out/train" "$out/ddp" "$out/shard"
 clips=../shared/videos
 # the toy run reads the fixture's one short clip: heatmaps of the shared clips' 350 frames take minutes on a CPU
 if [ ! -d "$clips" ] || [ "${SMALL:-0}" = 1 ]; then clips=tests/fixtures; fi
-row files 240 "$python" - "$work" "$clips" "${clip[0]}x${clip[1]}" <<'EOF'
+row files 240 "$python" - "$work" "$clips" "${clip[0]}x${clip[1]}" "$stride" <<'EOF'
 import sys
 from pathlib import Path
 sys.path.insert(0, "tests")
 import data
 import test_commands  # the shrunk sizes and VideoCrafter2's checkpoint layout, as the commands' test has them
-work, clips, size = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+work, clips, size, stride = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 test_commands.shrink(lambda d, k, v: d.__setitem__(k, v), setattr)
 (work / "videos").mkdir(parents=True)
 videos = sorted(p for p in clips.iterdir() if p.suffix in (".mp4", ".gif"))
@@ -82,13 +82,13 @@ for video in videos:
 captions = "".join(f"{v.name},a real clip of {v.stem}\n" for v in videos)
 (work / "videos" / "captions.csv").write_text("path,caption\n" + captions)
 test_commands.make_videocrafter2_checkpoint(work / "model.ckpt")
-data.main(["heatmaps", str(work / "videos"), "--size", size, "--max-stride", "2",
+data.main(["heatmaps", str(work / "videos"), "--size", size, "--max-stride", stride,
               "--weights", "tests/fixtures/raft_small.pth"])
 print(f"{len(videos)} clips of {clips}, {work / 'model.ckpt'}")
 EOF
 train=("$python" -m torch.distributed.run --standalone --nproc_per_node 1 tests/test_commands.py
        --data="$work/videos" --init="$work/model.ckpt" --height=${clip[0]} --width=${clip[1]} "${recipe[@]}"
-       --max_stride=2 --log_every=1)
+       --max_stride=$stride --log_every=1)
 row train_stopped 240 bash -c 'stop_when_saved "$@"' _ "$out/train" "${train[@]}" --workers=2 --steps=$steps \
   --ckpt_every=$every --sample_every=$every --monitor_weights=tests/fixtures/raft_small.pth --out_dir="$out/train"
 row train_resumed 240 "${train[@]}" --workers=2 --steps=$steps --ckpt_every=$every --sample_every=$every \
