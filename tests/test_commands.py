@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.run import get_args_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -79,6 +80,15 @@ def split_launcher(argv, program):
     """argv -> (the launcher's arguments before PROGRAM, PROGRAM's arguments)."""
     at = argv.index(program)
     return argv[1:at], argv[at + 1:]
+
+
+def this_torchruns_flags(launcher):
+    """The launcher's arguments as this torch's torchrun takes them: --shutdown-timeout came with torch 2.12 (README:
+    older ones run the line without it, and torchrun's own 30 s applies)."""
+    if "--shutdown-timeout" in launcher and "--shutdown-timeout" not in get_args_parser()._option_string_actions:
+        at = launcher.index("--shutdown-timeout")
+        launcher = launcher[:at] + launcher[at + 2:]
+    return launcher
 
 
 def test_the_documents_show_the_commands_this_file_runs():
@@ -176,8 +186,7 @@ def test_every_documented_training_command_starts(workspace, monkeypatch):
     for where, argv in documented_commands("train.py"):
         launcher, args = split_launcher(argv, "train.py")
         if argv[0] == "torchrun":  # torchrun's own parser takes its flags as written
-            from torch.distributed.run import get_args_parser
-            parsed = get_args_parser().parse_args(launcher + ["train.py"])
+            parsed = get_args_parser().parse_args(this_torchruns_flags(launcher) + ["train.py"])
             assert int(parsed.nproc_per_node) >= 1, where
         make_named_files(args)
         cfg = train.load_config(args + SHRINK_TRAIN)
@@ -206,6 +215,7 @@ def test_the_recipe_under_torchrun(workspace, monkeypatch):
     (where, argv), = [c for c in documented_commands("train.py")
                       if c[0].startswith("README.md: torchrun") and "--latents=true" in c[1]]
     launcher, args = split_launcher(argv, "train.py")
+    launcher = this_torchruns_flags(launcher)
     launcher[launcher.index("--nproc_per_node") + 1] = "2"
     from conftest import free_port
     shutil.rmtree(train.load_config(args).out_dir, ignore_errors=True)  # the run of the test before: this one is fresh
