@@ -601,12 +601,14 @@ def write_atomically(path, write):
 
 
 def fail(error):
-    """A command's way out for a user's mistake: `error: <the message's last line>` on stderr, exit status 1.
-    The last line, because an error raised in a DataLoader worker arrives with the worker's traceback before it."""
+    """A command's way out for a user's mistake: `error: <the message in one line>` on stderr, exit status 1.
+    An error raised in a DataLoader worker arrives with the worker's traceback before its message: then the last
+    line; otherwise the first, since a message that goes on (a module's repr, say) starts with what went wrong."""
     if isinstance(error, OSError) and error.strerror:  # a full disk, a folder given as a file, no permission
         raise SystemExit(f"error: {error.strerror}: {error.filename or ''}")
     text = str(error).strip()
-    raise SystemExit(f"error: {text.splitlines()[-1] if text else type(error).__name__}")
+    lines = text.splitlines() or [type(error).__name__]
+    raise SystemExit(f"error: {lines[-1] if 'Traceback (most recent call last)' in text else lines[0]}")
 
 
 # ----------------------------------------------------------------------------- the data commands: check, heatmaps, latents, show

@@ -390,8 +390,13 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-class Stage(nn.ModuleList):
-    """A sequence of layers that each get what they need: ResBlocks the embedding, transformers the text."""
+class Stage(nn.Sequential):
+    """A sequence of layers that each get what they need: ResBlocks the embedding, transformers the text.
+    A Sequential (its layers keyed 0, 1, ... as a ModuleList keys them) because torch 2.7's FSDP2 refuses a
+    ModuleList as a unit even when it has a forward, and each Stage is one unit of sharded training."""
+
+    def __init__(self, layers):
+        super().__init__(*layers)
 
     def forward(self, x, emb, context, batch_size):
         for layer in self:

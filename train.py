@@ -806,6 +806,9 @@ def shard_model(model: nn.Module, device, world, bf16=False, offload=False) -> n
     the other trainable parameters in the root unit, frozen parameters left whole. bf16: weights gathered in bf16
     for compute (autocast still decides each op's precision), gradients reduced in fp32. offload: shards in CPU memory.
     Needs the process group (of any size, 1 included). Returns the model."""
+    if dist.get_backend() == "gloo" and not gloo_averages():
+        raise ValueError(f"torch {torch.__version__}'s gloo sums where FSDP2 asks for the mean of the gradients: "
+                         "sharded training on the CPU needs a newer torch (2.14 checked)")
     # the U-Net never changes a unit's output in place, which is what FSDP2's warning about returned views guards
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     options = {"mesh": init_device_mesh(device.type, (world,)),
@@ -818,6 +821,15 @@ def shard_model(model: nn.Module, device, world, bf16=False, offload=False) -> n
     frozen = {p for p in model.parameters() if not p.requires_grad}
     fully_shard(model, ignored_params=frozen or None, **options)
     return model
+
+
+def gloo_averages() -> bool:
+    """Whether gloo's reduce-scatter averages when asked to: FSDP2 averages gradients with ReduceOp.AVG, which
+    torch 2.7's gloo silently sums (every gradient world times too large). A collective: every rank calls it."""
+    world = dist.get_world_size()
+    out = torch.empty(1)
+    dist.reduce_scatter_tensor(out, torch.ones(world), op=dist.ReduceOp.AVG)
+    return out.item() == 1
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:

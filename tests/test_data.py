@@ -362,3 +362,16 @@ def test_webvid_csv_reads_as_dynamicrafter_reads_it(tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: .*WebVid's videoid, name and page_dir") as error:
         data.main(["check", str(tmp_path)])
     assert "\n" not in str(error.value)
+
+
+def test_an_error_is_one_line_that_says_what_went_wrong():
+    # a message that goes on (FSDP2 prints the module it refused) gives its first line, not the repr's closing ")"
+    with pytest.raises(SystemExit) as stop:
+        data.fail(ValueError("fully_shard does not support this module: Stage(\n  (0): Conv2d(24, 32)\n)"))
+    assert str(stop.value) == "error: fully_shard does not support this module: Stage("
+    # an error from a DataLoader worker carries the worker's traceback first: its last line is the message
+    worker = "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n" \
+             '  File "data.py", line 1, in __getitem__\nValueError: clip.mp4 has 2 frames, 16 wanted'
+    with pytest.raises(SystemExit) as stop:
+        data.fail(ValueError(worker))
+    assert str(stop.value) == "error: ValueError: clip.mp4 has 2 frames, 16 wanted"
