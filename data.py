@@ -682,7 +682,7 @@ def cache_latents(root, autoencoder, kind, size, device, chunk=16):
     resized and center-cropped to size = (H, W): {"latents": float16 (N, C, h, w), "autoencoder": kind,
     "fps": the container's fps or 0} in data.latent_cache_path. A training clip's latent is then latents[picked]:
     no decoding, no encoder on the training GPU. Existing caches are kept; unusable videos are counted. The frames
-    are encoded in the precision the training step encodes in (utils.wants_bf16: bf16 on a GPU)."""
+    are encoded in the precision the training step encodes in (model.wants_bf16: bf16 on a GPU)."""
     device = torch.device(device)
     videos, skipped = read_captions(root)
     root = video_root(root)  # a captions file given by name: its folder
