@@ -27,6 +27,7 @@ processes.
 import dataclasses
 import difflib
 import gc
+import inspect
 import json
 import math
 import os
@@ -806,6 +807,8 @@ def shard_model(model: nn.Module, device, world, bf16=False, offload=False) -> n
     the other trainable parameters in the root unit, frozen parameters left whole. bf16: weights gathered in bf16
     for compute (autocast still decides each op's precision), gradients reduced in fp32. offload: shards in CPU memory.
     Needs the process group (of any size, 1 included). Returns the model."""
+    if "ignored_params" not in inspect.signature(fully_shard).parameters:  # the frozen encoders stay whole
+        raise ValueError(f"sharded training needs torch 2.7 or newer (FSDP2's ignored_params); this is {torch.__version__}")
     if dist.get_backend() == "gloo" and not gloo_averages():
         raise ValueError(f"torch {torch.__version__}'s gloo sums where FSDP2 asks for the mean of the gradients: "
                          "sharded training on the CPU needs a newer torch (2.14 checked)")

@@ -95,8 +95,10 @@ def test_training_is_bit_for_bit_as_recorded(name, tmp_path, monkeypatch):
         for term in TERMS:
             assert float.fromhex(step_now[term]) == pytest.approx(float.fromhex(step_recorded[term]), rel=1e-4), term
     assert now["norms"].keys() == recorded[name]["norms"].keys()
+    # abs 1e-8: a zero-initialised output layer's norm (about 6e-7 after the few steps) moves by 1e-9 with other
+    # kernels (torch 2.6's against 2.14's), 0.2 % of itself; a change in the maths moves norms far more than that
     for key, norm in recorded[name]["norms"].items():
-        assert now["norms"][key] == pytest.approx(norm, rel=1e-5, abs=1e-9), key
+        assert now["norms"][key] == pytest.approx(norm, rel=1e-5, abs=1e-8), key
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
