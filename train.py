@@ -831,7 +831,8 @@ def gloo_averages() -> bool:
     torch 2.7's gloo silently sums (every gradient world times too large). A collective: every rank calls it."""
     world = dist.get_world_size()
     out = torch.empty(1)
-    dist.reduce_scatter_tensor(out, torch.ones(world), op=dist.ReduceOp.AVG)
+    reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)  # renamed in torch 2.14
+    reduce_scatter(out, torch.ones(world), op=dist.ReduceOp.AVG)
     return out.item() == 1
 
 
