@@ -392,7 +392,7 @@ class Downsample(nn.Module):
 
 class Stage(nn.Sequential):
     """A sequence of layers that each get what they need: ResBlocks the embedding, transformers the text.
-    A Sequential (its layers keyed 0, 1, ... as a ModuleList keys them) because torch 2.7's FSDP2 refuses a
+    A Sequential (its layers keyed 0, 1, ... as a ModuleList keys them) because torch 2.7 to 2.11's FSDP2 refuse a
     ModuleList as a unit even when it has a forward, and each Stage is one unit of sharded training."""
 
     def __init__(self, layers):
