@@ -974,8 +974,6 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (20 if sys.platform == "linux" else 30)
 
 
-# ----------------------------------------------------------------------------- processes
-
 def any_rank(flag, world, device):
     """True on every rank if `flag` is true on any: ranks decide together to skip a step or to stop."""
     if world == 1:
