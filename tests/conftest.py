@@ -62,7 +62,14 @@ def regenerate_weights(keys):
     return {e["key"]: torch.randn(e["shape"], generator=g, dtype=torch.float32) * e["std"] + e["mean"] for e in keys}
 
 
+# The files that take longest (pytest --durations, alone on 2 cores), longest first: given the longest files first
+# the two workers end together; the rest follow in their order. pytest.ini's --no-loadscope-reorder keeps this order
+# (xdist would otherwise start the files with the most tests first, and the GPU script's one long test last).
+LONGEST_FIRST = ("test_gpu_script.py", "test_shard.py", "test_commands.py", "test_ablation.py", "test_robust.py",
+                 "test_monitor.py", "test_train.py", "test_bench.py", "test_sequences.py")
+
+
 def pytest_collection_modifyitems(items):
-    """The slow tests first: pytest.ini's xdist workers (--dist loadfile: a file's tests on one worker, its module
-    fixtures built once) start on the long files together and the short ones fill in after."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest files first (--dist loadfile: a file's tests on one worker, its module fixtures built once)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
