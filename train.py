@@ -336,7 +336,10 @@ def update(state, losses, step):
     cfg = state.cfg
     trainable = [p for p in state.model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip or math.inf  # 0: no clipping, the norm still measured for the log
-    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, max_norm)).item()  # the global norm, all ranks
+    total_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])  # clip_grad_norm_, in AdamW's groups
+    for group in state.optimizer.param_groups:
+        torch.nn.utils.clip_grads_with_norm_(group["params"], max_norm, total_norm)
+    grad_norm = full_value(total_norm).item()  # the global norm, all ranks
     finite = math.isfinite(losses["loss"]) and math.isfinite(grad_norm)
     stepped = not any_rank(not finite, state.world, state.device)
     if stepped:
@@ -662,15 +665,15 @@ def setup_model(cfg, device, master, resume, ckpt, world, bf16):
     if cfg.shard:
         shard_model(model, device, world, bf16, cfg.offload)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=True)  # one kernel for all parameters (docs/performance.md)
+    optimizer = adamw(trainable.values(), cfg.lr, cfg.weight_decay)
     ema = {name: p.detach().clone().float() for name, p in trainable.items()}  # sharded: this rank's shards
     if not ckpt:
         return model, optimizer, ema, 0
+    saved = regrouped(ckpt["optimizer"], optimizer)
     if cfg.shard:
-        load_optimizer_state(model, optimizer, ckpt["optimizer"])
+        load_optimizer_state(model, optimizer, saved)
     else:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(saved)
     for group in optimizer.param_groups:  # the flags' (the lr is set every step), not the saved state's
         group["weight_decay"] = cfg.weight_decay
     changed = [f"{key} {getattr(cfg, key)} (the checkpoint's run: {ckpt['config'][key]})" for key in OPTIMIZATION
@@ -685,6 +688,31 @@ def setup_model(cfg, device, master, resume, ckpt, world, bf16):
 
 
 OPTIMIZATION = ("lr", "warmup_steps", "cooldown_steps", "weight_decay", "grad_clip", "ema_decay")  # flags win on resume
+ADAMW_GROUP = 128  # parameters per AdamW group
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """train.py's optimizer: fused AdamW (one kernel per group; docs/performance.md) over `params` in groups of
+    ADAMW_GROUP, in order, so that the state's indices stay the parameters'. Groups, because torch 2.12+'s DTensor
+    plans a fused or foreach op over n sharded tensors in n^2 time on its first call: seconds for VideoCrafter2's
+    1482 tensors in one group (docs/performance.md)."""
+    params = list(params)
+    groups = [{"params": params[i:i + ADAMW_GROUP]} for i in range(0, len(params), ADAMW_GROUP)]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def regrouped(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimizer.state_dict() with its parameters in `optimizer`'s groups, each with the saved first group's
+    settings: a checkpoint of a train.py that grouped them otherwise (one group) resumes. Parameters by index, as both
+    keep them; a state of another number of parameters is returned as it is (loading it then fails)."""
+    indices = [i for group in saved["param_groups"] for i in group["params"]]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if [len(group["params"]) for group in saved["param_groups"]] == sizes or len(indices) != sum(sizes):
+        return saved
+    settings = {key: value for key, value in saved["param_groups"][0].items() if key != "params"}
+    starts = np.cumsum([0, *sizes])
+    groups = [{**settings, "params": indices[a:b]} for a, b in zip(starts[:-1], starts[1:])]
+    return {**saved, "param_groups": groups}
 
 
 def resume_checkpoint(cfg, rank, world):

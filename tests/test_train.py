@@ -132,6 +132,26 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(v, final_part["ema"][k]) for k, v in final_full["ema"].items())
 
 
+def test_a_checkpoint_with_adamw_in_one_group_resumes_exactly(tmp_path):
+    """AdamW's parameters come in groups of train.ADAMW_GROUP; a checkpoint whose state holds them in one group (a
+    train.py that grouped them otherwise wrote it) resumes as exactly as one of today's."""
+    torch.set_num_threads(1)
+    full, part = tmp_path / "full", tmp_path / "part"
+    constant = TINY + ["--cooldown_steps=0"]
+    train.train(train.load_config(constant + ["--steps=3", f"--out_dir={full}"]))
+    train.train(train.load_config(constant + ["--steps=2", f"--out_dir={part}"]))
+    path = resolve_checkpoint(part)
+    ckpt = torch.load(path, weights_only=True)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert len(groups) > 1 and all(len(g["params"]) <= train.ADAMW_GROUP for g in groups)
+    ckpt["optimizer"]["param_groups"] = [{**groups[0], "params": [i for g in groups for i in g["params"]]}]
+    torch.save(ckpt, path)
+    train.train(train.load_config(constant + ["--steps=3", f"--out_dir={part}", "--resume"]))
+    final_full = torch.load(resolve_checkpoint(full), weights_only=True)
+    final_part = torch.load(resolve_checkpoint(part), weights_only=True)
+    assert all(torch.equal(v, final_part["model"][k]) for k, v in final_full["model"].items())
+
+
 def test_grad_clip_0_means_no_clipping(tmp_path):
     torch.set_num_threads(1)
     model = train.train(train.load_config(TINY + ["--steps=1", "--grad_clip=0", "--lr=1e-2", f"--out_dir={tmp_path}"]))

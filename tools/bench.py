@@ -71,7 +71,7 @@ from loss import latent_heatmap
 from model import (KL_SIZES, SIZES as MODEL_SIZES, KLAutoencoder, ModelConfig, UNetConfig, autocast, build_unet,
                    pick_device, training_flops)
 from sample import build_model, ddim_sample
-from train import PEAK_BF16_FLOPS, Config, TrainState, loss_backward, peak_bf16_flops, peak_memory_gb, update
+from train import PEAK_BF16_FLOPS, Config, TrainState, adamw, loss_backward, peak_bf16_flops, peak_memory_gb, update
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
@@ -352,7 +352,7 @@ def new_run(opts, cfg, name, device, precision):
     build, call, note = CONTENDERS[name]
     torch.manual_seed(opts.seed)
     model = build(opts, cfg).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # train.py's optimizer, for every contender
+    optimizer = adamw(model.parameters(), lr=1e-5, weight_decay=0.01)  # train.py's, for every contender
     ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
     state = TrainState(Config(), model, model, optimizer, ema, precision, device)
     return {"name": name, "note": note, "model": model, "call": call, "state": state,

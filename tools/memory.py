@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 from data import fail, write_atomically
 from model import ModelConfig, MotifModel, Stage, autocast, build_unet, pick_device
 from tools.bench import SIZES, make_inputs, parse_hw
-from train import Config, TrainState, local, loss_backward, peak_memory_gb, setup_distributed, shard_model, update
+from train import (Config, TrainState, adamw, local, loss_backward, peak_memory_gb, setup_distributed, shard_model,
+                   update)
 
 GIB = 2 ** 30
 REGISTRATIONS = []
@@ -127,7 +128,7 @@ def measure_states(opts, device):
                                           gradient_as_bucket_view=True) if world > 1 else unet
     else:
         wrapped = shard_model(unet, device, world, bf16=opts.dtype == "bf16", offload=opts.parallel == "offload")
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
+    optimizer = adamw(unet.parameters(), lr=1e-5, weight_decay=0.01)
     ema = {name: p.detach().clone().float() for name, p in unet.named_parameters()}
     state = TrainState(Config(), unet, wrapped, optimizer, ema, autocast(device, opts.dtype == "bf16"), device, world,
                        rank)
