@@ -336,7 +336,8 @@ def update(state, losses, step):
     cfg = state.cfg
     trainable = [p for p in state.model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip or math.inf  # 0: no clipping, the norm still measured for the log
-    total_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])  # clip_grad_norm_, in AdamW's groups
+    # clip_grad_norm_, its multiply in AdamW's groups (adamw says why)
+    total_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
     for group in state.optimizer.param_groups:
         torch.nn.utils.clip_grads_with_norm_(group["params"], max_norm, total_norm)
     grad_norm = full_value(total_norm).item()  # the global norm, all ranks
