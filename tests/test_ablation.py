@@ -1,7 +1,12 @@
 """tools/ablation.py: its statistics on hand-made numbers, and a tiny study that trains, scores and resumes."""
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import fcntl
 import numpy as np
@@ -215,3 +220,40 @@ def test_a_whole_run_study_keeps_the_cooldown_scores_the_named_steps_and_the_las
     with pytest.raises(SystemExit, match="--score-at"):
         ablation.main(["--results", str(tmp_path / "other"), "--out", str(tmp_path / "w2"), *whole[:5], "1,2",
                        *whole[6:]])
+
+
+ORPHAN = """
+import os, signal, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+sys.path.insert(0, sys.argv[2])
+from tools.ablation import in_worker, stop_with_parent
+
+def scoring(run, out, settings):  # a worker that has trained a run: train.py's SIGTERM handler is still in place
+    signal.signal(signal.SIGTERM, lambda number, frame: None)
+    open(out, "w").write(str(os.getpid()))
+    time.sleep(3)
+
+if __name__ == "__main__":
+    workers = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=stop_with_parent)
+    workers.submit(in_worker, scoring, None, sys.argv[1], None)
+    while not (os.path.exists(sys.argv[1]) and os.path.getsize(sys.argv[1])):
+        time.sleep(0.05)
+    os._exit(0)  # the command dies while its worker scores
+"""
+
+
+def test_a_worker_whose_command_died_while_it_scored_leaves_when_done(tmp_path):
+    """--jobs workers outlive a killed command only to finish the run they are on, then leave (not wait for work)."""
+    script, pid_file = tmp_path / "orphan.py", tmp_path / "worker.pid"
+    script.write_text(ORPHAN)
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(script), str(pid_file), str(root)], timeout=120, check=True)
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 30
+    while time.time() < deadline and Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
+        time.sleep(0.2)
+    alive = Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    if alive:
+        os.kill(pid, 9)
+    assert not alive, "the orphaned worker stayed after its run"

@@ -562,7 +562,7 @@ def kept_settings(settings):
 def stop_with_parent():
     """A worker of --jobs gets SIGTERM when the command that started it dies (Linux's PR_SET_PDEATHSIG): train.py
     then saves and stops, as on any SIGTERM, and the worker exits (in_worker) instead of waiting for work that will
-    not come."""
+    not come; scoring, it finishes the run first."""
     commit()  # the code this worker has loaded
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
@@ -571,7 +571,9 @@ def stop_with_parent():
 
 
 def in_worker(work, run, out, settings):
-    """work(run, out, settings) in a worker of --jobs; a worker whose command has died leaves."""
+    """work(run, out, settings) in a worker of --jobs; a worker whose command has died leaves, instead of waiting for
+    work: training, at once (train.py saves and stops); scoring after it has trained, once the run's file is written
+    (train.py's SIGTERM handler is still in place, so the signal does not end it)."""
     parent = os.getppid()
     try:
         work(run, out, settings)
@@ -579,6 +581,8 @@ def in_worker(work, run, out, settings):
         if os.getppid() != parent:
             os._exit(1)
         raise
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def run_all(work, runs, out, settings, jobs, deadline):
