@@ -711,8 +711,7 @@ def regrouped(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     if [len(group["params"]) for group in saved["param_groups"]] == sizes or len(indices) != sum(sizes):
         return saved
     settings = {key: value for key, value in saved["param_groups"][0].items() if key != "params"}
-    starts = np.cumsum([0, *sizes])
-    groups = [{**settings, "params": indices[a:b]} for a, b in zip(starts[:-1], starts[1:])]
+    groups = [{**settings, "params": indices[i:i + ADAMW_GROUP]} for i in range(0, len(indices), ADAMW_GROUP)]
     return {**saved, "param_groups": groups}
 
 
