@@ -336,11 +336,17 @@ def update(state, losses, step):
     cfg = state.cfg
     trainable = [p for p in state.model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip or math.inf  # 0: no clipping, the norm still measured for the log
-    # clip_grad_norm_, its multiply in AdamW's groups (adamw says why)
-    total_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-    for group in state.optimizer.param_groups:
-        torch.nn.utils.clip_grads_with_norm_(group["params"], max_norm, total_norm)
-    grad_norm = full_value(total_norm).item()  # the global norm, all ranks
+    # clip_grad_norm_'s two steps, on this rank's shards when sharded: DTensor would plan one foreach op over all the
+    # sharded gradients, in n^2 time on its first call (adamw says more)
+    grads = [local(p.grad) for p in trainable if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm(grads)
+    if cfg.shard and state.world > 1:  # the global norm: the shards' squared norms summed over the ranks
+        total_norm = total_norm.square()
+        dist.all_reduce(total_norm)
+        total_norm = total_norm.sqrt()
+    if grads:  # none after a step with no graph
+        torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0))
+    grad_norm = total_norm.item()  # the global norm, all ranks
     finite = math.isfinite(losses["loss"]) and math.isfinite(grad_norm)
     stepped = not any_rank(not finite, state.world, state.device)
     if stepped:
@@ -689,14 +695,14 @@ def setup_model(cfg, device, master, resume, ckpt, world, bf16):
 
 
 OPTIMIZATION = ("lr", "warmup_steps", "cooldown_steps", "weight_decay", "grad_clip", "ema_decay")  # flags win on resume
-ADAMW_GROUP = 128  # parameters per AdamW group
+ADAMW_GROUP = 16  # parameters per AdamW group
 
 
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """train.py's optimizer: fused AdamW (one kernel per group; docs/performance.md) over `params` in groups of
     ADAMW_GROUP, in order, so that the state's indices stay the parameters'. Groups, because torch 2.12+'s DTensor
     plans a fused or foreach op over n sharded tensors in n^2 time on its first call: seconds for VideoCrafter2's
-    1482 tensors in one group (docs/performance.md)."""
+    1482 tensors in one group, a tenth of that in groups of 16 (docs/performance.md)."""
     params = list(params)
     groups = [{"params": params[i:i + ADAMW_GROUP]} for i in range(0, len(params), ADAMW_GROUP)]
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
