@@ -49,7 +49,6 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.utils import flow_to_image
 from tqdm import tqdm
 
 from flow import RAFT, frame_heatmaps, heatmap_from_flow
@@ -711,7 +710,9 @@ def cache_latents(root, autoencoder, kind, size, device, chunk=16):
 
 
 def show(video_path, weights, size, num_frames, stride, out, device):
-    """Write an animation: frame | flow (colour = direction, white = still) | heatmap."""
+    """Write an animation: frame | flow (colour = direction, white = still) | heatmap. torchvision is imported here,
+    as flow.load_raft_model does: its import is slow, and every process that trains imports this file."""
+    from torchvision.utils import flow_to_image
     try:
         frames, fps = load_frames(video_path, (num_frames - 1) * stride + 1)    # (N, H0, W0, 3)
     except UnusableVideo as error:
