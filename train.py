@@ -702,7 +702,7 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """train.py's optimizer: fused AdamW (one kernel per group; docs/performance.md) over `params` in groups of
     ADAMW_GROUP, in order, so that the state's indices stay the parameters'. Groups, because torch 2.12+'s DTensor
     plans a fused or foreach op over n sharded tensors in n^2 time on its first call: seconds for VideoCrafter2's
-    1482 tensors in one group, a tenth of that in groups of 16 (docs/performance.md)."""
+    1482 tensors in one group (docs/performance.md)."""
     params = list(params)
     groups = [{"params": params[i:i + ADAMW_GROUP]} for i in range(0, len(params), ADAMW_GROUP)]
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
