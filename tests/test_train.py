@@ -374,7 +374,8 @@ def test_ddim_returns_the_clean_video_when_the_model_knows_it():
 
 # ----------------------------------------------------------------------------- validation samples
 
-def test_validation_samples_do_not_change_training(tmp_path):
+def test_validation_samples_do_not_change_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "VALIDATION_STEPS", 2)  # what is tested is that sampling leaves training alone
     torch.set_num_threads(1)
     plain, sampled = tmp_path / "plain", tmp_path / "sampled"
     train.train(train.load_config(TINY + ["--steps=3", f"--out_dir={plain}"]))
@@ -405,8 +406,9 @@ def write_heatmap_caches(folder, names, size=(16, 16)):
         data.save_npz(data.cache_path(folder, name, size), num_frames=np.array(12), heatmap_size=np.array(small), **pairs)
 
 
-def test_training_on_a_video_folder_with_validation_samples(tmp_path):
+def test_training_on_a_video_folder_with_validation_samples(tmp_path, monkeypatch):
     """A captioned folder with cached heatmaps trains, and its validation samples are its first videos' frames."""
+    monkeypatch.setattr(train, "VALIDATION_STEPS", 2)
     from test_data import GOOD, write_videos
     write_videos(tmp_path / "videos")
     (tmp_path / "videos" / "captions.csv").write_text("path,caption\n" + "".join(f"{n},clip {n}\n" for n in GOOD))
