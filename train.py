@@ -46,11 +46,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -376,7 +374,7 @@ def save(state, step):
     if any_rank(not torch.stack([torch.isfinite(p).all() for p in trainable]).all().item(), state.world, state.device):
         raise TrainingStopped(f"non-finite weights at step {step}: not saving; the last good checkpoint stays")
     if cfg.shard:
-        saved = gather_state(model, state.optimizer, state.ema, master)
+        saved = gather_state(model, state.optimizer, state.ema, master, state.device)
     else:
         saved = {"model": model.state_dict(), "ema": state.ema, "optimizer": state.optimizer.state_dict()}
     if master:
@@ -677,10 +675,7 @@ def setup_model(cfg, device, master, resume, ckpt, world, bf16):
     if not ckpt:
         return model, optimizer, ema, 0
     saved = regrouped(ckpt["optimizer"], optimizer)
-    if cfg.shard:
-        load_optimizer_state(model, optimizer, saved)
-    else:
-        optimizer.load_state_dict(saved)
+    optimizer.load_state_dict(local_optimizer_state(saved, optimizer) if cfg.shard else saved)
     for group in optimizer.param_groups:  # the flags' (the lr is set every step), not the saved state's
         group["weight_decay"] = cfg.weight_decay
     changed = [f"{key} {getattr(cfg, key)} (the checkpoint's run: {ckpt['config'][key]})" for key in OPTIMIZATION
@@ -832,7 +827,7 @@ def make_batches(cfg, dataset, rank, world, step, device):
 # (so no rank ever holds a full EMA); the step runs as under DDP, except that gradients are reduce-scattered after
 # every micro-batch (an unsynced backward would hold whole, unsharded gradients). A checkpoint stays the plain file
 # an unsharded run writes : `gather_state` gathers the weights, AdamW's state and the EMA onto rank 0's
-# CPU memory, with AdamW's state keyed by parameter index as `optimizer.state_dict()` keys it; `load_optimizer_state`
+# CPU memory, with AdamW's state keyed by parameter index as `optimizer.state_dict()` keys it; `local_optimizer_state`
 # and `local_part` split such a file's state over any number of ranks. So sample.py, demo/bench.py and --resume read it
 # whatever world size or sharding wrote it, and a run can resume sharded or not, on any number of ranks.
 
@@ -870,11 +865,6 @@ def gloo_averages() -> bool:
     return out.item() == 1
 
 
-def full_value(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's whole value, gathered on every rank (a collective: every rank calls it); other tensors as they are."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of a (possibly sharded) tensor that this rank holds."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -889,46 +879,85 @@ def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
 
-def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: dict, master: bool) -> dict:
+GATHER_BUCKET = 2**26  # elements of whole tensors gathered by one collective (256 MB in fp32): the memory it takes
+
+
+def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: dict, master: bool, device) -> dict:
     """A sharded model's {"model", "optimizer", "ema"} as an unsharded run would save them, whole, in CPU memory on
-    rank 0 (the master); other ranks get {}. A collective: every rank calls it. "optimizer" is keyed by parameter index,
-    as optimizer.state_dict() of an unsharded AdamW over the same trainable parameters."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)  # {name: tensor} on rank 0, {} elsewhere
-    by_name = get_optimizer_state_dict(model, optimizer, options=options)
-    shadows = {}
-    for name, shadow in ema.items():  # one parameter at a time: no rank holds more than one whole EMA tensor on device
-        whole = full_value(shadow)
-        if master:
-            shadows[name] = whole.cpu()
+    rank 0 (the master); other ranks get {}. A collective: every rank calls it. "optimizer" is optimizer.state_dict():
+    keyed by parameter index, which adamw's groups keep the unsharded run's."""
+    weights, adamw = model.state_dict(), optimizer.state_dict()  # DTensors where sharded
+    parts = [weights, ema, *adamw["state"].values()]  # dicts of tensors; AdamW's: one per parameter
+    whole = iter(gather_whole([tensor for part in parts for tensor in part.values()], master, device))
     if not master:
         return {}
-    index = {name: i for i, name in enumerate(trainable_names(model))}
-    optimizer_state = {"state": {index[name]: state for name, state in by_name["state"].items()},
-                       "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
-                                        for group in by_name["param_groups"]]}
-    return {"model": weights, "optimizer": optimizer_state, "ema": shadows}
+    weights, ema, *states = [{key: next(whole) for key in part} for part in parts]
+    return {"model": weights, "optimizer": {"state": dict(zip(adamw["state"], states)),
+                                            "param_groups": adamw["param_groups"]}, "ema": ema}
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load an unsharded optimizer.state_dict() (parameters by index; from a checkpoint written by any world size,
-    sharded or not) into the optimizer of a sharded model: each rank keeps its shards. Every rank calls it with the
-    whole state."""
-    names = trainable_names(model)
-    try:
-        by_name = {"state": {names[i]: value for i, value in state["state"].items()},
-                   "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                                    for group in state["param_groups"]]}
-    except (IndexError, KeyError, TypeError):
-        raise ValueError("the checkpoint's optimizer state does not fit this model's trainable parameters") from None
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-    for group, saved in zip(optimizer.param_groups, state["param_groups"]):  # as saved: it makes betas a list
-        group.update({key: value for key, value in saved.items() if key != "params"})
+def gather_whole(tensors: list, master: bool, device) -> list:
+    """Each of `tensors` whole, in CPU memory on rank 0 ([] on the others): a DTensor's dim-0 shards gathered, a plain
+    tensor as it is. Consecutive DTensors of one dtype travel together, up to GATHER_BUCKET elements a collective: one
+    collective per tensor would be 6000 a checkpoint for a 1502-parameter U-Net's weights, moments and EMA. A
+    collective: every rank calls it with the same tensors."""
+    groups, size = [], 0  # runs of DTensors to gather together, and single plain tensors
+    for tensor in tensors:
+        sharded = isinstance(tensor, DTensor)
+        if sharded and tensor.placements != (Shard(0),):
+            raise ValueError(f"cannot gather a DTensor placed {tensor.placements}: gather_whole takes dim-0 shards")
+        if (sharded and groups and isinstance(groups[-1][0], DTensor) and groups[-1][0].dtype == tensor.dtype
+                and size + tensor.numel() <= GATHER_BUCKET):
+            groups[-1].append(tensor)
+            size += tensor.numel()
+        else:
+            groups.append([tensor])
+            size = tensor.numel()
+    gathered = []
+    for group in groups:
+        if isinstance(group[0], DTensor):
+            gathered += gather_shards(group, master, device)
+        elif master:
+            gathered.append(group[0].cpu())
+    return gathered
 
 
-def trainable_names(model: nn.Module) -> list:
-    """The trainable parameters' names in the order train.py gives them to AdamW (the optimizer's indices)."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+def gather_shards(tensors: list, master: bool, device) -> list:
+    """DTensors of one dtype, each sharded on dim 0 over all ranks, made whole by one all-gather of every rank's shards
+    laid end to end: on rank 0 in CPU memory, [] on the others."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rows = [shard_rows(t.shape[0], world) for t in tensors]  # rows[i][r]: rank r's rows of tensor i
+    widths = [math.prod(t.shape[1:]) for t in tensors]
+    sizes = [[n[r] * w for n, w in zip(rows, widths)] for r in range(world)]  # sizes[r][i]: rank r's elements of it
+    mine = torch.cat([local(t).reshape(-1) for t in tensors]).to(device)  # (sum(sizes[rank]),)
+    if mine.numel() != sum(sizes[rank]):
+        raise ValueError("a parameter's shards are not the dim-0 chunks FSDP2 makes: cannot gather the checkpoint")
+    longest = max(map(sum, sizes))
+    everyone = torch.empty(world * longest, dtype=mine.dtype, device=device)  # (world * longest,)
+    dist.all_gather_into_tensor(everyone, torch.cat([mine, mine.new_zeros(longest - mine.numel())]))
+    if not master:
+        return []
+    by_rank = [row[:sum(sizes[r])].split(sizes[r]) for r, row in enumerate(everyone.cpu().view(world, longest))]
+    return [torch.cat([by_rank[r][i] for r in range(world)]).view(t.shape) for i, t in enumerate(tensors)]
+
+
+def shard_rows(rows: int, world: int) -> list:
+    """How many of a dim-0-sharded tensor's `rows` each rank holds: torch.chunk's split, ranks past the last chunk
+    holding none (FSDP2's and DTensor's Shard(0))."""
+    chunk = -(-rows // world)
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+
+def local_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """An unsharded optimizer.state_dict() (parameters by index; from a checkpoint written by any world size, sharded
+    or not) with each tensor of its parameter's shape (AdamW's moments) cut to this rank's shard of that parameter, for
+    optimizer.load_state_dict. Cut locally, no communication. A state of other parameters is returned as it is
+    (loading it then fails)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(not 0 <= i < len(params) for i in saved["state"]):
+        return saved
+    return {**saved, "state": {i: {key: local_part(value, params[i]) if value.shape == params[i].shape else value
+                                   for key, value in state.items()} for i, state in saved["state"].items()}}
 
 
 # ----------------------------------------------------------------------------- checkpoints
