@@ -934,7 +934,8 @@ def gather_shards(tensors: list, master: bool, device) -> list:
         raise ValueError("a parameter's shards are not the dim-0 chunks FSDP2 makes: cannot gather the checkpoint")
     longest = max(map(sum, sizes))
     everyone = torch.empty(world * longest, dtype=mine.dtype, device=device)  # (world * longest,)
-    dist.all_gather_into_tensor(everyone, torch.cat([mine, mine.new_zeros(longest - mine.numel())]))
+    all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # renamed in torch 2.14
+    all_gather(everyone, torch.cat([mine, mine.new_zeros(longest - mine.numel())]))
     if not master:
         return []
     by_rank = [row[:sum(sizes[r])].split(sizes[r]) for r, row in enumerate(everyone.cpu().view(world, longest))]
