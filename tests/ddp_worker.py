@@ -1,4 +1,4 @@
-"""Run train.py's training (under torchrun or alone), then save this rank's parameters (for test_train.py)."""
+"""Run train.py's training (under torchrun or alone), then save this rank's parameters (for test_shard.py)."""
 import os
 import sys
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import sample
+import train as train_py
 from conftest import free_port
 from model import ModelConfig, load_checkpoint
 from sample import build_model, load_model
@@ -42,6 +44,11 @@ def train(out_dir, processes=1, *extra, script="train.py"):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def train_here(out_dir, *extra):
+    """The same run in this process, as one `python train.py` trains (no interpreter to start: the suite stays fast)."""
+    train_py.train(train_py.load_config([*ARGS, *extra, f"--out_dir={out_dir}"]))
 
 
 def log(out_dir):
@@ -79,7 +86,7 @@ def runs(tmp_path_factory):
     recipe's temporal_dropout: its masks are seeded by each micro-batch's first sample, so one process and two draw
     the same ones and train alike (step 3's loss is 2e-5 apart, past the tolerance, when each rank draws its own)."""
     root = tmp_path_factory.mktemp("runs")
-    train(root / "one", 1, script="tests/ddp_worker.py")
+    train_here(root / "one")
     train(root / "ddp", 2, script="tests/ddp_worker.py")
     sharded = train(root / "shard", 2, "--shard=true")
     assert "2 process(es) on cpu, sharded" in sharded.stdout
@@ -104,7 +111,7 @@ def test_sharded_and_ddp_processes_train_like_one_process(runs):
 def test_checkpoints_resume_across_sharding_and_world_sizes(runs, tmp_path):
     one = log(runs / "one")
     # two sharded processes -> one process, not sharded
-    train(tmp_path / "unsharded", 1, f"--resume={runs / 'shard' / 'ckpt_0000002.pt'}")
+    train_here(tmp_path / "unsharded", f"--resume={runs / 'shard' / 'ckpt_0000002.pt'}")
     assert sorted(log(tmp_path / "unsharded")) == [3, 4]
     assert_same_losses(one, log(tmp_path / "unsharded"), range(3, 5))
     assert_same_state(load_checkpoint(runs / "one"), load_checkpoint(tmp_path / "unsharded"))
@@ -123,9 +130,8 @@ def test_a_sharded_checkpoint_samples(runs, tmp_path):
     assert step == 4 and all(torch.equal(v, weights[k]) for k, v in ckpt["ema"].items())  # the EMA, gathered whole
     image = tmp_path / "img.png"
     iio.imwrite(image, np.full((16, 16, 3), 120, np.uint8))
-    result = subprocess.run([sys.executable, "sample.py", str(image), "the red circle moves up", f"--ckpt={runs / 'shard'}",
-                             "--steps=2", f"--out={tmp_path / 'clip'}"], cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    sample.main([str(image), "the red circle moves up", f"--ckpt={runs / 'shard'}", "--steps=2",
+                 f"--out={tmp_path / 'clip'}"])
     assert (tmp_path / "clip.mp4").is_file()
 
 
