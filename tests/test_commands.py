@@ -1,13 +1,14 @@
 """Every training command the README, docs/ and the files' docstrings show, run as written.
 
 The commands are read from the documents themselves (fenced blocks, inline code, docstring lines), so a command
-added to a page is tested without a line here. Each runs with only size-shrinking flags appended (4 frames of
-32 x 32, a batch of 2, one step): the recipe's sizes are swapped for compact ones in the process that runs it
-(VideoCrafter2's U-Net at the `tiny` width, kl-f8 at the size of tests/fixtures/vae_kl_small.pt, OpenCLIP ViT-H-14
-as a 2-block text tower, RAFT small / large as tests/fixtures/raft_small.pth), and the files a command names are
-made first: `videos/` (two real clips), WebVid's CSV layout, `model.ckpt` in VideoCrafter2's layout, the heatmap and
-latent caches by the documents' own `data.py` commands. A command that would not start (a flag train.py no
-longer has, a default that does not fit --init, a torchrun flag torchrun does not take) fails here.
+added to a page is tested without a line here. Each runs with only size-shrinking flags appended (4 frames of 32 x
+32, a batch of one clip, a clip a rank under torchrun, one step): the recipe's sizes are swapped for compact ones in
+the process that runs it (VideoCrafter2's U-Net at the `tiny` width, kl-f8 at the size of
+tests/fixtures/vae_kl_small.pt, OpenCLIP ViT-H-14 as a 2-block text tower, RAFT small / large as
+tests/fixtures/raft_small.pth), and the files a command names are made first: `videos/` (two real clips), WebVid's
+CSV layout, `model.ckpt` in VideoCrafter2's layout, the heatmap and latent caches by the documents' own `data.py`
+commands. A command that would not start (a flag train.py no longer has, a default that does not fit --init, a
+torchrun flag torchrun does not take) fails here.
 
 Under torchrun this file is the training script: `torchrun ... tests/test_commands.py ARGS` shrinks the sizes
 and runs train.py's main with ARGS.
@@ -34,7 +35,7 @@ import model  # noqa: E402
 import train  # noqa: E402
 
 DOCUMENTS = [ROOT / "README.md", ROOT / "DESIGN.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("*.py"))]
-SHRINK_TRAIN = ["--frames=4", "--height=32", "--width=32", "--max_stride=2", "--batch_size=2", "--micro_batch=1",
+SHRINK_TRAIN = ["--frames=4", "--height=32", "--width=32", "--max_stride=2", "--batch_size=1", "--micro_batch=1",
                 "--steps=1", "--workers=1", "--log_every=1"]
 ONE_STEP_NEVER_READS = ("out_dir", "seed", "steps", "ckpt_every", "keep_checkpoints", "cooldown_steps")
 SHRINK_PREPARE = {"heatmaps": ["--size", "32x32", "--max-stride", "2"], "latents": ["--size", "32x32"]}
@@ -223,7 +224,7 @@ def test_the_recipe_under_torchrun(workspace, monkeypatch):
     from conftest import free_port
     shutil.rmtree(train.load_config(args).out_dir, ignore_errors=True)  # the run of the test before: this one is fresh
     command = [sys.executable, "-m", "torch.distributed.run",  # torchrun, whether or not its script is on PATH
-               *launcher, f"--master_port={free_port()}", __file__, *args, *SHRINK_TRAIN]
+               *launcher, f"--master_port={free_port()}", __file__, *args, *SHRINK_TRAIN, "--batch_size=2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) on cpu" in result.stdout and (workspace / "out/motif/latest").is_file(), result.stdout

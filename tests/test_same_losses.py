@@ -33,7 +33,7 @@ RECORD = Path(__file__).resolve().parent / "fixtures" / "losses_before.json"
 TERMS = ("loss", "diffusion", "motif", "moving", "static", "grad_norm")
 RUNS = {"demo": ["--preset", "shapes", "--steps=3", "--log_every=1", "--sample_every=0", "--batch_size=4",
                  "--micro_batch=2", "--workers=0"],
-        "recipe": ["--data=videos", "--init=model.ckpt", *SHRINK_TRAIN, "--steps=2", "--workers=0"]}
+        "recipe": ["--data=videos", "--init=model.ckpt", *SHRINK_TRAIN, "--batch_size=2", "--steps=2", "--workers=0"]}
 
 
 def machine():
