@@ -204,21 +204,21 @@ def test_a_whole_run_study_keeps_the_cooldown_scores_the_named_steps_and_the_las
     monkeypatch.setattr(ablation, "SENSITIVITY_IMAGES", 2)
     monkeypatch.setattr(ablation, "FULL_SCORER", {"images": 2, "ddim_steps": 2})
     at = TINY.index("--steps")
-    whole = ["--steps", "3", "--every", "1", "--score-at", "1,3", "--final", "--set", "steps=3",
+    whole = ["--steps", "2", "--every", "1", "--score-at", "2", "--final", "--set", "steps=2",
              "--set", "cooldown_steps=1", *TINY[:at], *TINY[at + 4:]]   # TINY without its --steps 2 --every 1
     results = tmp_path / "results"
     ablation.main(["--results", str(results), "--out", str(tmp_path / "work"), *whole])
     record = json.loads((results / "runs" / "lambda1_motif_scale1_seed0.json").read_text())
-    assert record["config"]["steps"] == 3 and record["config"]["cooldown_steps"] == 1   # the preset's own cool-down
-    assert [s["step"] for s in record["scores"]] == [1, 3]
-    assert record["final"]["scorer"] == {"images": 2, "ddim_steps": 2} and record["final"]["step"] == 3
+    assert record["config"]["steps"] == 2 and record["config"]["cooldown_steps"] == 1   # the preset's own cool-down
+    assert [s["step"] for s in record["scores"]] == [2]  # the named step alone, not every --every
+    assert record["final"]["scorer"] == {"images": 2, "ddim_steps": 2} and record["final"]["step"] == 2
     assert 0 <= record["final"]["figures"]["direction_accuracy"] <= 1
     final = json.loads((results / "results.json").read_text())["studies"]["losses"]["final"]
     assert final["arms"]["MotiF"]["seeds"] == 2
     assert final["differences"]["MotiF - no MotiF"]["ghost"]["seeds"] == 2
-    assert "At step 3, the full scorer" in (results / "results.md").read_text()
+    assert "At step 2, the full scorer" in (results / "results.md").read_text()
     with pytest.raises(SystemExit, match="--score-at"):
-        ablation.main(["--results", str(tmp_path / "other"), "--out", str(tmp_path / "w2"), *whole[:5], "1,2",
+        ablation.main(["--results", str(tmp_path / "other"), "--out", str(tmp_path / "w2"), *whole[:5], "1",
                        *whole[6:]])
 
 
