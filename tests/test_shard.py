@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-import sample
 import train as train_py
 from conftest import free_port
 from model import ModelConfig, load_checkpoint
-from sample import build_model, load_model
+from sample import build_model, load_model, main as sample_main
 
 pytestmark = pytest.mark.slow
 
@@ -130,8 +129,8 @@ def test_a_sharded_checkpoint_samples(runs, tmp_path):
     assert step == 4 and all(torch.equal(v, weights[k]) for k, v in ckpt["ema"].items())  # the EMA, gathered whole
     image = tmp_path / "img.png"
     iio.imwrite(image, np.full((16, 16, 3), 120, np.uint8))
-    sample.main([str(image), "the red circle moves up", f"--ckpt={runs / 'shard'}", "--steps=2",
-                 f"--out={tmp_path / 'clip'}"])
+    sample_main([str(image), "the red circle moves up", f"--ckpt={runs / 'shard'}", "--steps=2",
+                f"--out={tmp_path / 'clip'}"])
     assert (tmp_path / "clip.mp4").is_file()
 
 
