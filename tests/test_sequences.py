@@ -54,8 +54,8 @@ def shrink_flags(program, args):
     if program == "train.py":
         cfg = train.load_config(args)
         return [f"--height={shrunk(cfg.height)}", f"--width={shrunk(cfg.width)}", "--frames=4", "--max_stride=2",
-                "--batch_size=1", "--micro_batch=1", "--steps=2", "--workers=0", "--log_every=1", "--sample_every=0",
-                "--ckpt_every=2"]
+                "--batch_size=1", "--micro_batch=1", "--steps=1", "--workers=0", "--log_every=1", "--sample_every=0",
+                "--ckpt_every=1"]
     if program == "data.py" and args[0] in ("heatmaps", "latents"):
         height, width = map(int, args[args.index("--size") + 1].split("x")) if "--size" in args else (320, 512)
         return ["--size", f"{shrunk(height)}x{shrunk(width)}"] + (["--max-stride", "2"] if args[0] == "heatmaps" else [])
