@@ -13,11 +13,13 @@ torchrun flag torchrun does not take) fails here.
 Under torchrun this file is the training script: `torchrun ... tests/test_commands.py ARGS` shrinks the sizes
 and runs train.py's main with ARGS.
 """
+import functools
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -106,18 +108,28 @@ def test_the_documents_show_the_commands_this_file_runs():
 
 # ----------------------------------------------------------------------------- the files the commands name
 
+@functools.cache
 def clips():
     """(name, frames, caption) of two real 7-frame clips: the fixture's, panning one way and back. 7 frames are what
     SHRINK_TRAIN's 4 frames at stride 2 span; each frame more is 2 RAFT pairs more per stride for every cache."""
     frames = data.VideoFile(FIXTURES / "realshort.mp4").read(range(0, 21, 3))
-    return [("clip_a", frames, "the scene pans"), ("clip_b", frames[::-1].copy(), "the scene pans back")]
+    return (("clip_a", frames, "the scene pans"), ("clip_b", frames[::-1].copy(), "the scene pans back"))
+
+
+@functools.cache
+def mp4(name):
+    """The bytes of clips()' clip `name` as an .mp4, encoded once: every folder the commands name holds the same."""
+    frames = {n: video for n, video, _ in clips()}[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        data.write_video(Path(tmp) / "clip.mp4", frames, fps=10)
+        return (Path(tmp) / "clip.mp4").read_bytes()
 
 
 def make_folder(root):
     """A video folder with its captions.csv."""
     root.mkdir(parents=True, exist_ok=True)
-    for name, video, _ in clips():
-        data.write_video(root / f"{name}.mp4", video, fps=10)
+    for name, _, _ in clips():
+        (root / f"{name}.mp4").write_bytes(mp4(name))
     (root / "captions.csv").write_text("path,caption\n" + "".join(f"{n}.mp4,{c}\n" for n, _, c in clips()))
 
 
@@ -125,9 +137,9 @@ def make_webvid(csv_path):
     """WebVid's layout: the CSV, and videos/{page_dir}/{videoid}.mp4 under its folder."""
     root = csv_path.parent
     lines = ["videoid,contentUrl,duration,page_dir,name"]
-    for videoid, (_, video, caption) in zip(("1001", "1002"), clips()):
+    for videoid, (name, _, caption) in zip(("1001", "1002"), clips()):
         (root / "videos" / "000001_000050").mkdir(parents=True, exist_ok=True)
-        data.write_video(root / "videos" / "000001_000050" / f"{videoid}.mp4", video, fps=10)
+        (root / "videos" / "000001_000050" / f"{videoid}.mp4").write_bytes(mp4(name))
         lines.append(f"{videoid},https://x/{videoid}.mp4,PT00H00M10S,000001_000050,{caption}")
     csv_path.write_text("\n".join(lines) + "\n")
 
