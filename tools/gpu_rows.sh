@@ -28,7 +28,7 @@ if [ "${SMALL:-0}" = 1 ]; then
   size=tiny; frames=2; latent=8x8; batch=1; image=32x32; ddim=2; scale=4
   # the kl-f8 decoder's bf16 convolutions take minutes on a CPU without bf16 units (emulated; AVX2 alone): fp32
   sample_dtype=fp32
-  clip=(32 32); recipe=(--frames=4 --batch_size=2 --micro_batch=1); steps=4; every=2; stride=1
+  clip=(32 32); recipe=(--frames=4 --batch_size=1 --micro_batch=1); steps=4; every=2; stride=1
   timed=(--warmup 1 --steps 1)  # the toy rows only have to run: one timed step each
   counted=(--flops none)  # the meta-device FLOP count is seconds of Python on any host (tests/test_bench.py checks it)
 else
