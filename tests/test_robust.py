@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TINY = ["--preset=shapes", "--height=16", "--width=16", "--frames=4", "--batch_size=4", "--micro_batch=2",
+# 2 clips a step as 2 micro-batches of 1 (accumulation); one a rank under torchrun
+TINY = ["--preset=shapes", "--height=16", "--width=16", "--frames=4", "--batch_size=2", "--micro_batch=1",
         "--log_every=1", "--warmup_steps=2", "--device=cpu"]
 
 
@@ -103,7 +104,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, workers):
 def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                                 f"--master_port={free_port()}",
-                                "train.py", *TINY, "--steps=1000", "--ckpt_every=500", "--micro_batch=1",
+                                "train.py", *TINY, "--steps=1000", "--ckpt_every=500",
                                 f"--out_dir={tmp_path}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     wait_for_step(tmp_path, 2, process)
