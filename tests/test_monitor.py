@@ -120,8 +120,7 @@ def test_the_monitor_logs_each_pass_and_leaves_the_losses_bit_identical(tmp_path
     logs = {}
     for name, extra in runs.items():
         if name == "off":
-            from data import cache_heatmaps
-            cache_heatmaps(tmp_path, weights, (32, 64), 2, torch.device("cpu"))
+            data.cache_heatmaps(tmp_path, weights, (32, 64), 2, torch.device("cpu"))
         train.train(train.load_config([*common, f"--out_dir={tmp_path / name}", *extra]))
         logs[name] = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
     losses = {name: [r for r in log if "loss" in r] for name, log in logs.items()}
